@@ -1,0 +1,28 @@
+"""pyro_reparam_conv: correct, visible and fast gradients through sampling in stochastic conv nets.
+
+Public API (see ``shared/design.md``): sampling helpers, :class:`StochasticConv2d`.
+"""
+
+from .layers import GaussianConvHead, StochasticConv2d, sample_elementwise_normal
+from .sampling import (
+    elementwise_normal,
+    enable_validation,
+    is_validation_enabled,
+    to_variance,
+    validate_mean_var,
+    validation_enabled,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GaussianConvHead",
+    "StochasticConv2d",
+    "elementwise_normal",
+    "enable_validation",
+    "is_validation_enabled",
+    "sample_elementwise_normal",
+    "to_variance",
+    "validate_mean_var",
+    "validation_enabled",
+]
