@@ -3,7 +3,9 @@
 Public API (see ``shared/design.md``): sampling helpers, :class:`StochasticConv2d`.
 """
 
+from .elbo import NonFiniteLossError, RoutedELBO
 from .layers import GaussianConvHead, StochasticConv2d, sample_elementwise_normal
+from .routing import ESTIMATORS, Route, force_estimator
 from .sampling import (
     elementwise_normal,
     enable_validation,
@@ -16,6 +18,11 @@ from .sampling import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ESTIMATORS",
+    "NonFiniteLossError",
+    "Route",
+    "RoutedELBO",
+    "force_estimator",
     "GaussianConvHead",
     "StochasticConv2d",
     "elementwise_normal",

@@ -1,0 +1,146 @@
+"""Control variates (baselines) for score-function terms.
+
+A baseline ``b`` independent of the sample ``z`` keeps ``E[grad log q(z) (c - b)]`` equal to
+``E[grad log q(z) c]`` while shrinking its variance when ``b`` tracks the cost ``c``
+(Williams 1992; Mnih & Gregor 2014, "Neural Variational Inference and Learning in Belief
+Networks"). Kinds:
+
+- ``"decaying_avg"``: ``b_t = beta b_{t-1} + (1 - beta) mean_particles(c_{t-1})``, per plate
+  element; uses only past steps, so it is independent of the current draw.
+- ``"leave_one_out"``: with ``K > 1`` particles, ``b_k = (sum_j c_j - c_k) / (K - 1)``, per
+  plate element (Kool, van Hoof & Welling 2019, "Buy 4 REINFORCE samples, get a baseline
+  for free!"); independent of particle ``k`` because particles are independent.
+- ``"nn"``: ``b = nn_baseline(nn_baseline_input)``, trained by ``(b - c)^2`` (Mnih & Gregor).
+- ``"value"``: a user-given tensor ``baseline_value`` (trained the same way if it needs grad).
+
+Site options use Pyro's keys in ``infer["baseline"]`` (``use_decaying_avg_baseline``,
+``baseline_beta``, ``nn_baseline``, ``nn_baseline_input``, ``baseline_value``) plus
+``use_leave_one_out``; ``infer={"baseline": None}`` turns the baseline off for the site.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+KINDS: tuple[str, ...] = ("decaying_avg", "leave_one_out", "nn", "value")
+_ALIASES = {"avg": "decaying_avg", "loo": "leave_one_out", "auto": "auto", None: None}
+_PYRO_KEYS = (
+    "use_decaying_avg_baseline",
+    "baseline_beta",
+    "nn_baseline",
+    "nn_baseline_input",
+    "baseline_value",
+    "use_leave_one_out",
+)
+
+__all__ = [
+    "BaselineSpec",
+    "DecayingAverages",
+    "KINDS",
+    "leave_one_out",
+    "normalize_kind",
+    "parse_baseline",
+]
+
+
+def normalize_kind(kind: Optional[str]) -> Optional[str]:
+    """Canonical baseline kind for ``kind`` (accepts ``"avg"``, ``"loo"``, ``"auto"``, ``None``)."""
+    kind = _ALIASES.get(kind, kind)
+    if kind is not None and kind != "auto" and kind not in KINDS:
+        raise ValueError(
+            f"unknown baseline {kind!r}; valid baselines are 'auto', None, "
+            + ", ".join(map(repr, KINDS + ("avg", "loo")))
+        )
+    return kind
+
+
+@dataclass(frozen=True)
+class BaselineSpec:
+    """The baseline one score-routed site uses (``kind=None``: none)."""
+
+    kind: Optional[str]
+    beta: float = 0.9
+    nn: Any = None
+    nn_input: Optional[torch.Tensor] = None
+    value: Optional[torch.Tensor] = None
+
+    def describe(self) -> str:
+        if self.kind is None:
+            return "none"
+        if self.kind == "decaying_avg":
+            return f"decaying_avg(beta={self.beta:g})"
+        return self.kind
+
+
+def parse_baseline(site: str, infer: dict, default: Optional[str]) -> BaselineSpec:
+    """Read ``infer["baseline"]`` of ``site``; unset keys fall back to the ELBO's ``default``."""
+    if "baseline" in infer and infer["baseline"] is None:
+        return BaselineSpec(None)
+    options = dict(infer.get("baseline") or {})
+    unknown = set(options) - set(_PYRO_KEYS)
+    if unknown:
+        raise ValueError(
+            f"site {site!r}: unknown baseline options {sorted(unknown)}; valid keys are "
+            f"{list(_PYRO_KEYS)}"
+        )
+    beta = float(options.get("baseline_beta", 0.9))
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"site {site!r}: baseline_beta must be in [0, 1), got {beta}")
+    nn, value = options.get("nn_baseline"), options.get("baseline_value")
+    if nn is not None and value is not None:
+        raise ValueError(f"site {site!r}: give either nn_baseline or baseline_value, not both")
+    if nn is not None:
+        if options.get("nn_baseline_input") is None:
+            raise ValueError(f"site {site!r}: nn_baseline needs nn_baseline_input")
+        return BaselineSpec("nn", beta, nn=nn, nn_input=options["nn_baseline_input"])
+    if value is not None:
+        return BaselineSpec("value", beta, value=torch.as_tensor(value))
+    if options.get("use_leave_one_out"):
+        return BaselineSpec("leave_one_out", beta)
+    if options.get("use_decaying_avg_baseline"):
+        return BaselineSpec("decaying_avg", beta)
+    return BaselineSpec(default, beta)
+
+
+def leave_one_out(costs: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per particle along ``dim``: the mean of the other particles' costs."""
+    k = costs.shape[dim]
+    if k < 2:
+        raise ValueError("a leave-one-out baseline needs at least 2 particles")
+    return (costs.sum(dim, keepdim=True) - costs) / (k - 1)
+
+
+class DecayingAverages:
+    """Exponential moving averages of each site's cost, kept across steps (ELBO state)."""
+
+    def __init__(self) -> None:
+        self.averages: dict[str, torch.Tensor] = {}
+
+    def baseline(self, site: str, like: torch.Tensor) -> torch.Tensor:
+        """The current average for ``site`` broadcast to ``like`` (zeros before the first step)."""
+        avg = self.averages.get(site)
+        if avg is None:
+            return torch.zeros((), dtype=like.dtype, device=like.device)
+        if avg.device != like.device or avg.dtype != like.dtype:
+            avg = avg.to(like)
+        try:
+            torch.broadcast_shapes(avg.shape, like.shape)
+        except RuntimeError:  # plate sizes changed (e.g. a different batch): fall back to a scalar
+            avg = avg.mean()
+        return avg
+
+    def update(self, site: str, cost: torch.Tensor, beta: float) -> None:
+        cost = cost.detach()
+        old = self.averages.get(site)
+        if old is not None and old.shape != cost.shape:
+            old = old.mean().to(cost)
+        self.averages[site] = cost.clone() if old is None else beta * old + (1 - beta) * cost
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.averages.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.averages = {k: v.clone() for k, v in state.items()}
