@@ -20,7 +20,14 @@ from torch import nn
 
 from .sampling import Parameterization, elementwise_normal
 
-__all__ = ["StochasticConv2d", "GaussianConvHead", "sample_elementwise_normal"]
+__all__ = [
+    "ConvBlock",
+    "ConvDecoder",
+    "ConvEncoder",
+    "GaussianConvHead",
+    "StochasticConv2d",
+    "sample_elementwise_normal",
+]
 
 
 def _event_dims(value_shape: torch.Size) -> int:
@@ -142,3 +149,47 @@ class GaussianConvHead(PyroModule):
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.mean(h), nn.functional.softplus(self.raw_var(h)) + self.min_var
+
+
+class ConvBlock(nn.Sequential):
+    """``SiLU(GroupNorm(conv(x)))``: a 3x3 convolution (stride 1 keeps H, W; 2 halves them)."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, stride: int = 1) -> None:
+        groups = 8 if out_channels % 8 == 0 else 1
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1),
+            nn.GroupNorm(groups, out_channels),
+            nn.SiLU(),
+        )
+
+
+class ConvEncoder(nn.Sequential):
+    """Images ``(B, C, H, W)`` -> features ``(B, hidden, H / 2^d, W / 2^d)``, ``d = num_downsamples``.
+
+    One stride-1 :class:`ConvBlock`, then ``d`` stride-2 blocks. The body of an amortized
+    guide: heads such as :class:`GaussianConvHead` turn the features into ``(mean, var)``.
+    """
+
+    def __init__(self, in_channels: int, hidden_channels: int = 32, num_downsamples: int = 1) -> None:
+        blocks = [ConvBlock(in_channels, hidden_channels)]
+        blocks += [ConvBlock(hidden_channels, hidden_channels, stride=2) for _ in range(num_downsamples)]
+        super().__init__(*blocks)
+
+
+class ConvDecoder(nn.Sequential):
+    """Latent map ``(B, Cz, h, w)`` -> per-pixel outputs ``(B, C, h 2^d, w 2^d)``.
+
+    Mirror of :class:`ConvEncoder`: a :class:`ConvBlock`, ``d`` upsampling stages
+    (``ConvTranspose2d(k=4, s=2, p=1)`` doubling H and W, then a block), and a final 3x3
+    convolution giving unconstrained values (e.g. the logits of a pixel likelihood).
+    """
+
+    def __init__(
+        self, latent_channels: int, out_channels: int, hidden_channels: int = 32, num_upsamples: int = 1
+    ) -> None:
+        layers: list[nn.Module] = [ConvBlock(latent_channels, hidden_channels)]
+        for _ in range(num_upsamples):
+            layers.append(nn.ConvTranspose2d(hidden_channels, hidden_channels, 4, stride=2, padding=1))
+            layers.append(ConvBlock(hidden_channels, hidden_channels))
+        layers.append(nn.Conv2d(hidden_channels, out_channels, 3, padding=1))
+        super().__init__(*layers)

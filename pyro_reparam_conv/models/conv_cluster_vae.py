@@ -1,0 +1,133 @@
+"""A conv VAE with a discrete per-image cluster: one pathwise and one score-function site.
+
+Generative model for images ``x`` (``B, C, H, W``, pixels in ``[0, 1]``)::
+
+    y_n ~ Categorical(uniform over K)                          per image, discrete
+    z_n ~ Normal(0, 1) elementwise on a (Cz, H / 2^d, W / 2^d) map
+    x_n ~ ContinuousBernoulli(logits = decoder(z_n + m_{y_n})).to_event(3)
+
+with ``m_k`` a learned per-cluster bias map (the decoder conditions on ``y`` through it).
+The likelihood is the continuous Bernoulli (Loaiza-Ganem & Cunningham, NeurIPS 2019): a
+normalized density on ``[0, 1]``, so grey pixels such as the digits' 0..16 / 16 values get a
+proper likelihood, unlike the Bernoulli (binary data only) or a Normal (mass outside
+``[0, 1]`` and an extra scale to learn).
+
+Amortized guide (Kingma & Welling, 2014): a :class:`~pyro_reparam_conv.layers.ConvEncoder`
+body shared by two heads, ``q(y | x) = Categorical(logits = linear(pool(h)))`` and
+``q(z | x) = Normal(mean, sqrt(var))`` from a
+:class:`~pyro_reparam_conv.layers.GaussianConvHead`, drawn through
+:func:`~pyro_reparam_conv.layers.sample_elementwise_normal`. ``z`` has ``rsample`` and is routed
+pathwise by default; ``y`` has none and gets the score-function gradient (Williams 1992) with
+a baseline (Mnih & Gregor 2014). ``z_infer={"estimator": "score"}`` forces ``z`` onto the
+score route too, for comparison.
+
+Minibatches: pass ``num_data`` (the data set size) and the ``images`` plate scales the batch's
+log-densities by ``num_data / B``, so the loss estimates the full-data ELBO.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+from torch import nn
+
+from ..layers import ConvDecoder, ConvEncoder, GaussianConvHead, sample_elementwise_normal
+
+__all__ = ["ConvClusterVAE"]
+
+
+class ConvClusterVAE(PyroModule):
+    """Conv latent-variable model ``p(x, y, z)`` (:meth:`model`) and its guide ``q(y, z | x)``.
+
+    :param image_shape: ``(C, H, W)`` of the images; ``H`` and ``W`` divisible by
+        ``2 ** num_downsamples``.
+    :param latent_channels: channels ``Cz`` of the latent map ``z``.
+    :param num_classes: number ``K`` of clusters of the discrete latent ``y``.
+    :param hidden_channels: width of the conv encoder and decoder.
+    :param num_downsamples: stride-2 stages between the image and the latent map.
+    :param z_infer, y_infer: the ``infer`` dicts of the guide's ``z`` and ``y`` sites, e.g.
+        ``{"estimator": "score"}``; attributes, so they may be changed between runs.
+    """
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int] = (1, 8, 8),
+        *,
+        latent_channels: int = 4,
+        num_classes: int = 10,
+        hidden_channels: int = 32,
+        num_downsamples: int = 1,
+        z_infer: Optional[dict] = None,
+        y_infer: Optional[dict] = None,
+    ) -> None:
+        super().__init__()
+        channels, height, width = image_shape
+        factor = 2**num_downsamples
+        if height % factor or width % factor:
+            raise ValueError(
+                f"image height and width {height}x{width} must be divisible by 2**num_downsamples"
+                f" = {factor}"
+            )
+        self.image_shape = tuple(image_shape)
+        self.latent_shape = (latent_channels, height // factor, width // factor)
+        self.num_classes = num_classes
+        self.z_infer = dict(z_infer or {})
+        self.y_infer = dict(y_infer or {})
+        self.encoder = ConvEncoder(channels, hidden_channels, num_downsamples)
+        self.z_head = GaussianConvHead(hidden_channels, latent_channels, 3)
+        self.y_head = nn.Linear(hidden_channels, num_classes)
+        self.decoder = ConvDecoder(latent_channels, channels, hidden_channels, num_downsamples)
+        self.class_maps = nn.Parameter(0.1 * torch.randn(num_classes, *self.latent_shape))
+        self.register_buffer("prior_logits", torch.zeros(num_classes))
+
+    # ----------------------------------------------------------------- pieces
+    def _plate(self, x: torch.Tensor, num_data: Optional[int]) -> pyro.plate:
+        batch = x.shape[0]
+        if num_data is None or num_data == batch:
+            return pyro.plate("images", batch, dim=-1)
+        return pyro.plate("images", num_data, subsample=torch.arange(batch, device=x.device), dim=-1)
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Pixel logits ``decoder(z + m_y)``; any leading dims of ``z`` / ``y`` are kept."""
+        h = z + self.class_maps[y]
+        lead = h.shape[:-3]
+        logits = self.decoder(h.reshape(-1, *self.latent_shape))
+        return logits.reshape(*lead, *self.image_shape)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(y_logits, z_mean, z_var)`` of the guide ``q(y | x) q(z | x)``."""
+        h = self.encoder(x)
+        z_mean, z_var = self.z_head(h)
+        return self.y_head(h.mean((-2, -1))), z_mean, z_var
+
+    # ------------------------------------------------------------ model/guide
+    def model(self, x: torch.Tensor, num_data: Optional[int] = None) -> torch.Tensor:
+        """``p(x, y, z)``; observes ``x`` (``B, C, H, W``) and returns the pixel logits."""
+        batch = x.shape[0]
+        with self._plate(x, num_data):
+            y = pyro.sample("y", dist.Categorical(logits=self.prior_logits.expand(batch, -1)))
+            zeros = x.new_zeros((batch, *self.latent_shape))
+            z = pyro.sample("z", dist.Normal(zeros, 1.0).to_event(3))
+            logits = self.decode(z, y)
+            pyro.sample("x", dist.ContinuousBernoulli(logits=logits).to_event(3), obs=x)
+        return logits
+
+    def guide(self, x: torch.Tensor, num_data: Optional[int] = None) -> None:
+        """``q(y | x) q(z | x)``; site names match :meth:`model`'s."""
+        y_logits, z_mean, z_var = self.encode(x)
+        with self._plate(x, num_data):
+            pyro.sample("y", dist.Categorical(logits=y_logits), infer=dict(self.y_infer))
+            sample_elementwise_normal("z", z_mean, z_var, infer=self.z_infer)
+
+    forward = model
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean image ``E[x | z = E_q[z], y = argmax q(y|x)]`` under the continuous Bernoulli."""
+        y_logits, z_mean, _ = self.encode(x)
+        logits = self.decode(z_mean, y_logits.argmax(-1))
+        return dist.ContinuousBernoulli(logits=logits).mean

@@ -1,0 +1,137 @@
+"""Figures: ELBO curves, reconstructions, posterior summaries (PNG via matplotlib's Agg).
+
+matplotlib is imported inside the functions only (``import pyro_reparam_conv`` stays light),
+with the non-interactive Agg backend, so plotting works without a display.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from matplotlib.figure import Figure
+
+__all__ = ["plot_elbo_curves", "plot_posterior", "plot_reconstructions", "save_figure"]
+
+PathLike = Union[str, Path]
+
+
+def _new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(nrows, ncols, squeeze=False, **kwargs)
+
+
+def save_figure(fig: "Figure", path: PathLike) -> Path:
+    """Write ``fig`` to ``path`` (folders created) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    if window <= 1 or len(values) < window:
+        return values
+    kernel = np.ones(window) / window
+    return np.convolve(values, kernel, mode="valid")
+
+
+def plot_elbo_curves(
+    curves: Mapping[str, Sequence[float]],
+    path: PathLike,
+    *,
+    num_data: int = 1,
+    window: int = 25,
+) -> Path:
+    """ELBO per image (``-loss / num_data``) against step, one line per run, smoothed by a
+    ``window``-step moving average (raw values faint behind it)."""
+    fig, axes = _new_figure(figsize=(7, 4))
+    ax = axes[0, 0]
+    for label, losses in curves.items():
+        elbo = -np.asarray(losses, dtype=float) / num_data
+        steps = np.arange(1, len(elbo) + 1)
+        (line,) = ax.plot(steps, elbo, alpha=0.2, linewidth=0.8)
+        smooth = _smooth(elbo, window)
+        ax.plot(steps[len(steps) - len(smooth) :], smooth, color=line.get_color(), label=label)
+    finite = np.concatenate([-np.asarray(v, dtype=float) / num_data for v in curves.values()])
+    finite = finite[np.isfinite(finite)]
+    if finite.size:  # the first steps can be orders of magnitude lower: clip the view
+        ax.set_ylim(np.percentile(finite, 2), finite.max() + 0.05 * np.ptp(finite) + 1e-9)
+    ax.set_xlabel("step")
+    ax.set_ylabel("ELBO per image (nats)")
+    ax.set_title("Training ELBO")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def _image_row(axes_row, images: np.ndarray, label: str) -> None:
+    for ax, image in zip(axes_row, images):
+        ax.imshow(np.moveaxis(image, 0, -1).squeeze(-1) if image.shape[0] == 1
+                  else np.moveaxis(image, 0, -1), cmap="gray_r", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes_row[0].set_ylabel(label, rotation=0, ha="right", va="center")
+
+
+def plot_reconstructions(
+    images: np.ndarray, reconstructions: Mapping[str, np.ndarray], path: PathLike
+) -> Path:
+    """A row of data images ``(n, C, H, W)`` in ``[0, 1]`` above one row per reconstruction."""
+    images = np.asarray(images)
+    n = len(images)
+    fig, axes = _new_figure(1 + len(reconstructions), n, figsize=(1.1 * n, 1.2 * (1 + len(reconstructions))))
+    _image_row(axes[0], images, "data")
+    for row, (label, recon) in enumerate(reconstructions.items(), start=1):
+        _image_row(axes[row], np.asarray(recon), label)
+    fig.suptitle("Reconstructions: E[x | z = E_q[z], y = argmax q(y|x)]")
+    return save_figure(fig, path)
+
+
+def plot_posterior(
+    y_probs: np.ndarray,
+    labels: np.ndarray,
+    z_mean: np.ndarray,
+    z_std: np.ndarray,
+    path: PathLike,
+    *,
+    title: Optional[str] = None,
+) -> Path:
+    """Left: mean ``q(y | x)`` per true label (rows) and cluster (columns). Right: posterior
+    mean and standard deviation of ``z`` (first channel) for the first few images."""
+    y_probs, labels = np.asarray(y_probs), np.asarray(labels)
+    classes = np.unique(labels)
+    table = np.stack([y_probs[labels == c].mean(0) for c in classes])
+    n = min(4, len(z_mean))
+    fig, axes = _new_figure(2, 1 + n, figsize=(3.2 + 1.6 * n, 5.0),
+                            gridspec_kw={"width_ratios": [3] + [1] * n})
+    gs = axes[0, 0].get_gridspec()
+    for ax in axes[:, 0]:
+        ax.remove()
+    big = fig.add_subplot(gs[:, 0])
+    im = big.imshow(table, cmap="viridis", aspect="auto", vmin=0)
+    big.set_xlabel("cluster y")
+    big.set_ylabel("true digit")
+    big.set_yticks(range(len(classes)), [str(c) for c in classes])
+    big.set_title("mean q(y | x) by digit")
+    fig.colorbar(im, ax=big, fraction=0.046)
+    for j in range(n):
+        for row, (values, name) in enumerate(((z_mean, "E_q[z]"), (z_std, "sd_q[z]"))):
+            ax = axes[row, 1 + j]
+            ax.imshow(values[j, 0], cmap="coolwarm" if row == 0 else "magma")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{name} #{j}", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)

@@ -1,0 +1,522 @@
+"""The SVI loop: minibatches, progress bar, NaN/Inf guard, atomic checkpoints, exact resume.
+
+Each step maximizes the ELBO ``E_q[log p(x, y, z) - log q(y, z | x)]`` (Kingma & Welling 2014)
+on a minibatch: the model sees ``num_data`` so its plate scales the batch log-densities by
+``N / B`` (Hoffman et al. 2013, stochastic variational inference). Gradients come from the
+ELBO object (default :class:`~pyro_reparam_conv.elbo.RoutedELBO`: pathwise for ``rsample``
+sites, score function with baselines otherwise).
+
+A checkpoint holds everything the next step depends on: parameters (param store and module
+state), optimizer state, step count, loss history, the RNG states (torch, CUDA, NumPy,
+Python), the minibatch order (permutation and position) and the ELBO's own state (baseline
+averages) when it has ``state_dict``. Resuming from it gives bit-identical parameters to an
+uninterrupted run on the same device. It is written atomically (temporary file in the same
+folder, fsync, ``os.replace``), so a crash while saving leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Union
+
+import numpy as np
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.infer.util import zero_grads
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.subsample_messenger import _Subsample
+
+from .sampling import validation_enabled
+
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "NonFiniteTrainingError",
+    "TrainResult",
+    "load_checkpoint",
+    "load_params",
+    "register_params",
+    "resolve_device",
+    "restore_params",
+    "save_checkpoint",
+    "train",
+]
+
+CHECKPOINT_VERSION = 1
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """Training produced a NaN/Inf loss or gradient at ``step``.
+
+    ``sites`` lists the sample sites whose log-density (or draw) was not finite, as
+    ``"name (model)"`` / ``"name (guide)"``; ``params`` the parameters with non-finite gradients.
+    """
+
+    def __init__(
+        self, step: int, sites: list[str], params: list[str], loss: Optional[float], note: str = ""
+    ) -> None:
+        self.step, self.sites, self.params, self.loss = step, sites, params, loss
+        parts = [f"training stopped at step {step}: loss {loss if loss is not None else 'not computed'}"]
+        if sites:
+            parts.append("non-finite log-density at site(s) " + ", ".join(sites))
+        if params:
+            parts.append("non-finite gradient of " + ", ".join(params))
+        if not sites and not params:
+            parts.append("no single site is non-finite (the sum overflowed)")
+        if note:
+            parts.append(note)
+        super().__init__("; ".join(parts))
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did: per-step losses (negative ELBO estimates of the full data set)."""
+
+    losses: list[float]
+    step: int
+    seconds: float
+    seconds_per_step: float
+    device: torch.device
+    elbo: Any
+    checkpoint_path: Optional[Path] = None
+    start_step: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
+    """``"auto"`` -> ``cuda`` when available, else ``cpu``; anything else as given."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available")
+    return device
+
+
+# ---------------------------------------------------------------- minibatches
+class _Batches:
+    """Shuffled minibatch indices, epoch by epoch, from a generator of their own.
+
+    Every batch has ``batch_size`` images (an epoch's remainder is dropped), so per-element
+    baselines keep their shape; ``batch_size >= N`` gives the full data set every step.
+    """
+
+    def __init__(self, num_data: int, batch_size: int, seed: int) -> None:
+        self.num_data, self.batch_size = num_data, min(batch_size, num_data)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.perm: Optional[torch.Tensor] = None
+        self.pos = 0
+
+    def next(self) -> torch.Tensor:
+        if self.batch_size == self.num_data:
+            return torch.arange(self.num_data)
+        if self.perm is None or self.pos + self.batch_size > self.num_data:
+            self.perm = torch.randperm(self.num_data, generator=self.generator)
+            self.pos = 0
+        idx = self.perm[self.pos : self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return idx
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "perm": self.perm, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.perm, self.pos = state["perm"], int(state["pos"])
+
+
+# ---------------------------------------------------------------- RNG / state
+def _rng_state(device: torch.device) -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _modules(*fns: Callable) -> list[torch.nn.Module]:
+    """The distinct ``nn.Module`` objects behind ``fns`` (modules or their bound methods)."""
+    found: list[torch.nn.Module] = []
+    for fn in fns:
+        module = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
+        if isinstance(module, torch.nn.Module) and all(module is not m for m in found):
+            found.append(module)
+    return found
+
+
+def restore_params(params: dict[str, torch.Tensor], modules: list[dict], fns: tuple) -> None:
+    """Copy saved values *into* the live parameters (keeping tensor identity, so modules,
+    the param store and the optimizer keep pointing at the same tensors)."""
+    store = pyro.get_param_store()
+    live = dict(store.named_parameters())
+    missing = sorted(set(params) - set(live))
+    unexpected = sorted(set(live) - set(params))
+    if missing or unexpected:
+        raise ValueError(
+            "checkpoint does not match the model: "
+            f"in checkpoint but not in the model {missing}; in the model but not saved {unexpected}"
+        )
+    with torch.no_grad():
+        for module, state in zip(_modules(*fns), modules):
+            module.load_state_dict(state)
+        for name, value in params.items():
+            live[name].copy_(value)
+
+
+def save_checkpoint(path: Union[str, Path], state: dict) -> None:
+    """``torch.save(state)`` to ``path`` atomically: temp file in the same folder, fsync,
+    ``os.replace``. On any error the temp file is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress_os_error():
+            os.unlink(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+@contextmanager
+def _suppress_os_error() -> Iterator[None]:
+    try:
+        yield
+    except OSError:
+        pass
+
+
+def load_checkpoint(path: Union[str, Path]) -> dict:
+    """Read a checkpoint written by :func:`train` (``weights_only``: no code is run)."""
+    path = Path(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: not a pyro_reparam_conv training checkpoint")
+    return state
+
+
+# ------------------------------------------------------------- NaN diagnosis
+class _SafeDraw(Messenger):
+    """Draw guide latents without failing: a draw that errors or is not finite is recorded in
+    ``bad`` and replaced by a finite placeholder so the rest of the model can be checked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bad: list[str] = []
+
+    def _pyro_sample(self, msg: dict) -> None:
+        fn = msg["fn"]
+        if msg["is_observed"] or msg["value"] is not None or isinstance(fn, _Subsample):
+            return
+        try:
+            value = fn.sample()
+            ok = bool(torch.isfinite(value).all())
+        except (RuntimeError, ValueError):
+            value, ok = None, False
+        if not ok:
+            self.bad.append(f"{msg['name']} (guide)")
+            if getattr(fn, "has_enumerate_support", False):
+                value = fn.enumerate_support(expand=True)[0]
+            else:
+                value = torch.zeros(fn.shape())
+        msg["value"] = value
+
+
+def _non_finite_sites(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> list[str]:
+    """Trace guide and model once more (validation off) and name every sample site whose
+    draw or log-density is NaN/Inf, as ``"name (guide)"`` / ``"name (model)"``."""
+    probe = _SafeDraw()
+    bad: list[str] = []
+    with torch.no_grad(), pyro.validation_enabled(False), validation_enabled(False):
+        guide_trace = poutine.trace(probe(guide)).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+        for role, trace in (("guide", guide_trace), ("model", model_trace)):
+            for name, site in trace.nodes.items():
+                if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
+                    continue
+                try:
+                    finite = bool(torch.isfinite(site["fn"].log_prob(site["value"])).all())
+                except (RuntimeError, ValueError):
+                    finite = False
+                if not finite:
+                    bad.append(f"{name} ({role})")
+    return list(dict.fromkeys(probe.bad + bad))
+
+
+def register_params(model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> int:
+    """Run guide and model once (no gradients, validation off, NaN-tolerant draws) so every
+    parameter exists in the param store; return the traces' plate nesting depth."""
+    with torch.no_grad(), pyro.validation_enabled(False), validation_enabled(False):
+        guide_trace = poutine.trace(_SafeDraw()(guide)).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    return _max_plate_nesting(guide_trace, model_trace)
+
+
+def load_params(
+    model: Callable, guide: Callable, checkpoint_path: Union[str, Path], *args: Any, **kwargs: Any
+) -> dict:
+    """Set the parameters of ``model``/``guide`` from a :func:`train` checkpoint.
+
+    ``args``/``kwargs`` are an example input (e.g. a few images) used to create the
+    parameters first. Returns the checkpoint dictionary (``metadata``, ``losses``, ...).
+    """
+    state = load_checkpoint(checkpoint_path)
+    register_params(model, guide, *args, **kwargs)
+    restore_params(state["params"], state["modules"], (model, guide))
+    return state
+
+
+# ---------------------------------------------------------------- one step
+class _NonFiniteStep(Exception):
+    def __init__(self, loss: float, params: list[str]) -> None:
+        self.loss, self.params = loss, params
+
+
+def _step(model, guide, elbo, optim, args: tuple, kwargs: dict) -> float:
+    """One SVI step (as :meth:`pyro.infer.SVI.step`) that refuses to apply a non-finite update."""
+    with poutine.trace(param_only=True) as capture:
+        loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
+    params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+    loss = float(loss)
+    store = pyro.get_param_store()
+    bad = sorted(
+        store.param_name(p) or "?"
+        for p in params
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+    )
+    if bad or not math.isfinite(loss):
+        zero_grads(params)
+        raise _NonFiniteStep(loss, bad)
+    optim(params)
+    zero_grads(params)
+    return loss
+
+
+@contextmanager
+def _deferred_interrupt() -> Iterator[list]:
+    """Hold Ctrl-C until the current step is complete (main thread only); ``flag`` is set."""
+    flag: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, lambda signum, frame: flag.append(signum))
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _max_plate_nesting(*traces) -> int:
+    dims = [
+        -frame.dim
+        for trace in traces
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized and frame.dim is not None
+    ]
+    return max(dims, default=0)
+
+
+# -------------------------------------------------------------------- train
+def train(
+    model: Callable,
+    guide: Callable,
+    data: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    optim: Optional[pyro.optim.PyroOptim] = None,
+    elbo: Optional[pyro.infer.ELBO] = None,
+    device: Union[str, torch.device] = "auto",
+    seed: int = 0,
+    checkpoint_path: Optional[Union[str, Path]] = None,
+    checkpoint_every: int = 100,
+    resume: bool = False,
+    progress: bool = True,
+    num_data_kwarg: Optional[str] = "num_data",
+    desc: str = "svi",
+    metadata: Optional[dict] = None,
+) -> TrainResult:
+    """Fit ``guide`` to ``model`` on ``data`` (``N, ...``) by SVI for ``steps`` steps in total.
+
+    :param model, guide: Pyro callables taking a minibatch ``data[idx]`` (and
+        ``num_data_kwarg=N`` unless that is ``None``); ``nn.Module`` s behind them (or behind
+        their bound methods) are moved to ``device``.
+    :param steps: total number of steps, counting those already in a resumed checkpoint.
+    :param lr: Adam's learning rate when ``optim`` is not given.
+    :param elbo: default ``RoutedELBO()``; an infinite ``max_plate_nesting`` is set from a trace.
+    :param checkpoint_path: where to save every ``checkpoint_every`` steps, at the end and on
+        Ctrl-C (after the step in progress completes); never after a non-finite step.
+    :param metadata: plain data stored in the checkpoint (e.g. the model's configuration).
+    :param resume: continue from ``checkpoint_path`` when it exists (else start afresh).
+    :raises NonFiniteTrainingError: naming the step and the sites (or parameters) that were
+        not finite; the parameters are left as after the last good step.
+    """
+    if steps < 0 or batch_size < 1 or checkpoint_every < 1:
+        raise ValueError("steps must be >= 0, batch_size and checkpoint_every >= 1")
+    if not isinstance(data, torch.Tensor) or data.ndim < 1 or len(data) == 0:
+        raise ValueError("data must be a non-empty tensor with the images along dim 0")
+    if elbo is None:
+        from .elbo import RoutedELBO
+
+        elbo = RoutedELBO()
+    optim = optim if optim is not None else pyro.optim.Adam({"lr": lr})
+    device = resolve_device(device)
+    for module in _modules(model, guide):
+        module.to(device)
+    data = data.to(device)
+    num_data = len(data)
+    batches = _Batches(num_data, batch_size, seed)
+    kwargs = {num_data_kwarg: num_data} if num_data_kwarg else {}
+    checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+
+    # Set-up identical for fresh and resumed runs: register parameters with one trace.
+    pyro.set_rng_seed(seed)
+    nesting = register_params(model, guide, data[batches.next()], **kwargs)
+    if getattr(elbo, "max_plate_nesting", 0) == float("inf"):
+        elbo.max_plate_nesting = nesting
+    batches = _Batches(num_data, batch_size, seed)
+    pyro.set_rng_seed(seed)
+
+    losses: list[float] = []
+    start = 0
+    if resume and checkpoint_path is not None and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path)
+        if (state["num_data"], state["batch_size"]) != (num_data, batches.batch_size):
+            raise ValueError(
+                f"{checkpoint_path}: saved for {state['num_data']} images in batches of "
+                f"{state['batch_size']}, but got {num_data} images in batches of "
+                f"{batches.batch_size}"
+            )
+        restore_params(state["params"], state["modules"], (model, guide))
+        optim.set_state(state["optim"])
+        if state.get("elbo") is not None and hasattr(elbo, "load_state_dict"):
+            elbo.load_state_dict(state["elbo"])
+        batches.load_state_dict(state["batches"])
+        _set_rng_state(state["rng"])
+        losses, start = list(state["losses"]), int(state["step"])
+
+    def snapshot() -> dict:
+        elbo_state = getattr(elbo, "state_dict", None)
+        return {
+            "version": CHECKPOINT_VERSION,
+            "step": len(losses),
+            "losses": list(losses),
+            "params": {
+                name: p.detach().cpu().clone()
+                for name, p in pyro.get_param_store().named_parameters()
+            },
+            "modules": [m.state_dict() for m in _modules(model, guide)],
+            "optim": optim.get_state(),
+            "elbo": elbo_state() if callable(elbo_state) else None,
+            "batches": batches.state_dict(),
+            "rng": _rng_state(device),
+            "num_data": num_data,
+            "batch_size": batches.batch_size,
+            "seed": seed,
+            "metadata": dict(metadata or {}),
+        }
+
+    def checkpoint() -> None:
+        if checkpoint_path is not None:
+            save_checkpoint(checkpoint_path, snapshot())
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, initial=min(start, steps), disable=not progress, desc=desc)
+    running = None
+    t0 = time.perf_counter()
+    try:
+        with _deferred_interrupt() as interrupted:
+            for step in range(start + 1, steps + 1):
+                idx = batches.next()
+                args = (data[idx],)
+                try:
+                    loss = _step(model, guide, elbo, optim, args, kwargs)
+                except Exception as exc:
+                    _raise_if_non_finite(exc, step, model, guide, args, kwargs, checkpoint_path)
+                    raise
+                losses.append(loss)
+                per_image = -loss / num_data
+                running = per_image if running is None else 0.95 * running + 0.05 * per_image
+                if step % 10 == 0 or step == steps:
+                    bar.set_postfix_str(f"elbo/image {running:.4g}", refresh=False)
+                bar.update(1)
+                if step % checkpoint_every == 0 or step == steps:
+                    checkpoint()
+                if interrupted:
+                    raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        checkpoint()
+        raise
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    done = max(len(losses) - start, 0)
+    return TrainResult(
+        losses=losses,
+        step=len(losses),
+        seconds=seconds,
+        seconds_per_step=seconds / done if done else float("nan"),
+        device=device,
+        elbo=elbo,
+        checkpoint_path=checkpoint_path,
+        start_step=start,
+    )
+
+
+def _raise_if_non_finite(
+    exc: Exception, step: int, model, guide, args: tuple, kwargs: dict, path: Optional[Path]
+) -> None:
+    """Turn a failed step into :class:`NonFiniteTrainingError` when something was NaN/Inf."""
+    loss = getattr(exc, "loss", None)
+    params = list(getattr(exc, "params", []) if isinstance(exc, _NonFiniteStep) else [])
+    sites = _non_finite_sites(model, guide, args, kwargs)
+    if not sites and not params and not isinstance(exc, _NonFiniteStep):
+        if not isinstance(getattr(exc, "sites", None), list):
+            return  # an ordinary error, not a NaN/Inf: re-raised as it is
+        sites = list(exc.sites)
+    bad_inputs = sum(int((~torch.isfinite(a)).sum()) for a in args if torch.is_tensor(a))
+    note = f"the minibatch holds {bad_inputs} non-finite values; " if bad_inputs else ""
+    if path is not None:
+        note += f"last good checkpoint {path} left untouched" if path.exists() else "no checkpoint"
+    raise NonFiniteTrainingError(step, sites, params, loss, note) from exc
