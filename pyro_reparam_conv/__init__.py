@@ -3,7 +3,9 @@
 Public API (see ``shared/design.md``): sampling helpers, :class:`StochasticConv2d`.
 """
 
+from .diagnostics import GradientAudit, audit_gradients, compare_estimators
 from .elbo import NonFiniteLossError, RoutedELBO
+from .inference_data import to_inference_data
 from .layers import GaussianConvHead, StochasticConv2d, sample_elementwise_normal
 from .routing import ESTIMATORS, Route, force_estimator
 from .sampling import (
@@ -18,6 +20,10 @@ from .sampling import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "GradientAudit",
+    "audit_gradients",
+    "compare_estimators",
+    "to_inference_data",
     "ESTIMATORS",
     "NonFiniteLossError",
     "Route",

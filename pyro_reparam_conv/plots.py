@@ -135,3 +135,52 @@ def plot_posterior(
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def plot_estimator_comparison(
+    df, path: PathLike, *, params: Optional[Sequence[str]] = None, title: Optional[str] = None
+) -> Path:
+    """Bar charts (log scale) of gradient variance and signal-to-noise ratio per parameter,
+    one bar per estimator, from :func:`pyro_reparam_conv.diagnostics.compare_estimators`'s
+    DataFrame (columns ``estimator``, ``param``, ``variance``, ``snr``). ``params``: the
+    parameters to show (default: all). Zero or non-finite values (a parameter that gets no
+    gradient) cannot sit on a log axis: no bar, an ``x`` on the bottom edge instead."""
+    missing = {"estimator", "param", "variance", "snr"} - set(df.columns)
+    if missing:
+        raise ValueError(f"df lacks columns {sorted(missing)}; pass compare_estimators' result")
+    if params is not None:
+        df = df[df["param"].isin(list(params))]
+    if len(df) == 0:
+        raise ValueError("nothing to plot: no rows (check `params`)")
+    estimators = list(dict.fromkeys(df["estimator"]))
+    names = list(dict.fromkeys(df["param"]))
+    x = np.arange(len(names))
+    width = 0.8 / len(estimators)
+    fig_width = max(6.0, 0.9 * len(names) * max(1.0, len(estimators) / 2) + 2)
+    fig, axes = _new_figure(2, 1, figsize=(fig_width, 6.5), sharex=True)
+    for ax, column, label in (
+        (axes[0, 0], "variance", "variance (sum over elements)"),
+        (axes[1, 0], "snr", "SNR = |mean| / sqrt(variance)"),
+    ):
+        for i, estimator in enumerate(estimators):
+            rows = df[df["estimator"] == estimator].set_index("param")
+            values = np.array(
+                [float(rows[column].get(n, np.nan)) if n in rows.index else np.nan for n in names]
+            )
+            ok = np.isfinite(values) & (values > 0)
+            pos = x - 0.4 + width * (i + 0.5)
+            ax.bar(pos[ok], values[ok], width, label=estimator)
+            if (~ok).any():
+                # x in data coordinates, y in axes coordinates: a mark on the bottom edge
+                ax.plot(pos[~ok], np.full((~ok).sum(), 0.03), "kx", markersize=5,
+                        transform=ax.get_xaxis_transform())
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, axis="y", which="both")
+    axes[0, 0].legend(fontsize=8)
+    slanted = len(names) > 3
+    axes[1, 0].set_xticks(
+        x, names, rotation=30 if slanted else 0, ha="right" if slanted else "center"
+    )
+    axes[0, 0].set_title(title or "Gradient estimators: variance and signal-to-noise per parameter")
+    return save_figure(fig, path)

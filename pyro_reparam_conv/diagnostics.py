@@ -1,0 +1,481 @@
+"""Gradient diagnostics: a gradient-flow audit and a per-estimator variance comparison.
+
+- :func:`audit_gradients`: one ELBO gradient evaluation; which estimator each guide site
+  gets, and which parameters receive a gradient, how large, and from which sites' terms.
+  Parameters that receive none (a ``.detach()``, a layer run under ``torch.no_grad()``) are
+  flagged loudly.
+- :func:`compare_estimators`: many independent single-estimate gradients per estimator
+  (pathwise, score function with and without baselines); per parameter the mean, variance,
+  signal-to-noise ratio and cost.
+
+Neither function changes parameter values, their ``.grad``, the param store (beyond creating
+parameters that a first call of the model/guide creates, as :class:`~pyro.infer.SVI` would)
+or the global random state: gradients are taken with :func:`torch.autograd.grad`, never
+accumulated into ``.grad``, and values and grads are snapshotted and restored anyway.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.util import get_rng_state, set_rng_state
+
+from .elbo import RoutedELBO
+from .routing import ESTIMATORS, ForceEstimatorMessenger, Route
+
+__all__ = [
+    "COMPARE_ESTIMATORS",
+    "GradientAudit",
+    "ParamRecord",
+    "audit_gradients",
+    "compare_estimators",
+]
+
+#: Estimator names :func:`compare_estimators` accepts (plus any in ``routing.ESTIMATORS``).
+COMPARE_ESTIMATORS: tuple[str, ...] = (
+    "auto", "pathwise", "pathwise+kl", "score", "score+avg", "score+loo",
+)  # fmt: skip
+
+
+# ------------------------------------------------------------------ parameter discovery
+def _modules_behind(fn: Any, seen: Optional[set] = None) -> list[torch.nn.Module]:
+    """``nn.Module`` objects a model/guide callable runs: the callable itself, the object of a
+    bound method, and the same through ``functools.partial`` / Pyro handler wrappers."""
+    seen = set() if seen is None else seen
+    if fn is None or id(fn) in seen:
+        return []
+    seen.add(id(fn))
+    if isinstance(fn, torch.nn.Module):
+        return [fn]
+    found = []
+    owner = getattr(fn, "__self__", None)
+    if owner is not None:
+        found += _modules_behind(owner, seen)
+    if isinstance(fn, partial):
+        found += _modules_behind(fn.func, seen)
+        for arg in fn.args:
+            if callable(arg):
+                found += _modules_behind(arg, seen)
+    return found
+
+
+@dataclass
+class _Param:
+    name: str
+    tensor: torch.Tensor  # the leaf that gradients are taken with respect to
+    source: str
+
+
+def _collect_params(param_trace, model, guide) -> list[_Param]:
+    """Params seen in the trace (as SVI collects them; unconstrained leaves), then parameters
+    of modules behind ``model``/``guide`` not already among them (matched by identity)."""
+    params: list[_Param] = []
+    seen: set[int] = set()
+    store = pyro.get_param_store()
+    for name, site in param_trace.nodes.items():
+        if site["type"] != "param":
+            continue
+        value = site["value"]
+        leaf = value.unconstrained() if hasattr(value, "unconstrained") else value
+        if name in store:
+            leaf = store._params[name] if hasattr(store, "_params") else leaf
+        if id(leaf) not in seen:
+            seen.add(id(leaf))
+            params.append(_Param(name, leaf, "param store"))
+    for role, fn in (("model", model), ("guide", guide)):
+        for module in _modules_behind(fn):
+            label = type(module).__name__
+            for pname, p in module.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(_Param(f"{role}:{label}.{pname}", p, f"{role} module {label}"))
+    return params
+
+
+class _Snapshot:
+    """Values and ``.grad`` of tensors, and the global RNG state, restored on exit."""
+
+    def __init__(self, tensors: Iterable[torch.Tensor]) -> None:
+        self.tensors = list({id(t): t for t in tensors}.values())
+
+    def __enter__(self) -> "_Snapshot":
+        self.rng = get_rng_state()
+        self.values = [t.detach().clone() for t in self.tensors]
+        self.grads = [None if t.grad is None else t.grad.detach().clone() for t in self.tensors]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with torch.no_grad():
+            for t, v, g in zip(self.tensors, self.values, self.grads):
+                if not torch.equal(t, v):
+                    t.copy_(v)
+                t.grad = g
+        set_rng_state(self.rng)
+
+
+def _existing_tensors(model, guide) -> list[torch.Tensor]:
+    store = pyro.get_param_store()
+    tensors = [store._params[n] for n in store.keys()] if hasattr(store, "_params") else []
+    for fn in (model, guide):
+        for module in _modules_behind(fn):
+            tensors += list(module.parameters())
+    return tensors
+
+
+# ------------------------------------------------------------------------------ audit
+@dataclass
+class ParamRecord:
+    """One parameter in a :class:`GradientAudit`.
+
+    ``sites``: the sample sites whose surrogate-loss terms reach the parameter in the autograd
+    graph (see :func:`audit_gradients`). ``frozen``: ``requires_grad=False`` on purpose.
+    """
+
+    name: str
+    shape: tuple
+    receives_gradient: bool
+    grad_norm: float
+    sites: tuple
+    source: str
+    frozen: bool = False
+
+
+@dataclass
+class GradientAudit:
+    """Result of :func:`audit_gradients`; ``str(audit)`` is a readable report."""
+
+    routes: dict[str, Route]
+    params: list[ParamRecord]
+    loss: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def no_gradient(self) -> list[str]:
+        """Names of parameters that require a gradient but receive none."""
+        return [p.name for p in self.params if not p.receives_gradient and not p.frozen]
+
+    def param(self, name: str) -> ParamRecord:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(f"no parameter {name!r}; audited: {[p.name for p in self.params]}")
+
+    def __str__(self) -> str:
+        lines = [f"Gradient audit (loss {self.loss:.6g})", "", "Sites:"]
+        if not self.routes:
+            lines.append("  (no guide latent sites)")
+        for route in self.routes.values():
+            lines.append(f"  {route}")
+        lines += ["", "Parameters:"]
+        width = max([len(p.name) for p in self.params] + [9])
+        lines.append(f"  {'parameter':<{width}}  {'shape':<14} {'grad norm':>11}  from sites")
+        for p in self.params:
+            if p.frozen:
+                norm = "frozen"
+            elif p.receives_gradient:
+                norm = f"{p.grad_norm:.4g}"
+            else:
+                norm = "NONE"
+            sites = ", ".join(p.sites) if p.sites else "-"
+            shape = str(tuple(p.shape))
+            lines.append(f"  {p.name:<{width}}  {shape:<14} {norm:>11}  {sites}")
+        missing = self.no_gradient
+        if missing:
+            lines.append("")
+            for name in missing:
+                lines.append(
+                    f"!! NO GRADIENT: {name} -- used only under torch.no_grad() or through a "
+                    "detached tensor (.detach(), .item(), numpy), or not used at all?"
+                )
+        else:
+            lines += ["", "Every parameter receives a gradient."]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _site_terms(particles, scale: float) -> dict[str, torch.Tensor]:
+    """The routed surrogate loss split by sample site (summed over particles).
+
+    Site ``n``'s term: ``-log p(n)`` of the model site, ``+log q(n)`` (differentiated
+    through ``rsample``) if ``n`` is a pathwise guide site, and ``-log q(n)`` (its score;
+    multiplied by a cost held fixed in the real surrogate) if it is a score guide site; for a
+    site on the analytic-KL fast path, its ``KL(q || p)`` replaces its ``log p`` and ``log q``.
+    """
+    terms: dict[str, Any] = {}
+
+    def add(name, value):
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            terms[name] = terms.get(name, 0.0) + value * scale
+
+    for p in particles:
+        kl = getattr(p, "kl", None) or {}  # fast path: the site's pair of terms is its KL
+        for name, value in kl.items():
+            add(name, value)
+        for name, site in p.model_trace.nodes.items():
+            if site["type"] == "sample" and name not in kl:
+                add(name, -site["log_prob_sum"])
+        for name, site in p.guide_trace.nodes.items():
+            route = p.routes.get(name)
+            if name in kl or site["type"] != "sample" or route is None:
+                continue
+            if route.estimator == "pathwise":
+                add(name, site["score_parts"].entropy_term.sum())
+        for term in p.score_terms:
+            add(term.site, -term.score.sum())
+    return terms
+
+
+def audit_gradients(model: Callable, guide: Callable, *args, elbo=None, **kwargs) -> GradientAudit:
+    """Which estimator each guide site gets, and which parameters the ELBO gradient reaches.
+
+    Runs one draw of ``elbo`` (default :class:`~.elbo.RoutedELBO`) and differentiates its
+    surrogate loss with :func:`torch.autograd.grad` with respect to every parameter: those the
+    model and guide touch through ``pyro.param``/``pyro.module``/``PyroModule`` (as ``SVI``
+    collects them; the unconstrained tensors) plus every parameter of an ``nn.Module`` behind
+    ``model``/``guide`` (the callable itself, a bound method's object, or wrapped by a Pyro
+    handler), so a layer run under ``torch.no_grad()`` is caught too. ``receives_gradient``
+    is whether the gradient exists (the parameter is in the autograd graph of the loss).
+
+    "From which sites": the surrogate loss is a sum of per-site terms (the model's
+    ``-log p`` at each sample site, a pathwise guide site's ``+log q`` through ``rsample``,
+    a score guide site's ``-log q(z)`` times its fixed cost); each site's term is
+    differentiated on its own, and a parameter lists site ``n`` when ``n``'s term reaches
+    it in the autograd graph. An observed site listed means the likelihood's gradient (for a
+    guide parameter: through a pathwise sample). Attribution needs a :class:`RoutedELBO`;
+    for another ELBO only the total gradient is reported.
+
+    Parameter values, ``.grad`` and the global RNG state are left as they were (decaying
+    baseline state of a given ``elbo`` too); parameters first created by this call stay in
+    the param store.
+    """
+    elbo = RoutedELBO() if elbo is None else elbo
+    state = elbo.state_dict() if isinstance(elbo, RoutedELBO) else None
+    with _Snapshot(_existing_tensors(model, guide)):
+        with poutine.trace(param_only=True) as capture:
+            if isinstance(elbo, RoutedELBO):
+                loss, surrogate, particles = elbo._loss_and_surrogate_loss(
+                    model, guide, args, kwargs
+                )
+                routes = dict(elbo.routes)
+            else:
+                surrogate = elbo.differentiable_loss(model, guide, *args, **kwargs)
+                loss, particles, routes = surrogate, None, dict(getattr(elbo, "routes", {}))
+        params = _collect_params(capture.trace, model, guide)
+        trainable = [p for p in params if p.tensor.requires_grad]
+        grads = _grads(surrogate, [p.tensor for p in trainable])
+        by_param = {id(p.tensor): g for p, g in zip(trainable, grads)}
+        reached: dict[int, list[str]] = {id(p.tensor): [] for p in trainable}
+        notes = []
+        if particles is not None:
+            for site, term in _site_terms(particles, 1.0 / elbo.num_particles).items():
+                for p, g in zip(trainable, _grads(term, [p.tensor for p in trainable])):
+                    if g is not None:
+                        reached[id(p.tensor)].append(site)
+        else:
+            notes.append(f"{type(elbo).__name__} is not a RoutedELBO: no per-site attribution")
+        if state is not None:
+            elbo.load_state_dict(state)
+    records = []
+    for p in params:
+        g = by_param.get(id(p.tensor))
+        records.append(
+            ParamRecord(
+                name=p.name,
+                shape=tuple(p.tensor.shape),
+                receives_gradient=g is not None,
+                grad_norm=float(g.norm()) if g is not None else float("nan"),
+                sites=tuple(reached.get(id(p.tensor), ())),
+                source=p.source,
+                frozen=not p.tensor.requires_grad,
+            )
+        )
+    return GradientAudit(routes=routes, params=records, loss=_item(loss), notes=notes)
+
+
+def _item(x: Any) -> float:
+    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def _grads(loss: Any, tensors: list[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+    """``d loss / d tensors`` (``None`` where a tensor is not in the graph)."""
+    if not tensors or not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+        return [None] * len(tensors)
+    return list(torch.autograd.grad(loss, tensors, allow_unused=True, retain_graph=True))
+
+
+# -------------------------------------------------------------------------- comparison
+def _has_fast_path() -> bool:
+    return "fast_path" in inspect.signature(RoutedELBO.__init__).parameters
+
+
+def _estimator_setup(name: str, elbo_kwargs: dict):
+    """``(RoutedELBO, ForceEstimatorMessenger or None)`` for one estimator name."""
+    kwargs = dict(elbo_kwargs)
+    if name == "auto":
+        return RoutedELBO(**kwargs), None
+    if _has_fast_path():  # the forced estimators are measured as Monte Carlo estimators
+        kwargs["fast_path"] = name == "pathwise+kl"
+    if name == "pathwise+kl":
+        name = "pathwise"
+    if name in ("score", "score+avg", "score+loo"):
+        kwargs["baseline"] = {"score": None, "score+avg": "decaying_avg"}.get(
+            name, "leave_one_out"
+        )
+        if name == "score+loo":
+            kwargs["num_particles"] = max(2, int(kwargs.get("num_particles", 1)))
+        return RoutedELBO(**kwargs), ForceEstimatorMessenger("score", None, skip_invalid=True)
+    return RoutedELBO(**kwargs), ForceEstimatorMessenger(name, None, skip_invalid=True)
+
+
+def _valid_names() -> tuple[str, ...]:
+    return COMPARE_ESTIMATORS + tuple(e for e in ESTIMATORS if e not in COMPARE_ESTIMATORS)
+
+
+def compare_estimators(
+    model: Callable,
+    guide: Callable,
+    *args,
+    estimators: Sequence[str] = ("pathwise", "score"),
+    num_draws: int = 1000,
+    elbo_kwargs: Optional[dict] = None,
+    params: Optional[Sequence[str]] = None,
+    seed: int = 0,
+    **kwargs,
+):
+    """Mean, variance, signal-to-noise and cost of ELBO gradient estimators, per parameter.
+
+    For each estimator, ``num_draws`` independent estimates of the gradient of the loss
+    (-ELBO) with respect to each parameter (the unconstrained tensors, what an optimizer
+    updates) are drawn with ``elbo.differentiable_loss`` and :func:`torch.autograd.grad`.
+    Estimators:
+
+    - ``"auto"``: the default routing of :class:`~.elbo.RoutedELBO` (``elbo_kwargs``),
+      analytic-KL fast path included where it applies;
+    - ``"pathwise"``: forced on every site with ``rsample``; other sites keep their default
+      route (listed with the reason in ``df.attrs["skipped"]["pathwise"]``). Measured as the
+      Monte Carlo reparameterization estimator: ``fast_path=False``;
+    - ``"pathwise+kl"``: the same with the analytic-KL fast path (``fast_path=True``): at
+      sites where it applies the ``log p - log q`` pair is the closed-form KL, which has no
+      sampling variance of its own;
+    - ``"score"``: score function on every latent site, no baseline;
+    - ``"score+avg"``: score function with the decaying-average baseline (its state evolves
+      across the draws, as in training; draws are therefore not exactly independent);
+    - ``"score+loo"``: score function with the leave-one-out baseline, which needs
+      ``num_particles >= 2``: each draw is one estimate from a 2-particle ELBO (or
+      ``elbo_kwargs["num_particles"]`` if larger), so it costs about twice a 1-particle
+      draw and averages two samples -- compare ``variance * seconds_per_draw``;
+    - the score variants run with ``fast_path=False`` too (it only concerns pathwise sites);
+    - any other name in ``routing.ESTIMATORS``: forced like ``"pathwise"``.
+
+    Returns a ``pandas.DataFrame`` with one row per (estimator, parameter): ``mean`` (sum over
+    the parameter's elements of the elementwise mean gradient; the mean itself for a scalar),
+    ``mean_norm`` (Euclidean norm of the elementwise mean), ``variance`` (sum over elements of
+    the per-draw sample variance, ``ddof=1``; the trace of the covariance), ``snr``
+    (``mean_norm / sqrt(variance)``; ``inf`` for a nonzero mean without variance, ``nan`` for
+    a parameter that gets no gradient), ``seconds_per_draw``, ``num_draws``, ``numel`` and
+    ``routes`` (the routes used). ``df.attrs["elementwise"][(estimator, param)]`` holds the
+    elementwise ``mean`` and ``variance`` as nested lists (``numpy.asarray`` them; lists keep
+    ``pandas.concat`` of several results working); ``df.attrs["skipped"][estimator]``
+    maps each site left on its default route to the reason.
+
+    ``params``: names to report (default: all, as found by :func:`audit_gradients`). Draws
+    are seeded with ``seed``; the global RNG state, parameter values, ``.grad`` and the param
+    store (apart from parameters created by a first call) are left as they were.
+    """
+    import pandas as pd
+
+    estimators = list(estimators)
+    valid = _valid_names()
+    bad = [e for e in estimators if e not in valid]
+    if bad:
+        raise ValueError(
+            f"unknown estimator(s) {bad}; valid estimators are {', '.join(map(repr, valid))}"
+        )
+    if not isinstance(num_draws, int) or num_draws < 2:
+        raise ValueError(f"num_draws must be an int >= 2, got {num_draws!r}")
+    elbo_kwargs = dict(elbo_kwargs or {})
+
+    rows, elementwise, skipped = [], {}, {}
+    with _Snapshot(_existing_tensors(model, guide)):
+        pyro.set_rng_seed(seed)
+        with poutine.trace(param_only=True) as capture:  # creates params, finds them
+            RoutedELBO(**elbo_kwargs).differentiable_loss(model, guide, *args, **kwargs)
+        found = [p for p in _collect_params(capture.trace, model, guide) if p.tensor.requires_grad]
+        if params is not None:
+            names = [p.name for p in found]
+            unknown = [n for n in params if n not in names]
+            if unknown:
+                raise ValueError(f"unknown params {unknown}; parameters are {names}")
+            found = [p for p in found if p.name in params]
+        tensors = [p.tensor for p in found]
+        with _Snapshot(tensors):  # also restores .grad of params created above
+            for name in estimators:
+                elbo, forcer = _estimator_setup(name, elbo_kwargs)
+                fn = guide if forcer is None else forcer(guide)
+                sums = [torch.zeros(t.numel(), dtype=torch.float64) for t in tensors]
+                squares = [torch.zeros(t.numel(), dtype=torch.float64) for t in tensors]
+                shift = None
+                start = time.perf_counter()
+                for _ in range(num_draws):
+                    loss = elbo.differentiable_loss(model, fn, *args, **kwargs)
+                    grads = _grads(loss, tensors)
+                    flat = [
+                        (torch.zeros_like(t) if g is None else g).detach().reshape(-1).double()
+                        for g, t in zip(grads, tensors)
+                    ]
+                    if shift is None:  # shifted sums keep the variance numerically stable
+                        shift = flat
+                    for s, q, g, c in zip(sums, squares, flat, shift):
+                        s += g - c
+                        q += (g - c) ** 2
+                seconds = (time.perf_counter() - start) / num_draws
+                skipped[name] = dict(forcer.skipped) if forcer is not None else {}
+                routes = ", ".join(
+                    f"{r.site}:{r.estimator}"
+                    + (f"({r.baseline})" if r.estimator == "score" else "")
+                    for r in elbo.routes.values()
+                )
+                for p, s, q, c in zip(found, sums, squares, shift):
+                    mean = s / num_draws
+                    var = ((q - num_draws * mean**2) / (num_draws - 1)).clamp_min(0.0)
+                    mean = mean + c
+                    total_var = float(var.sum())
+                    mean_norm = float(mean.norm())
+                    snr = mean_norm / math.sqrt(total_var) if total_var > 0 else float("inf")
+                    if total_var == 0 and mean_norm == 0:
+                        snr = float("nan")
+                    rows.append(
+                        dict(
+                            estimator=name,
+                            param=p.name,
+                            mean=float(mean.sum()),
+                            mean_norm=mean_norm,
+                            variance=total_var,
+                            snr=snr,
+                            seconds_per_draw=seconds,
+                            num_draws=num_draws,
+                            numel=p.tensor.numel(),
+                            routes=routes,
+                        )
+                    )
+                    elementwise[(name, p.name)] = {
+                        "mean": mean.reshape(p.tensor.shape).tolist(),
+                        "variance": var.reshape(p.tensor.shape).tolist(),
+                    }
+    columns = [
+        "estimator", "param", "mean", "mean_norm", "variance", "snr",
+        "seconds_per_draw", "num_draws", "numel", "routes",
+    ]  # fmt: skip
+    df = pd.DataFrame(rows, columns=columns)
+    df.attrs["skipped"] = skipped
+    df.attrs["elementwise"] = elementwise
+    df.attrs["seed"] = seed
+    return df
