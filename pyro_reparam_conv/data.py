@@ -87,11 +87,22 @@ def as_image_tensor(array: np.ndarray, where: str, scale: Optional[float] = None
                 f"{where}: {n_nan} NaN and {int(bad.sum()) - n_nan} infinite values out of "
                 f"{array.size}; every pixel must be finite"
             )
+    if scale is not None and not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"{where}: scale must be a finite positive number, got {scale!r}")
     if scale is None:
         scale = 1.0 if array.dtype.kind in "f" else float(
             1 if array.dtype.kind == "b" else np.iinfo(array.dtype).max
         )
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32) / np.float32(scale))
+
+
+def _np_load(path: Path):
+    """``np.load`` without pickle; a file that is not a NumPy array/archive (or holds Python
+    objects) is reported as a ``ValueError`` naming the file."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path}: cannot be read as a NumPy {path.suffix} file ({err})") from err
 
 
 def load_images(
@@ -109,9 +120,9 @@ def load_images(
     if suffix == ".npy":
         if key is not None:
             raise ValueError(f"{path}: key={key!r} given, but a .npy file holds a single array")
-        array, where = np.load(path, allow_pickle=False), str(path)
+        array, where = _np_load(path), str(path)
     elif suffix == ".npz":
-        with np.load(path, allow_pickle=False) as archive:
+        with _np_load(path) as archive:
             names = list(archive.files)
             if key is None:
                 if "images" in names:
@@ -124,7 +135,11 @@ def load_images(
                     )
             if key not in names:
                 raise ValueError(f"{path}: no array {key!r}; it holds {names}")
-            array, where = archive[key], f"{path}[{key!r}]"
+            where = f"{path}[{key!r}]"
+            try:
+                array = archive[key]
+            except ValueError as err:  # e.g. an object array, which needs pickle
+                raise ValueError(f"{where}: cannot be read as a numeric array ({err})") from err
     else:
         raise ValueError(f"{path}: unsupported file type {suffix!r}; use .npy or .npz")
     return as_image_tensor(array, where, scale)

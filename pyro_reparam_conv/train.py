@@ -65,7 +65,8 @@ class NonFiniteTrainingError(FloatingPointError):
         self, step: int, sites: list[str], params: list[str], loss: Optional[float], note: str = ""
     ) -> None:
         self.step, self.sites, self.params, self.loss = step, sites, params, loss
-        parts = [f"training stopped at step {step}: loss {loss if loss is not None else 'not computed'}"]
+        shown = loss if loss is not None else "not computed"
+        parts = [f"training stopped at step {step}: loss {shown}"]
         if sites:
             parts.append("non-finite log-density at site(s) " + ", ".join(sites))
         if params:
@@ -178,6 +179,15 @@ def restore_params(params: dict[str, torch.Tensor], modules: list[dict], fns: tu
         raise ValueError(
             "checkpoint does not match the model: "
             f"in checkpoint but not in the model {missing}; in the model but not saved {unexpected}"
+        )
+    shapes = sorted(
+        f"{name}: saved {tuple(value.shape)}, model {tuple(live[name].shape)}"
+        for name, value in params.items()
+        if tuple(value.shape) != tuple(live[name].shape)
+    )
+    if shapes:
+        raise ValueError(
+            "checkpoint does not match the model: parameter shapes differ: " + "; ".join(shapes)
         )
     with torch.no_grad():
         for module, state in zip(_modules(*fns), modules):
@@ -435,8 +445,19 @@ def train(
         _set_rng_state(state["rng"])
         losses, start = list(state["losses"]), int(state["step"])
 
-    def snapshot() -> dict:
-        elbo_state = getattr(elbo, "state_dict", None)
+    elbo_state_dict = getattr(elbo, "state_dict", None)
+    elbo_load_state = getattr(elbo, "load_state_dict", None)
+
+    def step_state() -> dict:
+        """What a step changes besides parameters and optimizer: taken before each step, so
+        an interrupt raised inside a step can be checkpointed as the last completed step."""
+        return {
+            "elbo": elbo_state_dict() if callable(elbo_state_dict) else None,
+            "batches": batches.state_dict(),
+            "rng": _rng_state(device),
+        }
+
+    def snapshot(before_step: Optional[dict] = None) -> dict:
         return {
             "version": CHECKPOINT_VERSION,
             "step": len(losses),
@@ -447,34 +468,40 @@ def train(
             },
             "modules": [m.state_dict() for m in _modules(model, guide)],
             "optim": optim.get_state(),
-            "elbo": elbo_state() if callable(elbo_state) else None,
-            "batches": batches.state_dict(),
-            "rng": _rng_state(device),
+            **(before_step if before_step is not None else step_state()),
             "num_data": num_data,
             "batch_size": batches.batch_size,
             "seed": seed,
             "metadata": dict(metadata or {}),
         }
 
-    def checkpoint() -> None:
+    def checkpoint(before_step: Optional[dict] = None) -> None:
         if checkpoint_path is not None:
-            save_checkpoint(checkpoint_path, snapshot())
+            save_checkpoint(checkpoint_path, snapshot(before_step))
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=steps, initial=min(start, steps), disable=not progress, desc=desc)
     running = None
+    before: Optional[dict] = None  # state before the step in progress; None between steps
     t0 = time.perf_counter()
     try:
         with _deferred_interrupt() as interrupted:
             for step in range(start + 1, steps + 1):
+                before = step_state()
                 idx = batches.next()
                 args = (data[idx],)
                 try:
                     loss = _step(model, guide, elbo, optim, args, kwargs)
                 except Exception as exc:
+                    # leave gradients and the ELBO's state (baseline averages) as after the
+                    # last good step
+                    zero_grads({p for _, p in pyro.get_param_store().named_parameters()})
+                    if before["elbo"] is not None and callable(elbo_load_state):
+                        elbo_load_state(before["elbo"])
                     _raise_if_non_finite(exc, step, model, guide, args, kwargs, checkpoint_path)
                     raise
+                before = None
                 losses.append(loss)
                 per_image = -loss / num_data
                 running = per_image if running is None else 0.95 * running + 0.05 * per_image
@@ -486,7 +513,15 @@ def train(
                 if interrupted:
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
-        checkpoint()
+        # Ctrl-C in the main thread is deferred to the end of a step; a KeyboardInterrupt
+        # raised inside a step (another thread, or by the model itself) abandons that step:
+        # its gradients are dropped and the checkpoint holds the last completed step (the
+        # parameters are unchanged unless the interrupt hit the optimizer update itself).
+        if before is not None:
+            zero_grads({p for _, p in pyro.get_param_store().named_parameters()})
+            if before["elbo"] is not None and callable(elbo_load_state):
+                elbo_load_state(before["elbo"])
+        checkpoint(before)
         raise
     finally:
         bar.close()

@@ -32,7 +32,7 @@ from typing import Optional
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
+from pyro.nn import PyroModule, pyro_method
 from torch import nn
 
 from ..layers import ConvDecoder, ConvEncoder, GaussianConvHead, sample_elementwise_normal
@@ -89,7 +89,8 @@ class ConvClusterVAE(PyroModule):
         batch = x.shape[0]
         if num_data is None or num_data == batch:
             return pyro.plate("images", batch, dim=-1)
-        return pyro.plate("images", num_data, subsample=torch.arange(batch, device=x.device), dim=-1)
+        subsample = torch.arange(batch, device=x.device)
+        return pyro.plate("images", num_data, subsample=subsample, dim=-1)
 
     def decode(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Pixel logits ``decoder(z + m_y)``; any leading dims of ``z`` / ``y`` are kept."""
@@ -104,9 +105,26 @@ class ConvClusterVAE(PyroModule):
         z_mean, z_var = self.z_head(h)
         return self.y_head(h.mean((-2, -1))), z_mean, z_var
 
+    def _check_images(self, x: torch.Tensor) -> None:
+        """``x`` must be ``(B, C, H, W)`` with ``(C, H, W) == image_shape``."""
+        is_tensor = isinstance(x, torch.Tensor)
+        if not is_tensor or x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
+            shape = tuple(x.shape) if is_tensor else type(x).__name__
+            expected = ", ".join(map(str, self.image_shape))
+            raise ValueError(
+                f"ConvClusterVAE: expected images of shape (B, {expected}) (B, C, H, W), "
+                f"got {shape}"
+            )
+
     # ------------------------------------------------------------ model/guide
+    # ``pyro_method`` enters the module's Pyro context, so that every parameter (of the
+    # PyroModule itself and of its plain ``nn.Module`` children, through ``pyro.module``) is
+    # registered in the param store and seen by SVI's optimizer when ``model`` / ``guide``
+    # are called as bound methods rather than through ``__call__``.
+    @pyro_method
     def model(self, x: torch.Tensor, num_data: Optional[int] = None) -> torch.Tensor:
         """``p(x, y, z)``; observes ``x`` (``B, C, H, W``) and returns the pixel logits."""
+        self._check_images(x)
         batch = x.shape[0]
         with self._plate(x, num_data):
             y = pyro.sample("y", dist.Categorical(logits=self.prior_logits.expand(batch, -1)))
@@ -116,8 +134,10 @@ class ConvClusterVAE(PyroModule):
             pyro.sample("x", dist.ContinuousBernoulli(logits=logits).to_event(3), obs=x)
         return logits
 
+    @pyro_method
     def guide(self, x: torch.Tensor, num_data: Optional[int] = None) -> None:
         """``q(y | x) q(z | x)``; site names match :meth:`model`'s."""
+        self._check_images(x)
         y_logits, z_mean, z_var = self.encode(x)
         with self._plate(x, num_data):
             pyro.sample("y", dist.Categorical(logits=y_logits), infer=dict(self.y_infer))
@@ -126,6 +146,7 @@ class ConvClusterVAE(PyroModule):
     forward = model
 
     @torch.no_grad()
+    @pyro_method
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Mean image ``E[x | z = E_q[z], y = argmax q(y|x)]`` under the continuous Bernoulli."""
         y_logits, z_mean, _ = self.encode(x)

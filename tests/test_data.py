@@ -1,0 +1,128 @@
+"""Data loading: the embedded digits and user .npy/.npz arrays, with clear errors.
+
+Every check here is exact (shapes, dtypes, values computed by hand from the stored integers).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_reparam_conv.data import DIGITS_MAX, load_default_images, load_images
+
+
+# ------------------------------------------------------------------ default data
+def test_default_images_shape_range_and_labels():
+    x, y = load_default_images()
+    assert x.shape == (1797, 1, 8, 8) and x.dtype == torch.float32
+    assert y.shape == (1797,) and y.dtype == torch.int64
+    # pixels are integers 0..16 divided by 16: in [0, 1], both ends attained, on the 1/16 grid
+    assert x.min().item() == 0.0 and x.max().item() == 1.0
+    assert torch.equal(x * DIGITS_MAX, (x * DIGITS_MAX).round())
+    assert set(y.tolist()) == set(range(10))
+
+
+def test_default_images_subset_and_seeded_shuffle():
+    x, y = load_default_images()
+    x5, y5 = load_default_images(5)
+    assert torch.equal(x5, x[:5]) and torch.equal(y5, y[:5])
+    a, la = load_default_images(32, seed=3)
+    b, lb = load_default_images(32, seed=3)
+    c, _ = load_default_images(32, seed=4)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    assert not torch.equal(a, c)
+    with pytest.raises(ValueError, match="num_images must be in 1..1797"):
+        load_default_images(0)
+
+
+# ------------------------------------------------------------------ user files
+def test_npy_three_dims_uint8_scaled_by_255(tmp_path):
+    raw = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4) * 10
+    path = tmp_path / "imgs.npy"
+    np.save(path, raw)
+    x = load_images(path)
+    assert x.shape == (2, 1, 3, 4) and x.dtype == torch.float32
+    expected = torch.from_numpy(raw.astype(np.float32) / np.float32(255))[:, None]
+    assert torch.equal(x, expected)
+
+
+def test_npz_four_dims_float_used_as_is_and_key_selection(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.random((3, 2, 4, 4))
+    path = tmp_path / "data.npz"
+    np.savez(path, images=images, labels=np.arange(3))
+    x = load_images(path)  # "images" is chosen without a key
+    assert x.shape == (3, 2, 4, 4)
+    assert torch.equal(x, torch.from_numpy(images.astype(np.float32)))
+    other = tmp_path / "one.npz"
+    np.savez(other, pics=np.full((2, 4, 4), 16, dtype=np.uint8))
+    # the sole array is taken; uint8 is divided by 255 unless scale= is given
+    sixteen = np.float32(16) / np.float32(255)
+    assert torch.equal(load_images(other), torch.full((2, 1, 4, 4), sixteen))
+    assert torch.equal(load_images(other, scale=16), torch.ones(2, 1, 4, 4))
+
+
+def test_explicit_scale_and_bool(tmp_path):
+    path = tmp_path / "b.npy"
+    np.save(path, np.array([[[True, False]]]))
+    assert torch.equal(load_images(path), torch.tensor([[[[1.0, 0.0]]]]))
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.zeros((4, 4)), r"expected images of shape \(N, H, W\) or \(N, C, H, W\), got 2 dim"),
+        (np.zeros((1, 1, 1, 4, 4)), r"got 5 dimensions"),
+        (np.array([["a", "b"]] * 2, dtype="U1")[None], r"dtype <U1 is not numeric"),
+        (np.array([[[0.5, np.nan], [np.inf, 0.0]]]), r"1 NaN and 1 infinite values out of 4"),
+        (np.zeros((0, 4, 4)), r"the array is empty"),
+    ],
+)
+def test_npy_bad_arrays_raise_with_file_name(tmp_path, array, message):
+    path = tmp_path / "bad.npy"
+    np.save(path, array)
+    with pytest.raises(ValueError, match=message) as info:
+        load_images(path)
+    assert str(path) in str(info.value)
+
+
+def test_npz_errors_name_file_and_key(tmp_path):
+    path = tmp_path / "two.npz"
+    np.savez(path, a=np.zeros((2, 4, 4)), b=np.zeros((2, 4)))
+    with pytest.raises(ValueError, match=r"holds arrays \['a', 'b'\]; pass key= to choose one"):
+        load_images(path)
+    with pytest.raises(ValueError, match=r"no array 'c'; it holds \['a', 'b'\]") as info:
+        load_images(path, key="c")
+    assert str(path) in str(info.value)
+    with pytest.raises(ValueError, match=r"\['b'\]: expected images .* got 2 dimensions") as info:
+        load_images(path, key="b")
+    assert str(path) in str(info.value)
+    assert load_images(path, key="a").shape == (2, 1, 4, 4)
+
+
+def test_wrong_suffix_missing_file_and_key_on_npy(tmp_path):
+    path = tmp_path / "imgs.txt"
+    path.write_text("0 1\n")
+    with pytest.raises(ValueError, match=r"imgs.txt: unsupported file type '.txt'; use .npy"):
+        load_images(path)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_images(tmp_path / "missing.npy")
+    npy = tmp_path / "a.npy"
+    np.save(npy, np.zeros((1, 2, 2)))
+    with pytest.raises(ValueError, match="a .npy file holds a single array"):
+        load_images(npy, key="images")
+
+
+def test_object_array_corrupt_file_and_bad_scale(tmp_path):
+    obj = tmp_path / "obj.npy"
+    np.save(obj, np.array([[[1, "a"]]], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"obj.npy: cannot be read as a NumPy .npy file"):
+        load_images(obj)
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip archive")
+    with pytest.raises(ValueError, match=r"junk.npz: cannot be read as a NumPy .npz file"):
+        load_images(junk)
+    ok = tmp_path / "ok.npy"
+    np.save(ok, np.zeros((1, 2, 2), dtype=np.uint8))
+    for scale in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="scale must be a finite positive number"):
+            load_images(ok, scale=scale)
