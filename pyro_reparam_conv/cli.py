@@ -14,13 +14,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import pyro
 import torch
@@ -147,17 +149,23 @@ def _load_data(args: argparse.Namespace) -> tuple[torch.Tensor, Optional[torch.T
     return images, None
 
 
-def _quiet_arviz():
-    """ArviZ 0.23 warns about its 1.0 refactor on import, about single-chain diagnostics, about
-    0/0 in the Monte Carlo error of a draw that never varies, and
-    (plotting with matplotlib >= 3.11) about a deprecated matplotlib call of its own."""
-    context = warnings.catch_warnings()
-    context.__enter__()
-    warnings.simplefilter("ignore", FutureWarning)
-    warnings.simplefilter("ignore", DeprecationWarning)
-    warnings.simplefilter("ignore", RuntimeWarning)  # mcse of a constant draw: 0 / 0
-    warnings.filterwarnings("ignore", message=".*(chain|Shape validation|ess|rhat).*")
-    return context
+@contextlib.contextmanager
+def _quiet_arviz() -> Iterator[None]:
+    """ArviZ 0.23 warns about its 1.0 refactor on import, logs that one chain is too few for
+    r_hat (the guide's draws are independent: one chain is all there is), hits 0/0 in the
+    Monte Carlo error of a draw that never varies and, plotting with matplotlib >= 3.11, calls
+    a deprecated matplotlib API. None of it concerns the user: silence it here only."""
+    logger = logging.getLogger("arviz")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _export(model, guide, images: torch.Tensor, out: Path, num_samples: int, seed: int,
@@ -168,8 +176,7 @@ def _export(model, guide, images: torch.Tensor, out: Path, num_samples: int, see
 
     idata = to_inference_data(model, guide, images, num_samples=num_samples, seed=seed,
                               elbo_trace=losses)
-    context = _quiet_arviz()
-    try:
+    with _quiet_arviz():
         import arviz as az
 
         paths = {"posterior.nc": out / "posterior.nc", "summary.csv": out / "summary.csv"}
@@ -179,8 +186,6 @@ def _export(model, guide, images: torch.Tensor, out: Path, num_samples: int, see
         first = {dim: [0] for dim in z.dims[2:-1]} | {z.dims[-1]: list(range(min(4, z.shape[-1])))}
         axes = az.plot_posterior(idata, var_names=["z"], coords=first)
         paths["posterior_z.png"] = save_figure(axes.ravel()[0].figure, out / "posterior_z.png")
-    finally:
-        context.__exit__(None, None, None)
     return paths
 
 
@@ -217,7 +222,9 @@ def _encoder_variance(vae, batch: torch.Tensor, num_data: int, draws: int, seed:
         vae.model, vae.guide, batch, num_data=num_data, estimators=("pathwise", "score"),
         num_draws=draws, seed=seed,
     )
-    encoder = frame[frame["param"].str.startswith(("encoder.", "z_head."))]
+    # PyroModule names submodule parameters "encoder$$$0.0.weight" in the param store.
+    names = frame["param"].str.replace("$$$", ".", regex=False)
+    encoder = frame[names.str.startswith(("encoder.", "z_head."))]
     return frame, encoder.groupby("estimator")["variance"].sum().to_dict()
 
 

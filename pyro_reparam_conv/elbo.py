@@ -11,22 +11,52 @@ sites use the Rao-Blackwellized cost ``c`` of the terms downstream of them (Schu
 2015) and a baseline ``b`` (Williams 1992; Mnih & Gregor 2014; Kool et al. 2019). Which
 estimator a site gets is decided by :mod:`pyro_reparam_conv.routing` and reported in
 ``elbo.routes`` after every call.
+
+Fast path (``fast_path=True``, the default): for a pathwise site whose model prior is a
+latent site with a closed-form ``KL(q || p)`` and whose prior parameters depend on no
+latent value, ``log p(z) - log q(z)`` is replaced in both the loss and the surrogate by
+``-KL(q || p)`` (scaled and masked as the site is), as in Pyro's ``TraceMeanField_ELBO``:
+the same expectation and expected gradient, less variance. The loss then equals
+``TraceMeanField_ELBO``'s rather than ``Trace_ELBO``'s; ``fast_path=False`` restores the
+plain Monte Carlo terms. Whether a prior depends on latents is read from provenance
+tracking (every latent is tagged on tracked steps); with ``dependency_tracking="order"``
+that information is missing and the fast path stays off. ``Route.analytic_kl`` and
+``Route.reason`` say, per site, whether and why (not).
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional
 
+import pyro.poutine as poutine
 import torch
+from pyro.distributions import Delta
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import is_validation_enabled, torch_backward, torch_item
+from pyro.ops.provenance import track_provenance
 from pyro.poutine import Trace
-from pyro.util import check_if_enumerated
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import prune_subsample_sites
+from pyro.util import (
+    check_if_enumerated,
+    check_model_guide_match,
+    check_site_shape,
+    warn_if_inf,
+    warn_if_nan,
+)
 
+from .estimators.analytic_kl import (
+    compact_normal_log_prob,
+    distribution_provenance,
+    kl_name,
+    kl_surrogate_elbo,
+    site_kl,
+)
 from .estimators.baselines import BaselineSpec, DecayingAverages, leave_one_out, normalize_kind
 from .estimators.pathwise import pathwise_surrogate_elbo
 from .estimators.score import ScoreTerm, ordered_dependencies, score_terms, strip_provenance
@@ -56,6 +86,7 @@ class _Particle:
     elbo: torch.Tensor
     surrogate_elbo: Any
     score_terms: list[ScoreTerm]
+    kl: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _non_finite_sites(particles: list[_Particle]) -> list[str]:
@@ -63,11 +94,101 @@ def _non_finite_sites(particles: list[_Particle]) -> list[str]:
     for p in particles:
         for role, trace in (("model", p.model_trace), ("guide", p.guide_trace)):
             for name, site in trace.nodes.items():
-                if site["type"] == "sample" and not bool(torch.isfinite(site["log_prob_sum"]).all()):
+                if site["type"] != "sample" or "log_prob_sum" not in site:
+                    continue  # an analytic-KL site: its KL is checked below
+                if not bool(torch.isfinite(site["log_prob_sum"]).all()):
                     label = f"{name} ({role})"
                     if label not in bad:
                         bad.append(label)
+        for name, value in p.kl.items():
+            label = f"{name} (analytic KL)"
+            if not bool(torch.isfinite(value).all()) and label not in bad:
+                bad.append(label)
     return bad
+
+
+class _TaggingRouteMessenger(RouteMessenger):
+    """A :class:`RouteMessenger` that also tags pathwise values with their site name.
+
+    Used on tracked steps of the fast path, so that the model's prior parameters reveal
+    which latents they are computed from (provenance keeps the autograd graph).
+    """
+
+    def _pyro_sample(self, msg: dict) -> None:
+        super()._pyro_sample(msg)
+        route = self.routes.get(msg["name"])
+        if route is None or route.estimator != "pathwise" or msg["value"] is not None:
+            return
+        value = msg["fn"](*msg["args"], **msg["kwargs"])
+        msg["value"] = track_provenance(value, frozenset({msg["name"]}))
+
+
+def _compact_normal_log_probs(trace: Trace, skip: frozenset) -> None:
+    """Memoize Normal log-densities with broadcast (expanded) parameters, computed on the
+    compact parameters (``Trace.compute_log_prob`` then leaves those sites alone)."""
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or name in skip or "log_prob" in site:
+            continue
+        if site["args"] or site["kwargs"]:
+            continue
+        log_p = compact_normal_log_prob(site["fn"], site["value"])
+        if log_p is None:
+            continue
+        site["unscaled_log_prob"] = log_p
+        log_p = scale_and_mask(log_p, site["scale"], site["mask"])
+        site["log_prob"] = log_p
+        site["log_prob_sum"] = log_p.sum()
+
+
+def _compute_score_parts(trace: Trace, skip: frozenset) -> None:
+    """``Trace.compute_score_parts`` for every sample site not in ``skip``."""
+    for name, site in trace.nodes.items():
+        if site["type"] != "sample" or name in skip or "score_parts" in site:
+            continue
+        try:
+            value = site["fn"].score_parts(site["value"], *site["args"], **site["kwargs"])
+        except ValueError as e:
+            shapes = trace.format_shapes(last_site=site["name"])
+            raise ValueError(
+                f"Error while computing score_parts at site '{name}':\n{e}\n{shapes}"
+            ) from e
+        site["unscaled_log_prob"] = value.log_prob
+        value = value.scale_and_mask(site["scale"], site["mask"])
+        site["score_parts"] = value
+        site["log_prob"] = value.log_prob
+        site["log_prob_sum"] = value.log_prob.sum()
+        if is_validation_enabled():
+            warn_if_nan(site["log_prob_sum"], f"log_prob_sum at site '{name}'")
+            warn_if_inf(site["log_prob_sum"], f"log_prob_sum at site '{name}'", allow_neginf=True)
+
+
+def _prior_dependencies(model_trace: Trace) -> dict[str, frozenset]:
+    """Per latent model site, the latent sites its distribution's parameters depend on."""
+    return {
+        name: distribution_provenance(site["fn"])
+        for name, site in model_trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"]
+    }
+
+
+def _is_delta(fn) -> bool:
+    while fn is not None:
+        if isinstance(fn, Delta):
+            return True
+        fn = getattr(fn, "base_dist", None)
+    return False
+
+
+def _same_scale_and_mask(a: dict, b: dict) -> bool:
+    def same(x, y) -> bool:
+        if x is y:
+            return True
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            x, y = torch.as_tensor(x), torch.as_tensor(y)
+            return x.shape == y.shape and bool((x == y).all())
+        return x == y
+
+    return same(a["scale"], b["scale"]) and same(a["mask"], b["mask"])
 
 
 def _signature(model_trace: Trace, guide_trace: Trace, routes: Mapping[str, Route]) -> tuple:
@@ -79,6 +200,20 @@ def _signature(model_trace: Trace, guide_trace: Trace, routes: Mapping[str, Rout
     )
     model = tuple(name for name, site in model_trace.nodes.items() if site["type"] == "sample")
     return guide, model
+
+
+def _elbo_with_kl(model_trace: Trace, guide_trace: Trace, kl: Mapping[str, torch.Tensor]):
+    """``sum log p - sum log q`` with each KL site's pair of terms replaced by ``-KL``."""
+    total: Any = 0.0
+    for name, site in model_trace.nodes.items():
+        if site["type"] == "sample" and name not in kl:
+            total = total + site["log_prob_sum"]
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample" and name not in kl:
+            total = total - site["log_prob_sum"]
+    for value in kl.values():
+        total = total - value
+    return total
 
 
 class RoutedELBO(ELBO):
@@ -98,6 +233,9 @@ class RoutedELBO(ELBO):
         sampling order. ``"always"``: provenance on every step (for models whose data flow
         between sites changes while their sites stay the same). ``"order"``: sampling order
         only (every later term is charged; unbiased, more variance).
+    :param fast_path: replace ``log p - log q`` by the analytic ``-KL(q || p)`` at pathwise
+        sites where that is exact (see the module docstring); ``False`` gives the loss
+        values of ``Trace_ELBO`` on the same draws.
 
     After each call ``routes`` maps every guide latent site to its :class:`~.routing.Route`.
     Decaying-average baselines are state: :meth:`state_dict` / :meth:`load_state_dict`.
@@ -113,6 +251,7 @@ class RoutedELBO(ELBO):
         ignore_jit_warnings: bool = False,
         retain_graph: Optional[bool] = None,
         dependency_tracking: str = "cached",
+        fast_path: bool = True,
     ) -> None:
         if not isinstance(num_particles, int) or num_particles < 1:
             raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
@@ -133,10 +272,14 @@ class RoutedELBO(ELBO):
                 f"got {dependency_tracking!r}"
             )
         self.dependency_tracking = dependency_tracking
+        self.fast_path = bool(fast_path)
         self.routes: dict[str, Route] = {}
         self._averages = DecayingAverages()
         self._router: Optional[RouteMessenger] = None
-        self._dependency_cache: Optional[tuple[tuple, dict]] = None
+        self._dependency_cache: Optional[tuple[tuple, dict, Optional[dict]]] = None
+        self._kl: dict[str, torch.Tensor] = {}  # this particle's analytic-KL terms
+        self._priors: Optional[dict[str, frozenset]] = None
+        self._cache_valid = False
 
     @property
     def default_baseline(self) -> Optional[str]:
@@ -149,48 +292,172 @@ class RoutedELBO(ELBO):
         track = self.dependency_tracking == "always" or (
             self.dependency_tracking == "cached" and self._dependency_cache is None
         )
-        router = RouteMessenger(self.default_baseline, track=track)
-        model_trace, guide_trace = get_importance_trace(
-            "flat", self.max_plate_nesting, model, router(guide), args, kwargs
-        )
+        messenger = _TaggingRouteMessenger if (track and self.fast_path) else RouteMessenger
+        router = messenger(self.default_baseline, track=track)
+        self._router, self._kl, self._cache_valid = router, {}, track
+        if isinstance(poutine.unwrap(guide), Messenger):  # a GuideMessenger: Pyro's own path
+            model_trace, guide_trace = get_importance_trace(
+                "flat", self.max_plate_nesting, model, router(guide), args, kwargs
+            )
+            self._plan(model_trace, guide_trace, router)
+        else:
+            model_trace, guide_trace = self._importance_trace(model, router(guide), args, kwargs)
         if is_validation_enabled():
             check_if_enumerated(guide_trace)
-        self._router = router
         return model_trace, guide_trace
+
+    def _importance_trace(self, model, guide, args, kwargs) -> tuple[Trace, Trace]:
+        """:func:`pyro.infer.enum.get_importance_trace` ("flat"), except that the
+        log-densities of analytic-KL sites are not computed when nothing else reads them."""
+        guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
+        model_trace = poutine.trace(
+            poutine.replay(model, trace=guide_trace), graph_type="flat"
+        ).get_trace(*args, **kwargs)
+        validate = is_validation_enabled()
+        if validate:
+            check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
+        guide_trace = prune_subsample_sites(guide_trace)
+        model_trace = prune_subsample_sites(model_trace)
+        skip = self._plan(model_trace, guide_trace, self._router)
+        if self.fast_path and not validate:
+            _compact_normal_log_probs(model_trace, skip)
+        model_trace.compute_log_prob(site_filter=lambda name, site: name not in skip)
+        _compute_score_parts(guide_trace, skip)
+        if validate:
+            for trace in (model_trace, guide_trace):
+                for site in trace.nodes.values():
+                    if site["type"] == "sample" and "log_prob" in site:
+                        check_site_shape(site, self.max_plate_nesting)
+        return model_trace, guide_trace
+
+    def _plan(self, model_trace: Trace, guide_trace: Trace, router: RouteMessenger) -> frozenset:
+        """Decide the analytic-KL sites (into ``self._kl``) and check the cached structure.
+
+        Returns the sites whose log-densities nobody needs (KL sites, when no score site's
+        cost could read them).
+        """
+        score_sites = any(r.estimator == "score" for r in router.routes.values())
+        if not router.track and self.dependency_tracking == "cached" and (
+            score_sites or self.fast_path
+        ):
+            cache = self._dependency_cache
+            self._cache_valid = cache is not None and cache[0] == _signature(
+                model_trace, guide_trace, router.routes
+            )
+            if not self._cache_valid:
+                self._dependency_cache = None  # structure changed: track again next step
+        if not self.fast_path:
+            return frozenset()
+        if router.track:
+            priors = self._priors = _prior_dependencies(model_trace)
+        elif self._cache_valid:
+            priors = self._dependency_cache[2]
+        else:
+            priors = None
+        self._kl = self._analytic_kl(model_trace, guide_trace, router, priors)
+        return frozenset() if score_sites or router.track else frozenset(self._kl)
 
     def _particles(self, model, guide, args, kwargs, with_surrogate: bool) -> list[_Particle]:
         particles = []
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            router = self._router
+            router, kl = self._router, self._kl
             dependencies = self._dependencies(model_trace, guide_trace, router)
-            elbo = model_trace.log_prob_sum() - guide_trace.log_prob_sum()
+            if kl:
+                elbo = _elbo_with_kl(model_trace, guide_trace, kl)
+            else:
+                elbo = model_trace.log_prob_sum() - guide_trace.log_prob_sum()
             surrogate, terms = 0.0, []
             if with_surrogate:
-                surrogate = pathwise_surrogate_elbo(model_trace, guide_trace, router.routes)
+                if kl:
+                    surrogate = kl_surrogate_elbo(model_trace, guide_trace, router.routes, kl)
+                else:
+                    surrogate = pathwise_surrogate_elbo(model_trace, guide_trace, router.routes)
                 terms = score_terms(model_trace, guide_trace, router.routes, dependencies)
             particles.append(
                 _Particle(
-                    model_trace, guide_trace, router.routes, router.baselines, elbo, surrogate, terms
+                    model_trace,
+                    guide_trace,
+                    router.routes,
+                    router.baselines,
+                    elbo,
+                    surrogate,
+                    terms,
+                    kl,
                 )
             )
         self.routes = dict(particles[-1].routes)
         return particles
 
     def _dependencies(self, model_trace: Trace, guide_trace: Trace, router: RouteMessenger):
-        """Which score sites each log-density depends on (see ``dependency_tracking``)."""
+        """Which score sites each log-density depends on (see ``dependency_tracking``).
+
+        On tracked steps the map (and, on the fast path, which latents each model prior
+        depends on) is cached with the trace's signature; ``_plan`` checked it this step.
+        """
         if router.track:
             dependencies = strip_provenance(model_trace, guide_trace)
             if self.dependency_tracking == "cached":
                 signature = _signature(model_trace, guide_trace, router.routes)
-                self._dependency_cache = (signature, dependencies)
+                priors = self._priors if self.fast_path else None
+                self._dependency_cache = (signature, dependencies, priors)
             return dependencies
         score_sites = [n for n, r in router.routes.items() if r.estimator == "score"]
-        if self.dependency_tracking == "cached" and score_sites:
-            signature, dependencies = self._dependency_cache
-            if signature == _signature(model_trace, guide_trace, router.routes):
-                return dependencies
-            self._dependency_cache = None  # structure changed: track again next step
+        if not score_sites:
+            return {}
+        if self.dependency_tracking == "cached" and self._cache_valid:
+            return self._dependency_cache[1]
         return ordered_dependencies(model_trace, guide_trace, score_sites)
+
+    # ----------------------------------------------------------- analytic KL
+    def _analytic_kl(
+        self,
+        model_trace: Trace,
+        guide_trace: Trace,
+        router: RouteMessenger,
+        priors: Optional[Mapping[str, frozenset]],
+    ) -> dict[str, torch.Tensor]:
+        """``KL(q || p)`` (scaled, masked, summed) of each site where it is exact.
+
+        Updates each pathwise route's ``analytic_kl`` and ``reason``.
+        """
+        kl: dict[str, torch.Tensor] = {}
+        for name, route in list(router.routes.items()):
+            if route.estimator != "pathwise":
+                continue
+            why_not = None
+            model_site = model_trace.nodes.get(name)
+            guide_site = guide_trace.nodes[name]
+            if model_site is None or model_site["type"] != "sample":
+                why_not = "no model site"
+            elif model_site["is_observed"]:
+                why_not = "observed in the model"
+            elif priors is None:
+                why_not = (
+                    "prior dependencies unknown (dependency_tracking='order' or changed structure)"
+                )
+            elif priors.get(name):
+                deps = ", ".join(sorted(map(repr, priors[name])))
+                why_not = f"its prior depends on latent {deps}"
+            elif _is_delta(guide_site["fn"]):
+                # a point mass (e.g. AutoNormal's constrained value) may carry a log_density
+                # that Pyro's KL(Delta || p) = -log p(v) leaves out; nothing to integrate anyway
+                why_not = "the guide site is a Delta (a point mass)"
+            elif not _same_scale_and_mask(model_site, guide_site):
+                why_not = "model and guide sites differ in scale or mask"
+            else:
+                try:
+                    kl[name] = site_kl(guide_site, model_site)
+                except NotImplementedError:
+                    why_not = f"no closed-form {kl_name(guide_site['fn'], model_site['fn'])}"
+                except ValueError as e:
+                    why_not = str(e)
+            if why_not is None:
+                reason = f"{route.reason}; analytic {kl_name(guide_site['fn'], model_site['fn'])}"
+                router.routes[name] = replace(route, analytic_kl=True, reason=reason)
+            else:
+                reason = f"{route.reason}; no analytic KL: {why_not}"
+                router.routes[name] = replace(route, reason=reason)
+        return kl
 
     # -------------------------------------------------------------- baselines
     def _particle_dim(self) -> Optional[int]:

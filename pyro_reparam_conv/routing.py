@@ -43,8 +43,7 @@ class Route:
 
     def __str__(self) -> str:
         extra = f", baseline: {self.baseline}" if self.estimator == "score" else ""
-        kl = ", analytic KL" if self.analytic_kl else ""
-        return f"{self.site}: {self.estimator} ({self.reason}{extra}{kl})"
+        return f"{self.site}: {self.estimator} ({self.reason}{extra})"
 
 
 def _distribution_name(fn) -> str:

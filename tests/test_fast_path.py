@@ -1,0 +1,356 @@
+"""RoutedELBO's fast path: analytic KL(q || p) in place of log p(z) - log q(z) where exact.
+
+Each test states the quantity it checks: the closed-form ELBO of a Gaussian model (value and
+gradient, tolerance from the standard error), equality with Pyro's TraceMeanField_ELBO /
+Trace_ELBO on the same draws (float tolerance), and the routes' reports.
+"""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+
+from exact import assert_unbiased, draw_gradients, gaussian_elbo, param
+from pyro_reparam_conv import RoutedELBO, force_estimator, sample_elementwise_normal
+from pyro_reparam_conv.estimators.analytic_kl import analytic_kl, compact_normal_log_prob
+
+
+# z ~ N(0, 1), x ~ N(z, 1); q(z) = N(m, exp(log_s)^2): the ELBO is tests/exact.gaussian_elbo.
+def gaussian_model(x):
+    z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def gaussian_guide(x):
+    m = param("m", 0.4)
+    log_s = param("log_s", -0.3)
+    pyro.sample("z", dist.Normal(m, log_s.exp()))
+
+
+X = torch.tensor(1.3)
+
+
+def _losses(elbo, n, *args):
+    return torch.tensor([elbo.loss(gaussian_model, gaussian_guide, *args) for _ in range(n)])
+
+
+# The analytic KL removes the noise of log p(z) - log q(z) but not its correlation with the
+# likelihood: near the optimum (m = x / 2, s^2 = 1/2 here) the Monte Carlo terms cancel and
+# can have *less* variance. The variance checks use a guide far from it.
+FAR_LOG_S = -1.5
+FAR_M = 1.2
+
+
+def test_analytic_kl_loss_is_exact_in_expectation_with_less_variance():
+    pyro.param("log_s", torch.tensor(FAR_LOG_S))
+    gaussian_guide(X)
+    exact = -gaussian_elbo(pyro.param("m"), pyro.param("log_s"), X).item()
+    pyro.set_rng_seed(10)
+    fast = _losses(RoutedELBO(), 1500, X)
+    mc = _losses(RoutedELBO(fast_path=False), 1500, X)
+    assert abs(fast.mean() - exact) < 4.5 * fast.std() / math.sqrt(len(fast))
+    assert abs(mc.mean() - exact) < 4.5 * mc.std() / math.sqrt(len(mc))
+    # only the likelihood is sampled now: var(-0.5 (x - z)^2) vs var of the whole MC sum
+    assert fast.var() < 0.7 * mc.var()
+
+
+def test_analytic_kl_gradient_is_unbiased_against_closed_form():
+    pyro.param("m", torch.tensor(FAR_M))
+    pyro.param("log_s", torch.tensor(FAR_LOG_S))
+    gaussian_guide(X)
+    params = dict(pyro.get_param_store().named_parameters())
+    loss = -gaussian_elbo(params["m"], params["log_s"], X)
+    exact = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    pyro.set_rng_seed(11)
+    elbo = RoutedELBO()
+    draws = draw_gradients(elbo, gaussian_model, gaussian_guide, params, 1500, X)
+    assert elbo.routes["z"].analytic_kl
+    assert_unbiased(draws, exact)
+    # and with less variance than the plain Monte Carlo terms
+    pyro.set_rng_seed(11)
+    plain = RoutedELBO(fast_path=False)
+    mc = draw_gradients(plain, gaussian_model, gaussian_guide, params, 1500, X)
+    for k in params:  # d/dlog_s: (x - z) s eps against (x - 2 z) s eps
+        assert draws[k].var() < 0.5 * mc[k].var(), k
+
+
+# ------------------------------------------------- equal values on the same draws
+def meanfield_model(data):
+    w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    rate = pyro.sample("rate", dist.Gamma(2.0, 2.0))
+    with pyro.plate("N", data.shape[0], dim=-1):
+        loc = torch.zeros(data.shape[0], 2, 3, 3)
+        z = pyro.sample("z", dist.Normal(loc, 1.0).to_event(3))
+        mean = z.mean((-3, -2, -1)) + w[..., :1]
+        pyro.sample("x", dist.Normal(mean, rate.rsqrt()), obs=data)
+
+
+def meanfield_guide(data):
+    loc = param("w_loc", [0.3, -0.2])
+    a = pyro.param("a", torch.tensor(3.0), constraint=dist.constraints.positive)
+    n = data.shape[0]
+    z_mean = param("z_mean", torch.linspace(-1, 1, n * 18).reshape(n, 2, 3, 3))
+    z_var = param("z_var", torch.full((data.shape[0], 2, 3, 3), -0.5))
+    pyro.sample("w", dist.Normal(loc, 0.7).to_event(1))
+    pyro.sample("rate", dist.Gamma(a, 2.0))
+    with pyro.plate("N", data.shape[0], dim=-1):
+        sample_elementwise_normal("z", z_mean, z_var, "softplus")
+
+
+MF_DATA = torch.tensor([0.5, -1.0, 2.0, 0.1])
+
+
+def _value_and_grads(elbo, model, guide, *args):
+    guide(*args)
+    params = dict(pyro.get_param_store().named_parameters())
+    for p in params.values():
+        p.grad = None
+    pyro.set_rng_seed(12)
+    loss = elbo.loss_and_grads(model, guide, *args)
+    grads = {k: p.grad.clone() for k, p in params.items()}
+    pyro.set_rng_seed(12)
+    value = elbo.loss(model, guide, *args)
+    return loss, value, grads
+
+
+@pytest.mark.parametrize("validate", [True, False], ids=["validated", "unvalidated"])
+@pytest.mark.parametrize("fast_path, reference", [(True, TraceMeanField_ELBO), (False, Trace_ELBO)])
+def test_values_and_gradients_equal_pyro_on_the_same_draws(fast_path, reference, validate):
+    """Unvalidated, the fast path also computes Normal(out, 1.0)-style log-densities on the
+    compact (unexpanded) parameters: still equal to Pyro's."""
+    with pyro.validation_enabled(validate):
+        expected = _value_and_grads(reference(), meanfield_model, meanfield_guide, MF_DATA)
+        elbo = RoutedELBO(fast_path=fast_path)
+        got = _value_and_grads(elbo, meanfield_model, meanfield_guide, MF_DATA)
+    assert got[0] == pytest.approx(expected[0], rel=1e-5)
+    assert got[1] == pytest.approx(expected[1], rel=1e-5)
+    for k in expected[2]:
+        torch.testing.assert_close(got[2][k], expected[2][k], rtol=1e-5, atol=1e-6)
+
+
+def test_fast_path_changes_the_value_only_by_the_kl_terms():
+    """fast_path=True and False differ on the same draws (the KL replaces the MC terms)."""
+    meanfield_guide(MF_DATA)
+    pyro.set_rng_seed(13)
+    fast = RoutedELBO().loss(meanfield_model, meanfield_guide, MF_DATA)
+    pyro.set_rng_seed(13)
+    plain = RoutedELBO(fast_path=False).loss(meanfield_model, meanfield_guide, MF_DATA)
+    assert fast != pytest.approx(plain, rel=1e-6)
+
+
+# --------------------------------------------------------------------- routes
+def test_routes_report_analytic_kl_on_every_step():
+    elbo = RoutedELBO()
+    for _ in range(3):  # first step tracks provenance, later ones reuse the cached map
+        elbo.loss_and_grads(meanfield_model, meanfield_guide, MF_DATA)
+        for name in ("w", "rate", "z"):
+            assert elbo.routes[name].analytic_kl, elbo.routes[name]
+        assert "analytic KL(Normal\u2016Normal)" in elbo.routes["z"].reason
+        assert "analytic KL(Gamma\u2016Gamma)" in elbo.routes["rate"].reason
+    elbo = RoutedELBO(fast_path=False)
+    elbo.loss(meanfield_model, meanfield_guide, MF_DATA)
+    assert not any(r.analytic_kl for r in elbo.routes.values())
+
+
+def hierarchical_model(x):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    z = pyro.sample("z", dist.Normal(mu, 1.0))
+    pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def hierarchical_guide(x):
+    pyro.sample("mu", dist.Normal(param("mu_loc", 0.1), 1.0))
+    pyro.sample("z", dist.Normal(param("z_loc", 0.2), 0.8))
+
+
+def test_no_analytic_kl_when_the_prior_depends_on_another_latent():
+    elbo = RoutedELBO()
+    for _ in range(2):
+        elbo.loss_and_grads(hierarchical_model, hierarchical_guide, X)
+        assert elbo.routes["mu"].analytic_kl
+        assert not elbo.routes["z"].analytic_kl
+        assert "prior depends on latent 'mu'" in elbo.routes["z"].reason
+
+
+def test_no_analytic_kl_when_the_prior_depends_on_a_score_site():
+    def model():
+        y = pyro.sample("y", dist.Categorical(torch.tensor([0.3, 0.7])))
+        pyro.sample("z", dist.Normal(torch.tensor([-1.0, 1.0])[y], 1.0))
+
+    def guide():
+        pyro.sample("y", dist.Categorical(logits=param("logits", [0.0, 0.5])))
+        pyro.sample("z", dist.Normal(param("loc", 0.0), 1.0))
+
+    elbo = RoutedELBO()
+    for _ in range(2):
+        elbo.loss_and_grads(model, guide)
+        assert elbo.routes["y"].estimator == "score"
+        assert not elbo.routes["z"].analytic_kl
+        assert "latent 'y'" in elbo.routes["z"].reason
+
+
+def test_no_analytic_kl_on_a_site_forced_onto_score():
+    elbo = RoutedELBO()
+    elbo.loss_and_grads(gaussian_model, force_estimator(gaussian_guide, "score"), X)
+    assert elbo.routes["z"].estimator == "score" and not elbo.routes["z"].analytic_kl
+
+
+def test_no_analytic_kl_without_dependency_information():
+    elbo = RoutedELBO(dependency_tracking="order")
+    elbo.loss(gaussian_model, gaussian_guide, X)
+    assert not elbo.routes["z"].analytic_kl and "unknown" in elbo.routes["z"].reason
+
+
+def test_no_analytic_kl_without_a_closed_form():
+    def model():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def guide():
+        pyro.sample("z", dist.StudentT(4.0, param("loc", 0.0), 1.0))
+
+    elbo = RoutedELBO()
+    loss = elbo.loss(model, guide)
+    assert math.isfinite(loss)
+    assert not elbo.routes["z"].analytic_kl
+    assert "no closed-form KL(StudentT" in elbo.routes["z"].reason
+
+
+def test_compact_normal_log_prob_equals_log_prob():
+    out = torch.randn(2, 3, 4, 4)
+    value = torch.randn(2, 3, 4, 4)
+    for fn in (dist.Normal(out, 0.7).to_event(3), dist.Normal(0.0, 2.0).expand([2, 3, 4, 4])):
+        torch.testing.assert_close(compact_normal_log_prob(fn, value), fn.log_prob(value))
+    assert compact_normal_log_prob(dist.Normal(out, out.exp()), value) is None  # nothing to save
+    assert compact_normal_log_prob(dist.Gamma(out.exp(), 1.0), value.exp()) is None
+
+
+def test_normal_kl_does_not_need_a_materialized_prior():
+    q = dist.Normal(torch.randn(2, 3, 4, 4), torch.rand(2, 3, 4, 4) + 0.5).to_event(3)
+    p = dist.Normal(0.0, 1.0).expand([2, 3, 4, 4]).to_event(3)
+    expected = torch.distributions.kl_divergence(q, p)
+    torch.testing.assert_close(analytic_kl(q, p), expected)
+    assert analytic_kl(q, p).shape == (2,)
+
+
+# ------------------------------------------------------- subsampled plate scaling
+SUB_DATA = torch.tensor([0.2, 1.5, -0.3, 0.9, 2.1, -1.2])
+
+
+def local_model(data, subsample_size=None):
+    with pyro.plate("N", len(data), subsample_size=subsample_size) as idx:
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=data[idx])
+
+
+def local_guide(data, subsample_size=None):
+    m = param("m", torch.linspace(-0.5, 0.5, len(data)))
+    log_s = param("log_s", torch.linspace(-1.0, 0.2, len(data)))
+    with pyro.plate("N", len(data), subsample_size=subsample_size) as idx:
+        pyro.sample("z", dist.Normal(m[idx], log_s[idx].exp()))
+
+
+def test_subsampled_kl_is_scaled_like_trace_mean_field():
+    local_guide(SUB_DATA)
+    for seed in range(3):
+        pyro.set_rng_seed(seed)
+        expected = TraceMeanField_ELBO().loss(local_model, local_guide, SUB_DATA, 2)
+        pyro.set_rng_seed(seed)
+        elbo = RoutedELBO()
+        got = elbo.loss(local_model, local_guide, SUB_DATA, 2)
+        assert got == pytest.approx(expected, rel=1e-6)
+        assert elbo.routes["z"].analytic_kl
+
+
+def test_subsampled_gradient_is_unbiased_for_the_full_data_elbo():
+    local_guide(SUB_DATA)
+    params = dict(pyro.get_param_store().named_parameters())
+    loss = -gaussian_elbo(params["m"], params["log_s"], SUB_DATA).sum()
+    exact = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    pyro.set_rng_seed(14)
+    draws = draw_gradients(RoutedELBO(), local_model, local_guide, params, 1500, SUB_DATA, 2)
+    assert_unbiased(draws, exact)
+
+
+# -------------------------------------------- with score sites and changing structure
+def test_kl_below_a_score_site_keeps_gradients_unbiased():
+    """y ~ Categorical (score); z | y ~ N(m[y], s), prior N(0, 1) (analytic KL); x ~ N(z + y, 1).
+
+    Exact ELBO: sum_y q(y) [log p(y) - log q(y) + gaussian_elbo(m[y], log_s, x - y)].
+    """
+    x = torch.tensor(1.1)
+    prior_y = torch.tensor([0.3, 0.7])
+
+    def model():
+        y = pyro.sample("y", dist.Categorical(prior_y))
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z + y, 1.0), obs=x)
+
+    def guide():
+        logits = param("logits", [0.2, -0.1])
+        m = param("m", [0.5, -0.3])
+        log_s = param("log_s", -0.5)
+        y = pyro.sample("y", dist.Categorical(logits=logits))
+        pyro.sample("z", dist.Normal(m[y], log_s.exp()))
+
+    guide()
+    params = dict(pyro.get_param_store().named_parameters())
+    log_qy = params["logits"].log_softmax(-1)
+    elbo_y = torch.stack([gaussian_elbo(params["m"][k], params["log_s"], x - k) for k in range(2)])
+    loss = -(log_qy.exp() * (prior_y.log() - log_qy + elbo_y)).sum()
+    exact = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    pyro.set_rng_seed(15)
+    elbo = RoutedELBO()
+    draws = draw_gradients(elbo, model, guide, params, 1500)
+    assert elbo.routes["y"].estimator == "score" and elbo.routes["z"].analytic_kl
+    assert_unbiased(draws, exact)
+
+
+def test_kl_sites_skip_their_log_densities_after_the_first_step():
+    elbo = RoutedELBO()
+    _, _, first = elbo._loss_and_surrogate_loss(gaussian_model, gaussian_guide, (X,), {})
+    _, _, second = elbo._loss_and_surrogate_loss(gaussian_model, gaussian_guide, (X,), {})
+    assert "log_prob" in first[0].model_trace.nodes["z"]  # tracked step: everything computed
+    assert "log_prob" not in second[0].model_trace.nodes["z"]  # the KL replaces it
+    assert "log_prob" not in second[0].guide_trace.nodes["z"]
+    assert "log_prob" in second[0].model_trace.nodes["x"]
+
+
+def test_structure_change_retracks_before_using_analytic_kl_again():
+    def model(extra):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0)) if extra else 0.0
+        pyro.sample("z", dist.Normal(mu, 1.0))
+
+    def guide(extra):
+        if extra:
+            pyro.sample("mu", dist.Normal(param("mu_loc", 0.0), 1.0))
+        pyro.sample("z", dist.Normal(param("z_loc", 0.0), 1.0))
+
+    elbo = RoutedELBO()
+    elbo.loss(model, guide, False)
+    assert elbo.routes["z"].analytic_kl
+    elbo.loss(model, guide, True)  # new sites: the cached prior map no longer applies
+    assert not elbo.routes["z"].analytic_kl and "unknown" in elbo.routes["z"].reason
+    elbo.loss(model, guide, True)  # tracked again: z's prior depends on mu
+    assert not elbo.routes["z"].analytic_kl and "latent 'mu'" in elbo.routes["z"].reason
+    assert elbo.routes["mu"].analytic_kl
+
+
+def test_no_analytic_kl_on_a_delta_guide_site():
+    """AutoNormal's constrained sites are Deltas with a log_density (here log|d exp|)."""
+    from pyro.infer.autoguide import AutoNormal
+
+    def model():
+        pyro.sample("rate", dist.Gamma(2.0, 2.0))
+
+    guide = AutoNormal(model)
+    guide()  # initialize its parameters (this draws random numbers)
+    elbo = RoutedELBO()
+    for seed in range(2):
+        pyro.set_rng_seed(seed)
+        expected = Trace_ELBO().loss(model, guide)
+        pyro.set_rng_seed(seed)
+        assert elbo.loss(model, guide) == pytest.approx(expected, rel=1e-6)
+    assert not elbo.routes["rate"].analytic_kl and "Delta" in elbo.routes["rate"].reason
