@@ -168,6 +168,17 @@ def _quiet_arviz() -> Iterator[None]:
         logger.setLevel(level)
 
 
+def _most_informed(z, count: int = 4):
+    """The ``count`` elements of the first image's ``z`` with the smallest posterior sd (the
+    ones the data informs most; others may sit at the prior), as a Dataset for ArviZ."""
+    first = z.isel({z.dims[2]: 0}).stack(element=list(z.dims[3:]))
+    chosen = first.std(("chain", "draw")).argsort().values[:count]
+    picked = first.isel(element=chosen)
+    labels = [f"z[0, {', '.join(map(str, index))}]" for index in picked["element"].values]
+    picked = picked.drop_vars(["element", *z.dims[3:]]).assign_coords(element=labels)
+    return picked.to_dataset(name="z")
+
+
 def _export(model, guide, images: torch.Tensor, out: Path, num_samples: int, seed: int,
             losses: Optional[Sequence[float]] = None) -> dict[str, Path]:
     """posterior.nc, summary.csv and an ArviZ posterior plot for the first z elements."""
@@ -182,9 +193,7 @@ def _export(model, guide, images: torch.Tensor, out: Path, num_samples: int, see
         paths = {"posterior.nc": out / "posterior.nc", "summary.csv": out / "summary.csv"}
         idata.to_netcdf(str(paths["posterior.nc"]))
         az.summary(idata, var_names=["y", "z"]).to_csv(paths["summary.csv"])
-        z = idata.posterior["z"]
-        first = {dim: [0] for dim in z.dims[2:-1]} | {z.dims[-1]: list(range(min(4, z.shape[-1])))}
-        axes = az.plot_posterior(idata, var_names=["z"], coords=first)
+        axes = az.plot_posterior(_most_informed(idata.posterior["z"]))
         paths["posterior_z.png"] = save_figure(axes.ravel()[0].figure, out / "posterior_z.png")
     return paths
 

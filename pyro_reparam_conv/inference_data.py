@@ -18,6 +18,7 @@ light and free of ArviZ 0.23's import-time FutureWarning.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -350,6 +351,17 @@ def _value_dims(name: str, site: Dict[str, Any]) -> List[str]:
     return _site_dims(name, site, value.shape, event_dim)
 
 
+@contextlib.contextmanager
+def _arviz_log_level(level: int) -> Iterator[None]:
+    logger = logging.getLogger("arviz")
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
 def _assemble(
     draws: Draws,
     observed: Dict[str, np.ndarray],
@@ -363,9 +375,11 @@ def _assemble(
         import arviz as az
 
     def dataset(group: str, data: Dict[str, np.ndarray], default_dims=None):
-        return az.dict_to_dataset(
-            data, library=pyro, coords=coords, dims=dims[group], default_dims=default_dims
-        )
+        with _arviz_log_level(logging.ERROR):  # "Shape validation failed: chains=2": one
+            # chain of independent guide draws is all there is, not a short MCMC run
+            return az.dict_to_dataset(
+                data, library=pyro, coords=coords, dims=dims[group], default_dims=default_dims
+            )
 
     groups = {
         group: dataset(group, {name: value[None] for name, value in draws[group].items()})
