@@ -12,6 +12,15 @@ def _fresh_pyro_state():
     pyro.clear_param_store()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny convolutions run fastest on one thread (and do not oversubscribe 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -8,6 +8,8 @@ import pytest
 
 from pyro_reparam_conv.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY_MODEL = ["--hidden-channels", "8", "--latent-channels", "2", "--num-classes", "3"]
 TINY_TRAIN = ["--steps", "4", "--batch-size", "16", "--no-progress", "--device", "cpu"]
 

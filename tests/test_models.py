@@ -13,6 +13,8 @@ import torch
 from pyro_reparam_conv import RoutedELBO
 from pyro_reparam_conv.models import ConvClusterVAE
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = dict(hidden_channels=8, latent_channels=2, num_classes=3)
 
 

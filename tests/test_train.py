@@ -22,13 +22,7 @@ from pyro_reparam_conv.train import (
     train,
 )
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny convolutions run fastest on one thread (and avoid oversubscribing 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = dict(hidden_channels=8, latent_channels=2, num_classes=3)
