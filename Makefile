@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch>=2.4,<2.14
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all bench bench-routing clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/seed_workload.py $(ARGS)
+
+bench-routing: $(STAMP)
+	$(PY) benchmarks/routing_overhead.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -54,7 +54,9 @@ def environment(device: torch.device | str) -> list[str]:
     lines = [
         f"python {platform.python_version()} | torch {torch.__version__} | pyro {pyro.__version__}",
         f"machine: {platform.machine()} {platform.processor() or ''} {platform.system()} "
-        f"| cpu cores: {os.cpu_count()} | torch threads: {torch.get_num_threads()}".replace("  ", " "),
+        f"| cpu cores: {os.cpu_count()} | torch threads: {torch.get_num_threads()}".replace(
+            "  ", " "
+        ),
     ]
     if torch.device(device).type == "cuda":
         lines.append(f"device: cuda ({torch.cuda.get_device_name()})")

@@ -155,7 +155,9 @@ def step_fn(elbo, problem):
 def timing_table(problem, label, device, repeats, warmup, reparameterized):
     pyro.clear_param_store()
     pyro.set_rng_seed(SEED)
-    fns = {name: step_fn(make(), problem) for name, make in timing_estimators(reparameterized).items()}
+    fns = {
+        name: step_fn(make(), problem) for name, make in timing_estimators(reparameterized).items()
+    }
     times = time_interleaved(fns, repeats=repeats, warmup=warmup, device=device)
     base = median(times["Trace_ELBO"])
     base_min = min(times["Trace_ELBO"])
@@ -201,7 +203,12 @@ def variance_table(problem, draws, avg_warmup, timing_repeats):
         ("Trace_ELBO", 1, lambda: Trace_ELBO(max_plate_nesting=1), 0),
         ("TraceGraph_ELBO (no baseline)", 1, lambda: TraceGraph_ELBO(max_plate_nesting=1), 0),
         ("RoutedELBO(baseline=None)", 1, lambda: RoutedELBO(max_plate_nesting=1, baseline=None), 0),
-        ("RoutedELBO(baseline='avg')", 1, lambda: RoutedELBO(max_plate_nesting=1, baseline="avg"), avg_warmup),
+        (
+            "RoutedELBO(baseline='avg')",
+            1,
+            lambda: RoutedELBO(max_plate_nesting=1, baseline="avg"),
+            avg_warmup,
+        ),
         ("RoutedELBO(4 vec, baseline=None)", 4, lambda: RoutedELBO(baseline=None, **vec), 0),
         ("RoutedELBO(4 vec, baseline='loo')", 4, lambda: RoutedELBO(baseline="loo", **vec), 0),
     ]
@@ -220,7 +227,9 @@ def variance_table(problem, draws, avg_warmup, timing_repeats):
     # would charge whichever row ran while the machine was busy)
     times = time_interleaved(
         {name: step_fn(elbo, problem) for name, elbo in elbos.items()},
-        repeats=timing_repeats, warmup=2, device=problem.data.device,
+        repeats=timing_repeats,
+        warmup=2,
+        device=problem.data.device,
     )
     for row in results:
         row[3] = median(times[row[0]])
@@ -279,7 +288,10 @@ def variance_table(problem, draws, avg_warmup, timing_repeats):
 def profile_conv(problem, steps=30, top=18):
     pyro.clear_param_store()
     pyro.set_rng_seed(SEED)
-    for name, elbo in (("Trace_ELBO", Trace_ELBO(max_plate_nesting=1)), ("RoutedELBO", RoutedELBO(max_plate_nesting=1))):
+    for name, elbo in (
+        ("Trace_ELBO", Trace_ELBO(max_plate_nesting=1)),
+        ("RoutedELBO", RoutedELBO(max_plate_nesting=1)),
+    ):
         step = step_fn(elbo, problem)
         for _ in range(5):
             step()
@@ -301,14 +313,20 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=100, help="timed steps per estimator")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per estimator")
     parser.add_argument("--draws", type=int, default=400, help="gradient draws per variance row")
-    parser.add_argument("--avg-warmup", type=int, default=100, help="steps to fill the decaying average")
+    parser.add_argument(
+        "--avg-warmup", type=int, default=100, help="steps to fill the decaying average"
+    )
     parser.add_argument("--n", type=int, default=50, help="plate size of model (b)")
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch CPU threads (default 1: with 2 OpenMP threads on a shared 2-core machine "
         "any concurrent process makes small convolutions ~40x slower and the timings noise)",
     )
-    parser.add_argument("--profile", action="store_true", help="cProfile RoutedELBO vs Trace_ELBO on (a)")
+    parser.add_argument(
+        "--profile", action="store_true", help="cProfile RoutedELBO vs Trace_ELBO on (a)"
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device available")
@@ -329,12 +347,20 @@ def main(argv=None):
 
     print("\n1. Time per step (loss_and_grads + zero grads), median of interleaved rounds")
     ratios_a = timing_table(
-        conv, f"(a) pathwise-only conv model: B=8, x 1x32x32, z 4x16x16 (plate over batch)",
-        device, args.repeats, args.warmup, reparameterized=True,
+        conv,
+        "(a) pathwise-only conv model: B=8, x 1x32x32, z 4x16x16 (plate over batch)",
+        device,
+        args.repeats,
+        args.warmup,
+        reparameterized=True,
     )
     timing_table(
-        bern, f"(b) score model: Bernoulli per plate element (N={args.n}) + Normal global latent",
-        device, args.repeats, args.warmup, reparameterized=False,
+        bern,
+        f"(b) score model: Bernoulli per plate element (N={args.n}) + Normal global latent",
+        device,
+        args.repeats,
+        args.warmup,
+        reparameterized=False,
     )
     print(
         "note: a wide IQR means other processes shared the CPU during the run; the 'min' columns "

@@ -29,14 +29,25 @@ def main(steps: int, out: Path) -> None:
     print(audit_gradients(vae.model, vae.guide, images[:64], num_data=len(images)))
 
     elbo = RoutedELBO()  # pathwise for z, score function + decaying-average baseline for y
-    result = train(vae.model, vae.guide, images, steps=steps, batch_size=64, lr=3e-3, elbo=elbo,
-                   checkpoint_path=out / "checkpoint.pt", resume=True, device="cpu")
+    result = train(
+        vae.model,
+        vae.guide,
+        images,
+        steps=steps,
+        batch_size=64,
+        lr=3e-3,
+        elbo=elbo,
+        checkpoint_path=out / "checkpoint.pt",
+        resume=True,
+        device="cpu",
+    )
     print(f"ELBO/image (last 50 steps): {-sum(result.losses[-50:]) / 50 / len(images):.3f}")
     for route in elbo.routes.values():
         print(route)
 
-    idata = to_inference_data(vae.model, vae.guide, images[:32], num_samples=200, seed=0,
-                              elbo_trace=result.losses)
+    idata = to_inference_data(
+        vae.model, vae.guide, images[:32], num_samples=200, seed=0, elbo_trace=result.losses
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         import arviz as az

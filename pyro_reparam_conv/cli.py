@@ -48,14 +48,18 @@ def _add_training_options(parser: argparse.ArgumentParser, steps: int) -> None:
     group.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
     group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda[:k]")
-    group.add_argument("--resume", action="store_true", help="continue from the checkpoint(s) in --out")
+    group.add_argument(
+        "--resume", action="store_true", help="continue from the checkpoint(s) in --out"
+    )
     group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def _add_data_options(parser: argparse.ArgumentParser, required: bool = False) -> None:
     group = parser.add_argument_group("data")
     group.add_argument(
-        "--data", type=Path, required=required,
+        "--data",
+        type=Path,
+        required=required,
         help="images as .npy or .npz, shape (N, H, W) or (N, C, H, W); default: embedded digits",
     )
     group.add_argument("--key", help="array name inside a .npz holding several arrays")
@@ -69,7 +73,9 @@ def _add_user_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--inputs", help="module:function returning the model's args tuple, or (args, kwargs)"
     )
-    group.add_argument("--checkpoint", type=Path, help="built-in model: load parameters from a checkpoint")
+    group.add_argument(
+        "--checkpoint", type=Path, help="built-in model: load parameters from a checkpoint"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,15 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="the main job: pathwise vs score-function training on the digits")
+    demo = sub.add_parser(
+        "demo", help="the main job: pathwise vs score-function training on the digits"
+    )
     _add_training_options(demo, steps=600)
     _add_model_options(demo)
     demo.add_argument("--num-images", type=int, default=1024, help="digits used (default 1024)")
     demo.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder")
-    demo.add_argument("--variance-draws", type=int, default=100,
-                      help="gradient draws per estimator for the encoder variance (default 100)")
-    demo.add_argument("--export-images", type=int, default=64,
-                      help="images in posterior.nc (default 64)")
+    demo.add_argument(
+        "--variance-draws",
+        type=int,
+        default=100,
+        help="gradient draws per estimator for the encoder variance (default 100)",
+    )
+    demo.add_argument(
+        "--export-images", type=int, default=64, help="images in posterior.nc (default 64)"
+    )
     demo.add_argument("--num-samples", type=int, default=200, help="posterior draws (default 200)")
 
     train = sub.add_parser("train", help="train the conv model on your images")
@@ -101,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="checkpoint -> posterior.nc, summary.csv, plots")
     export.add_argument("checkpoint", type=Path, help="checkpoint.pt written by `train`")
     _add_data_options(export)
-    export.add_argument("--num-samples", type=int, default=200, help="posterior draws (default 200)")
+    export.add_argument(
+        "--num-samples", type=int, default=200, help="posterior draws (default 200)"
+    )
     export.add_argument("--out", type=Path, default=None, help="folder (default: the checkpoint's)")
     export.add_argument("--seed", type=int, default=0)
 
@@ -115,8 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_user_model_options(compare)
     _add_model_options(compare)
     _add_data_options(compare)
-    compare.add_argument("--estimators", default="pathwise,score,score+avg,score+loo",
-                         help="comma-separated (default pathwise,score,score+avg,score+loo)")
+    compare.add_argument(
+        "--estimators",
+        default="pathwise,score,score+avg,score+loo",
+        help="comma-separated (default pathwise,score,score+avg,score+loo)",
+    )
     compare.add_argument("--num-draws", type=int, default=200)
     compare.add_argument("--out", type=Path, default=Path("compare_output"))
     compare.add_argument("--seed", type=int, default=0)
@@ -179,14 +197,22 @@ def _most_informed(z, count: int = 4):
     return picked.to_dataset(name="z")
 
 
-def _export(model, guide, images: torch.Tensor, out: Path, num_samples: int, seed: int,
-            losses: Optional[Sequence[float]] = None) -> dict[str, Path]:
+def _export(
+    model,
+    guide,
+    images: torch.Tensor,
+    out: Path,
+    num_samples: int,
+    seed: int,
+    losses: Optional[Sequence[float]] = None,
+) -> dict[str, Path]:
     """posterior.nc, summary.csv and an ArviZ posterior plot for the first z elements."""
     from .inference_data import to_inference_data
     from .plots import save_figure
 
-    idata = to_inference_data(model, guide, images, num_samples=num_samples, seed=seed,
-                              elbo_trace=losses)
+    idata = to_inference_data(
+        model, guide, images, num_samples=num_samples, seed=seed, elbo_trace=losses
+    )
     with _quiet_arviz():
         import arviz as az
 
@@ -208,9 +234,20 @@ def _train_run(args, config, images, route: str, out: Path):
     vae = _build_model(config, route)
     elbo = RoutedELBO()
     result = train(
-        vae.model, vae.guide, images, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        elbo=elbo, device=args.device, seed=args.seed, checkpoint_path=out / f"checkpoint_{route}.pt",
-        resume=args.resume, progress=not args.no_progress, desc=f"z {route}", metadata=config,
+        vae.model,
+        vae.guide,
+        images,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        elbo=elbo,
+        device=args.device,
+        seed=args.seed,
+        checkpoint_path=out / f"checkpoint_{route}.pt",
+        resume=args.resume,
+        progress=not args.no_progress,
+        desc=f"z {route}",
+        metadata=config,
     )
     return vae, result
 
@@ -228,8 +265,13 @@ def _encoder_variance(vae, batch: torch.Tensor, num_data: int, draws: int, seed:
     from .diagnostics import compare_estimators
 
     frame = compare_estimators(
-        vae.model, vae.guide, batch, num_data=num_data, estimators=("pathwise", "score"),
-        num_draws=draws, seed=seed,
+        vae.model,
+        vae.guide,
+        batch,
+        num_data=num_data,
+        estimators=("pathwise", "score"),
+        num_draws=draws,
+        seed=seed,
     )
     # PyroModule names submodule parameters "encoder$$$0.0.weight" in the param store.
     names = frame["param"].str.replace("$$$", ".", regex=False)
@@ -248,7 +290,12 @@ def _format_table(rows: list[dict]) -> str:
 def run_demo(args: argparse.Namespace) -> dict:
     """Train pathwise vs score, compare, plot and export; returns the results as data."""
     from .data import load_default_images
-    from .plots import plot_elbo_curves, plot_estimator_comparison, plot_posterior, plot_reconstructions
+    from .plots import (
+        plot_elbo_curves,
+        plot_estimator_comparison,
+        plot_posterior,
+        plot_reconstructions,
+    )
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -269,31 +316,50 @@ def run_demo(args: argparse.Namespace) -> dict:
         }
         if route == "pathwise":
             batch = images[: args.batch_size].to(device)
-            frame, variance = _encoder_variance(vae, batch, len(images), args.variance_draws, args.seed)
+            frame, variance = _encoder_variance(
+                vae, batch, len(images), args.variance_draws, args.seed
+            )
             frame.to_csv(out / "estimator_comparison.csv", index=False)
             plot_estimator_comparison(frame, out / "estimator_comparison.png")
             with torch.no_grad():
                 y_logits, z_mean, z_var = vae.encode(images.to(device))
-            plot_posterior(y_logits.softmax(-1).cpu().numpy(), labels.numpy(), z_mean.cpu().numpy(),
-                           z_var.sqrt().cpu().numpy(), out / "posterior.png",
-                           title="q(y, z | x) after pathwise training")
-            exported = _export(vae.model, vae.guide, images[: args.export_images].to(device), out,
-                               args.num_samples, args.seed, result.losses)
-    plot_elbo_curves({f"z {r}": runs[r]["result"].losses for r in runs}, out / "elbo_curves.png",
-                     num_data=len(images))
+            plot_posterior(
+                y_logits.softmax(-1).cpu().numpy(),
+                labels.numpy(),
+                z_mean.cpu().numpy(),
+                z_var.sqrt().cpu().numpy(),
+                out / "posterior.png",
+                title="q(y, z | x) after pathwise training",
+            )
+            exported = _export(
+                vae.model,
+                vae.guide,
+                images[: args.export_images].to(device),
+                out,
+                args.num_samples,
+                args.seed,
+                result.losses,
+            )
+    plot_elbo_curves(
+        {f"z {r}": runs[r]["result"].losses for r in runs},
+        out / "elbo_curves.png",
+        num_data=len(images),
+    )
     plot_reconstructions(shown.numpy(), reconstructions, out / "reconstructions.png")
 
     rows = []
     for route, run in runs.items():
         result = run["result"]
-        rows.append({
-            "z route": route,
-            "ELBO/image": f"{run['elbo']:.3f}",
-            "encoder grad var": f"{variance.get(route, float('nan')):.3g}",
-            "s/step": f"{result.seconds_per_step:.4f}",
-            "routes": ", ".join(f"{k}:{v}" for k, v in sorted(run["routes"].items())),
-            "steps": str(result.step),
-        })
+        rows.append(
+            {
+                "z route": route,
+                "ELBO/image": f"{run['elbo']:.3f}",
+                "encoder grad var": f"{variance.get(route, float('nan')):.3g}",
+                "s/step": f"{result.seconds_per_step:.4f}",
+                "routes": ", ".join(f"{k}:{v}" for k, v in sorted(run["routes"].items())),
+                "steps": str(result.step),
+            }
+        )
     table = _format_table(rows)
     ratio = variance.get("score", float("nan")) / variance.get("pathwise", float("nan"))
     report = (
@@ -305,8 +371,12 @@ def run_demo(args: argparse.Namespace) -> dict:
     )
     (out / "results.txt").write_text(report + "\n")
     summary = {
-        route: {"elbo_per_image": run["elbo"], "encoder_grad_variance": variance.get(route),
-                "seconds_per_step": run["result"].seconds_per_step, "routes": run["routes"]}
+        route: {
+            "elbo_per_image": run["elbo"],
+            "encoder_grad_variance": variance.get(route),
+            "seconds_per_step": run["result"].seconds_per_step,
+            "routes": run["routes"],
+        }
         for route, run in runs.items()
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -330,16 +400,28 @@ def run_train(args: argparse.Namespace) -> int:
     vae = _build_model(config, args.z_estimator)
     elbo = RoutedELBO()
     result = train(
-        vae.model, vae.guide, images, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        elbo=elbo, device=args.device, seed=args.seed, checkpoint_path=args.out / "checkpoint.pt",
-        checkpoint_every=args.checkpoint_every, resume=args.resume,
-        progress=not args.no_progress, metadata=config,
+        vae.model,
+        vae.guide,
+        images,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        elbo=elbo,
+        device=args.device,
+        seed=args.seed,
+        checkpoint_path=args.out / "checkpoint.pt",
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        progress=not args.no_progress,
+        metadata=config,
     )
     plot_elbo_curves({"train": result.losses}, args.out / "elbo.png", num_data=len(images))
     for route in elbo.routes.values():
         print(route)
-    print(f"{result.step} steps, {result.seconds_per_step * 1e3:.1f} ms/step on {result.device}; "
-          f"checkpoint {result.checkpoint_path}")
+    print(
+        f"{result.step} steps, {result.seconds_per_step * 1e3:.1f} ms/step on {result.device}; "
+        f"checkpoint {result.checkpoint_path}"
+    )
     return 0
 
 
@@ -397,8 +479,16 @@ def _diagnostic_target(args: argparse.Namespace) -> tuple[Callable, Callable, tu
         if isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], dict):
             model_args, model_kwargs = inputs
         else:
-            model_args, model_kwargs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,), {}
-        return _load_callable(args.model), _load_callable(args.guide), tuple(model_args), model_kwargs
+            model_args, model_kwargs = (
+                tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,),
+                {},
+            )
+        return (
+            _load_callable(args.model),
+            _load_callable(args.guide),
+            tuple(model_args),
+            model_kwargs,
+        )
     images, _ = _load_data(args)
     batch = images[: min(len(images), 64)]
     pyro.clear_param_store()  # the built-in model's parameter names must not meet stale ones
@@ -429,8 +519,15 @@ def run_compare(args: argparse.Namespace) -> int:
 
     model, guide, model_args, model_kwargs = _diagnostic_target(args)
     estimators = tuple(e.strip() for e in args.estimators.split(",") if e.strip())
-    frame = compare_estimators(model, guide, *model_args, estimators=estimators,
-                               num_draws=args.num_draws, seed=args.seed, **model_kwargs)
+    frame = compare_estimators(
+        model,
+        guide,
+        *model_args,
+        estimators=estimators,
+        num_draws=args.num_draws,
+        seed=args.seed,
+        **model_kwargs,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out / "estimator_comparison.csv", index=False)
     plot_estimator_comparison(frame, args.out / "estimator_comparison.png")
@@ -442,8 +539,13 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": run_demo, "train": run_train, "export": run_export, "audit": run_audit,
-            "compare": run_compare}
+COMMANDS = {
+    "demo": run_demo,
+    "train": run_train,
+    "export": run_export,
+    "audit": run_audit,
+    "compare": run_compare,
+}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -454,8 +556,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"pyro-reparam-conv {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"pyro-reparam-conv {args.command}: interrupted; the last completed step is "
-              "checkpointed, continue with --resume", file=sys.stderr)
+        print(
+            f"pyro-reparam-conv {args.command}: interrupted; the last completed step is "
+            "checkpointed, continue with --resume",
+            file=sys.stderr,
+        )
         return 130
     return status if isinstance(status, int) else 0
 

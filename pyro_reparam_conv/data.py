@@ -90,8 +90,10 @@ def as_image_tensor(array: np.ndarray, where: str, scale: Optional[float] = None
     if scale is not None and not (np.isfinite(scale) and scale > 0):
         raise ValueError(f"{where}: scale must be a finite positive number, got {scale!r}")
     if scale is None:
-        scale = 1.0 if array.dtype.kind in "f" else float(
-            1 if array.dtype.kind == "b" else np.iinfo(array.dtype).max
+        scale = (
+            1.0
+            if array.dtype.kind in "f"
+            else float(1 if array.dtype.kind == "b" else np.iinfo(array.dtype).max)
         )
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32) / np.float32(scale))
 
@@ -130,9 +132,7 @@ def load_images(
                 elif len(names) == 1:
                     key = names[0]
                 else:
-                    raise ValueError(
-                        f"{path}: holds arrays {names}; pass key= to choose one"
-                    )
+                    raise ValueError(f"{path}: holds arrays {names}; pass key= to choose one")
             if key not in names:
                 raise ValueError(f"{path}: no array {key!r}; it holds {names}")
             where = f"{path}[{key!r}]"

@@ -326,9 +326,7 @@ def _estimator_setup(name: str, elbo_kwargs: dict):
     if name == "pathwise+kl":
         name = "pathwise"
     if name in ("score", "score+avg", "score+loo"):
-        kwargs["baseline"] = {"score": None, "score+avg": "decaying_avg"}.get(
-            name, "leave_one_out"
-        )
+        kwargs["baseline"] = {"score": None, "score+avg": "decaying_avg"}.get(name, "leave_one_out")
         if name == "score+loo":
             kwargs["num_particles"] = max(2, int(kwargs.get("num_particles", 1)))
         return RoutedELBO(**kwargs), ForceEstimatorMessenger("score", None, skip_invalid=True)

@@ -202,6 +202,10 @@ def _signature(model_trace: Trace, guide_trace: Trace, routes: Mapping[str, Rout
     return guide, model
 
 
+def _is_zero(x) -> bool:
+    return isinstance(x, (int, float)) and x == 0
+
+
 def _elbo_with_kl(model_trace: Trace, guide_trace: Trace, kl: Mapping[str, torch.Tensor]):
     """``sum log p - sum log q`` with each KL site's pair of terms replaced by ``-KL``."""
     total: Any = 0.0
@@ -337,8 +341,10 @@ class RoutedELBO(ELBO):
         cost could read them).
         """
         score_sites = any(r.estimator == "score" for r in router.routes.values())
-        if not router.track and self.dependency_tracking == "cached" and (
-            score_sites or self.fast_path
+        if (
+            not router.track
+            and self.dependency_tracking == "cached"
+            and (score_sites or self.fast_path)
         ):
             cache = self._dependency_cache
             self._cache_valid = cache is not None and cache[0] == _signature(
@@ -368,7 +374,13 @@ class RoutedELBO(ELBO):
                 elbo = model_trace.log_prob_sum() - guide_trace.log_prob_sum()
             surrogate, terms = 0.0, []
             if with_surrogate:
-                if kl:
+                if kl and all(
+                    name in kl
+                    for name, site in guide_trace.nodes.items()
+                    if site["type"] == "sample"
+                ):
+                    surrogate = elbo  # every guide term is an analytic KL: the same sum
+                elif kl:
                     surrogate = kl_surrogate_elbo(model_trace, guide_trace, router.routes, kl)
                 else:
                     surrogate = pathwise_surrogate_elbo(model_trace, guide_trace, router.routes)
@@ -530,10 +542,19 @@ class RoutedELBO(ELBO):
 
     def _loss_and_surrogate_loss(self, model, guide, args, kwargs):
         particles = self._particles(model, guide, args, kwargs, with_surrogate=True)
+        score_surrogate, fit_loss = self._score_surrogate(particles)
+        if len(particles) == 1 and self.num_particles == 1:
+            # the same values without the tensor ops that add 0 or multiply by 1
+            surrogate = particles[0].surrogate_elbo
+            if not _is_zero(score_surrogate):
+                surrogate = surrogate + score_surrogate
+            surrogate_loss = -surrogate
+            if not _is_zero(fit_loss):
+                surrogate_loss = surrogate_loss + fit_loss
+            return -particles[0].elbo, surrogate_loss, particles
         scale = 1.0 / self.num_particles
         elbo = sum(p.elbo for p in particles) * scale
         surrogate = sum(p.surrogate_elbo for p in particles)
-        score_surrogate, fit_loss = self._score_surrogate(particles)
         surrogate_loss = -(surrogate + score_surrogate) * scale + fit_loss * scale
         return -elbo, surrogate_loss, particles
 

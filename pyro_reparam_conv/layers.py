@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import pyro
 import torch
 from pyro.nn import PyroModule
 from pyro.poutine.runtime import am_i_wrapped, get_plates
-import pyro
 from torch import nn
 
 from .sampling import Parameterization, elementwise_normal
@@ -170,9 +170,13 @@ class ConvEncoder(nn.Sequential):
     guide: heads such as :class:`GaussianConvHead` turn the features into ``(mean, var)``.
     """
 
-    def __init__(self, in_channels: int, hidden_channels: int = 32, num_downsamples: int = 1) -> None:
+    def __init__(
+        self, in_channels: int, hidden_channels: int = 32, num_downsamples: int = 1
+    ) -> None:
         blocks = [ConvBlock(in_channels, hidden_channels)]
-        blocks += [ConvBlock(hidden_channels, hidden_channels, stride=2) for _ in range(num_downsamples)]
+        blocks += [
+            ConvBlock(hidden_channels, hidden_channels, stride=2) for _ in range(num_downsamples)
+        ]
         super().__init__(*blocks)
 
 
@@ -185,11 +189,17 @@ class ConvDecoder(nn.Sequential):
     """
 
     def __init__(
-        self, latent_channels: int, out_channels: int, hidden_channels: int = 32, num_upsamples: int = 1
+        self,
+        latent_channels: int,
+        out_channels: int,
+        hidden_channels: int = 32,
+        num_upsamples: int = 1,
     ) -> None:
         layers: list[nn.Module] = [ConvBlock(latent_channels, hidden_channels)]
         for _ in range(num_upsamples):
-            layers.append(nn.ConvTranspose2d(hidden_channels, hidden_channels, 4, stride=2, padding=1))
+            layers.append(
+                nn.ConvTranspose2d(hidden_channels, hidden_channels, 4, stride=2, padding=1)
+            )
             layers.append(ConvBlock(hidden_channels, hidden_channels))
         layers.append(nn.Conv2d(hidden_channels, out_channels, 3, padding=1))
         super().__init__(*layers)

@@ -77,8 +77,14 @@ def plot_elbo_curves(
 
 def _image_row(axes_row, images: np.ndarray, label: str) -> None:
     for ax, image in zip(axes_row, images):
-        ax.imshow(np.moveaxis(image, 0, -1).squeeze(-1) if image.shape[0] == 1
-                  else np.moveaxis(image, 0, -1), cmap="gray_r", vmin=0, vmax=1)
+        ax.imshow(
+            np.moveaxis(image, 0, -1).squeeze(-1)
+            if image.shape[0] == 1
+            else np.moveaxis(image, 0, -1),
+            cmap="gray_r",
+            vmin=0,
+            vmax=1,
+        )
         ax.set_xticks([])
         ax.set_yticks([])
     axes_row[0].set_ylabel(label, rotation=0, ha="right", va="center")
@@ -90,7 +96,9 @@ def plot_reconstructions(
     """A row of data images ``(n, C, H, W)`` in ``[0, 1]`` above one row per reconstruction."""
     images = np.asarray(images)
     n = len(images)
-    fig, axes = _new_figure(1 + len(reconstructions), n, figsize=(1.1 * n, 1.2 * (1 + len(reconstructions))))
+    fig, axes = _new_figure(
+        1 + len(reconstructions), n, figsize=(1.1 * n, 1.2 * (1 + len(reconstructions)))
+    )
     _image_row(axes[0], images, "data")
     for row, (label, recon) in enumerate(reconstructions.items(), start=1):
         _image_row(axes[row], np.asarray(recon), label)
@@ -113,8 +121,9 @@ def plot_posterior(
     classes = np.unique(labels)
     table = np.stack([y_probs[labels == c].mean(0) for c in classes])
     n = min(4, len(z_mean))
-    fig, axes = _new_figure(2, 1 + n, figsize=(3.2 + 1.6 * n, 5.0),
-                            gridspec_kw={"width_ratios": [3] + [1] * n})
+    fig, axes = _new_figure(
+        2, 1 + n, figsize=(3.2 + 1.6 * n, 5.0), gridspec_kw={"width_ratios": [3] + [1] * n}
+    )
     gs = axes[0, 0].get_gridspec()
     for ax in axes[:, 0]:
         ax.remove()
@@ -172,8 +181,13 @@ def plot_estimator_comparison(
             ax.bar(pos[ok], values[ok], width, label=estimator)
             if (~ok).any():
                 # x in data coordinates, y in axes coordinates: a mark on the bottom edge
-                ax.plot(pos[~ok], np.full((~ok).sum(), 0.03), "kx", markersize=5,
-                        transform=ax.get_xaxis_transform())
+                ax.plot(
+                    pos[~ok],
+                    np.full((~ok).sum(), 0.03),
+                    "kx",
+                    markersize=5,
+                    transform=ax.get_xaxis_transform(),
+                )
         ax.set_yscale("log")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, axis="y", which="both")

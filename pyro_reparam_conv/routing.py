@@ -98,9 +98,7 @@ def route_site(msg: dict, default_baseline: Optional[str]) -> tuple[Route, Optio
 
 def _is_latent(msg: dict) -> bool:
     return (
-        msg["type"] == "sample"
-        and not msg["is_observed"]
-        and not isinstance(msg["fn"], _Subsample)
+        msg["type"] == "sample" and not msg["is_observed"] and not isinstance(msg["fn"], _Subsample)
     )
 
 

@@ -7,6 +7,7 @@ import itertools
 import math
 
 import pyro
+import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 
@@ -14,7 +15,10 @@ import torch
 def binary_tensors(shape) -> list[torch.Tensor]:
     """Every 0/1 tensor of ``shape``."""
     n = math.prod(shape)
-    return [torch.tensor(bits, dtype=torch.float).reshape(shape) for bits in itertools.product([0.0, 1.0], repeat=n)]
+    return [
+        torch.tensor(bits, dtype=torch.float).reshape(shape)
+        for bits in itertools.product([0.0, 1.0], repeat=n)
+    ]
 
 
 def exact_elbo(model, guide, site_values: dict, *args, **kwargs) -> torch.Tensor:
@@ -70,3 +74,23 @@ def gaussian_elbo(m: torch.Tensor, log_s: torch.Tensor, x: float) -> torch.Tenso
 def param(name: str, value) -> torch.Tensor:
     """An unconstrained Pyro param whose store value is the leaf itself."""
     return pyro.param(name, lambda: torch.as_tensor(value, dtype=torch.float).clone())
+
+
+# z ~ N(0, 1), x ~ N(z, 1); q(z) = N(m, exp(log_s)^2): its ELBO is gaussian_elbo(m, log_s, x).
+def gaussian_model(x):
+    z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def gaussian_guide(x):
+    m = param("m", 0.4)
+    log_s = param("log_s", -0.3)
+    pyro.sample("z", dist.Normal(m, log_s.exp()))
+
+
+def gaussian_params_and_exact_gradients(x):
+    """The params of gaussian_guide (created if missing) and the exact gradient of -ELBO."""
+    gaussian_guide(x)
+    params = dict(pyro.get_param_store().named_parameters())
+    loss = -gaussian_elbo(params["m"], params["log_s"], x)
+    return params, dict(zip(params, torch.autograd.grad(loss, list(params.values()))))

@@ -14,16 +14,38 @@ TINY_MODEL = ["--hidden-channels", "8", "--latent-channels", "2", "--num-classes
 TINY_TRAIN = ["--steps", "4", "--batch-size", "16", "--no-progress", "--device", "cpu"]
 
 DEMO_FILES = {
-    "checkpoint_pathwise.pt", "checkpoint_score.pt", "elbo_curves.png", "reconstructions.png",
-    "posterior.png", "posterior_z.png", "posterior.nc", "summary.csv", "estimator_comparison.csv",
-    "estimator_comparison.png", "results.txt", "results.json",
+    "checkpoint_pathwise.pt",
+    "checkpoint_score.pt",
+    "elbo_curves.png",
+    "reconstructions.png",
+    "posterior.png",
+    "posterior_z.png",
+    "posterior.nc",
+    "summary.csv",
+    "estimator_comparison.csv",
+    "estimator_comparison.png",
+    "results.txt",
+    "results.json",
 }
 
 
 def test_demo_writes_every_output(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--num-images", "48", "--variance-draws", "4",
-            "--export-images", "6", "--num-samples", "8", *TINY_MODEL, *TINY_TRAIN]
+    argv = [
+        "demo",
+        "--out",
+        str(out),
+        "--num-images",
+        "48",
+        "--variance-draws",
+        "4",
+        "--export-images",
+        "6",
+        "--num-samples",
+        "8",
+        *TINY_MODEL,
+        *TINY_TRAIN,
+    ]
     assert main(argv) == 0
     assert DEMO_FILES <= {p.name for p in out.iterdir()}
     printed = capsys.readouterr().out
@@ -49,8 +71,18 @@ def test_train_export_audit_compare_on_user_data(tmp_path, capsys):
     assert main(["audit", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(data)]) == 0
     assert "pathwise" in capsys.readouterr().out
     compare_out = tmp_path / "compare"
-    argv = ["compare", "--data", str(data), "--num-draws", "5", "--out", str(compare_out),
-            "--estimators", "pathwise,score", *TINY_MODEL]
+    argv = [
+        "compare",
+        "--data",
+        str(data),
+        "--num-draws",
+        "5",
+        "--out",
+        str(compare_out),
+        "--estimators",
+        "pathwise,score",
+        *TINY_MODEL,
+    ]
     assert main(argv) == 0
     assert {"estimator_comparison.csv", "estimator_comparison.png"} <= {
         p.name for p in compare_out.iterdir()
@@ -59,7 +91,8 @@ def test_train_export_audit_compare_on_user_data(tmp_path, capsys):
 
 def test_audit_user_model_from_file(tmp_path, capsys):
     source = tmp_path / "user_model.py"
-    source.write_text(textwrap.dedent("""
+    source.write_text(
+        textwrap.dedent("""
         import pyro, pyro.distributions as dist, torch
 
         def model(x):
@@ -72,9 +105,18 @@ def test_audit_user_model_from_file(tmp_path, capsys):
 
         def inputs():
             return (torch.tensor(0.5),)
-    """))
+    """)
+    )
     spec = str(source)
-    argv = ["audit", "--model", f"{spec}:model", "--guide", f"{spec}:guide", "--inputs", f"{spec}:inputs"]
+    argv = [
+        "audit",
+        "--model",
+        f"{spec}:model",
+        "--guide",
+        f"{spec}:guide",
+        "--inputs",
+        f"{spec}:inputs",
+    ]
     assert main(argv) == 0
     assert "loc" in capsys.readouterr().out
 

@@ -24,10 +24,10 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from exact import param
 from numpy.polynomial.hermite_e import hermegauss
 from torch import nn
 
-from exact import param
 from pyro_reparam_conv.diagnostics import GradientAudit, audit_gradients, compare_estimators
 from pyro_reparam_conv.plots import plot_estimator_comparison
 
@@ -261,6 +261,7 @@ def test_param_store_grads_and_rng_are_unchanged():
     for n, (value, grad) in before.items():
         assert torch.equal(store._params[n].detach(), value), n
         assert torch.equal(store._params[n].grad, grad), n
+
 
 # ---------------------------------------------------------------------------------- plot
 def test_plot_estimator_comparison_writes_png(normal_comparison, tmp_path):

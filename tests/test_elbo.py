@@ -8,10 +8,19 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
+from exact import (
+    assert_unbiased,
+    binary_tensors,
+    draw_gradients,
+    exact_elbo,
+    gaussian_guide,
+    gaussian_model,
+    gaussian_params_and_exact_gradients,
+    param,
+)
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
 
-from exact import assert_unbiased, binary_tensors, draw_gradients, exact_elbo, gaussian_elbo, param
 from pyro_reparam_conv import RoutedELBO, force_estimator
 from pyro_reparam_conv.elbo import NonFiniteLossError
 
@@ -51,8 +60,13 @@ def discrete_exact():
 def test_routes_default_and_reasons():
     elbo = RoutedELBO()
     elbo.loss(discrete_model, discrete_guide)
-    assert elbo.routes["y"].estimator == "score" and "Categorical has no rsample" in elbo.routes["y"].reason
-    assert elbo.routes["c"].estimator == "score" and elbo.routes["c"].baseline.startswith("decaying_avg")
+    assert (
+        elbo.routes["y"].estimator == "score"
+        and "Categorical has no rsample" in elbo.routes["y"].reason
+    )
+    assert elbo.routes["c"].estimator == "score" and elbo.routes["c"].baseline.startswith(
+        "decaying_avg"
+    )
     assert set(elbo.routes) == {"y", "c"}
 
 
@@ -83,24 +97,10 @@ def test_loss_equals_exact_elbo_in_expectation():
     assert abs(losses.mean() - exact_loss) < 4.5 * losses.std() / math.sqrt(len(losses))
 
 
-def gaussian_model(x):
-    z = pyro.sample("z", dist.Normal(0.0, 1.0))
-    pyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
-
-def gaussian_guide(x):
-    m = param("m", 0.4)
-    log_s = param("log_s", -0.3)
-    pyro.sample("z", dist.Normal(m, log_s.exp()))
-
-
 @pytest.mark.parametrize("estimator", ["pathwise", "score"])
 def test_gaussian_gradient_is_unbiased_against_closed_form(estimator):
     x = torch.tensor(1.3)
-    gaussian_guide(x)
-    params = dict(pyro.get_param_store().named_parameters())
-    loss = -gaussian_elbo(params["m"], params["log_s"], x)
-    exact = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    params, exact = gaussian_params_and_exact_gradients(x)
     pyro.set_rng_seed(2)
     elbo = RoutedELBO()
     guide = force_estimator(gaussian_guide, estimator)
@@ -137,7 +137,9 @@ def test_nn_baseline_is_unbiased_and_trained():
     net = torch.nn.Linear(1, 1)
     baseline = {"nn_baseline": net, "nn_baseline_input": torch.ones(1)}
     pyro.set_rng_seed(4)
-    draws = draw_gradients(RoutedELBO(), discrete_model, discrete_guide, params, 1500, DATA, baseline)
+    draws = draw_gradients(
+        RoutedELBO(), discrete_model, discrete_guide, params, 1500, DATA, baseline
+    )
     assert_unbiased(draws, exact)
     assert net.weight.grad is not None and net.weight.grad.abs() > 0  # the fit loss reaches it
 
@@ -177,7 +179,9 @@ MIXED_DATA = torch.randn(2, 6)
 @pytest.mark.parametrize("num_particles, vectorize", [(1, False), (3, False), (3, True)])
 def test_mixed_model_routes_and_finite_gradients(num_particles, vectorize):
     pyro.set_rng_seed(5)
-    elbo = RoutedELBO(num_particles=num_particles, vectorize_particles=vectorize, max_plate_nesting=2)
+    elbo = RoutedELBO(
+        num_particles=num_particles, vectorize_particles=vectorize, max_plate_nesting=2
+    )
     loss = elbo.loss_and_grads(mixed_model, mixed_guide, MIXED_DATA)
     assert math.isfinite(loss)
     expected = {"rate": "pathwise", "w": "pathwise", "mix": "pathwise", "c": "score", "k": "score"}
@@ -195,9 +199,13 @@ def test_loss_equals_trace_elbo_on_the_same_draws(num_particles, vectorize):
     pyro.set_rng_seed(6)
     got = RoutedELBO(fast_path=False, **kw).loss(mixed_model, mixed_guide, MIXED_DATA)
     pyro.set_rng_seed(6)
-    got_grads = RoutedELBO(fast_path=False, **kw).loss_and_grads(mixed_model, mixed_guide, MIXED_DATA)
+    got_grads = RoutedELBO(fast_path=False, **kw).loss_and_grads(
+        mixed_model, mixed_guide, MIXED_DATA
+    )
     pyro.set_rng_seed(6)
-    got_diff = RoutedELBO(fast_path=False, **kw).differentiable_loss(mixed_model, mixed_guide, MIXED_DATA)
+    got_diff = RoutedELBO(fast_path=False, **kw).differentiable_loss(
+        mixed_model, mixed_guide, MIXED_DATA
+    )
     assert got == pytest.approx(expected, rel=1e-6)
     assert got_grads == pytest.approx(expected, rel=1e-6)
     assert got_diff.item() == pytest.approx(expected, rel=1e-6)
@@ -206,7 +214,8 @@ def test_loss_equals_trace_elbo_on_the_same_draws(num_particles, vectorize):
 def test_drop_in_for_svi():
     pyro.set_rng_seed(7)
     svi = SVI(gaussian_model, gaussian_guide, Adam({"lr": 0.05}), RoutedELBO())
-    losses = [svi.step(torch.tensor(1.0)) for _ in range(300)]
+    for _ in range(300):
+        svi.step(torch.tensor(1.0))
     m = pyro.param("m").item()
     assert abs(m - 0.5) < 0.15, m  # exact posterior mean is x / 2
 
@@ -255,7 +264,9 @@ def test_unknown_estimator_lists_valid_ones():
     def guide():
         pyro.sample("z", dist.Normal(0.0, 1.0), infer={"estimator": "magic"})
 
-    with pytest.raises(ValueError, match=r"site 'z': unknown estimator 'magic'.*'pathwise', 'score'"):
+    with pytest.raises(
+        ValueError, match=r"site 'z': unknown estimator 'magic'.*'pathwise', 'score'"
+    ):
         RoutedELBO().loss(lambda: pyro.sample("z", dist.Normal(0.0, 1.0)), guide)
 
 
@@ -311,7 +322,9 @@ def test_cached_dependencies_equal_provenance_on_every_step():
         pyro.set_rng_seed(9)
         elbo = RoutedELBO(dependency_tracking=tracking, baseline=None)
         grads[tracking] = [
-            torch.autograd.grad(elbo.differentiable_loss(discrete_model, discrete_guide), [pyro.param("y_logits")])[0]
+            torch.autograd.grad(
+                elbo.differentiable_loss(discrete_model, discrete_guide), [pyro.param("y_logits")]
+            )[0]
             for _ in range(5)
         ]
     for a, b in zip(grads["cached"], grads["always"]):

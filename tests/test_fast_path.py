@@ -11,24 +11,19 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from exact import (
+    assert_unbiased,
+    draw_gradients,
+    gaussian_elbo,
+    gaussian_guide,
+    gaussian_model,
+    gaussian_params_and_exact_gradients,
+    param,
+)
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
-from exact import assert_unbiased, draw_gradients, gaussian_elbo, param
 from pyro_reparam_conv import RoutedELBO, force_estimator, sample_elementwise_normal
 from pyro_reparam_conv.estimators.analytic_kl import analytic_kl, compact_normal_log_prob
-
-
-# z ~ N(0, 1), x ~ N(z, 1); q(z) = N(m, exp(log_s)^2): the ELBO is tests/exact.gaussian_elbo.
-def gaussian_model(x):
-    z = pyro.sample("z", dist.Normal(0.0, 1.0))
-    pyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
-
-def gaussian_guide(x):
-    m = param("m", 0.4)
-    log_s = param("log_s", -0.3)
-    pyro.sample("z", dist.Normal(m, log_s.exp()))
-
 
 X = torch.tensor(1.3)
 
@@ -60,10 +55,7 @@ def test_analytic_kl_loss_is_exact_in_expectation_with_less_variance():
 def test_analytic_kl_gradient_is_unbiased_against_closed_form():
     pyro.param("m", torch.tensor(FAR_M))
     pyro.param("log_s", torch.tensor(FAR_LOG_S))
-    gaussian_guide(X)
-    params = dict(pyro.get_param_store().named_parameters())
-    loss = -gaussian_elbo(params["m"], params["log_s"], X)
-    exact = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    params, exact = gaussian_params_and_exact_gradients(X)
     pyro.set_rng_seed(11)
     elbo = RoutedELBO()
     draws = draw_gradients(elbo, gaussian_model, gaussian_guide, params, 1500, X)
@@ -354,3 +346,116 @@ def test_no_analytic_kl_on_a_delta_guide_site():
         pyro.set_rng_seed(seed)
         assert elbo.loss(model, guide) == pytest.approx(expected, rel=1e-6)
     assert not elbo.routes["rate"].analytic_kl and "Delta" in elbo.routes["rate"].reason
+
+
+# ------------------------------------------ few-pass KL and likelihood (issue 5)
+def _grads(value, tensors, create_graph=False):
+    # retain_graph: the compared expressions share the graph of their inputs
+    return torch.autograd.grad(value, tensors, create_graph=create_graph, retain_graph=True)
+
+
+def assert_same_derivatives(got, expected, inputs):
+    """First derivatives of two scalars w.r.t. ``inputs`` agree, and so do the second
+    (the gradient of the squared-gradient norm: a Hessian-vector product)."""
+    g_got = _grads(got, inputs, create_graph=True)
+    g_exp = _grads(expected, inputs, create_graph=True)
+    for a, b in zip(g_got, g_exp):
+        torch.testing.assert_close(a, b)
+    h_got = _grads(sum((g**2).sum() for g in g_got), inputs)
+    h_exp = _grads(sum((g**2).sum() for g in g_exp), inputs)
+    for a, b in zip(h_got, h_exp):
+        torch.testing.assert_close(a, b)
+
+
+def test_compact_normal_log_prob_with_one_scale_equals_log_prob_with_gradients():
+    """Normal(out, s).to_event(3) takes the squared-distance path: value, gradients in loc
+    and value, second derivatives (create_graph) and repeated backward all match log_prob."""
+    torch.manual_seed(0)
+    out = torch.randn(2, 3, 4, 4, requires_grad=True)
+    value = torch.randn(2, 3, 4, 4, requires_grad=True)
+    for s in (1.0, 0.7):
+        fn = dist.Normal(out, s).to_event(3)
+        got, expected = compact_normal_log_prob(fn, value), fn.log_prob(value)
+        assert got.shape == expected.shape == (2,)
+        torch.testing.assert_close(got, expected)
+        w = torch.tensor([0.3, -1.2])
+        assert_same_derivatives((got * w).sum(), (expected * w).sum(), [out, value])
+    lp = compact_normal_log_prob(dist.Normal(out, 1.0).to_event(3), value).sum()
+    lp.backward(retain_graph=True)
+    g1 = out.grad.clone()
+    lp.backward()  # the retained graph runs twice
+    torch.testing.assert_close(out.grad, 2 * g1)
+
+
+@pytest.mark.parametrize(
+    "p_loc, p_scale, site_scale",
+    [(0.0, 1.0, 1.0), (0.3, 2.0, 1.0), (0.0, 1.0, 0.25), (-0.5, 0.5, 3.0)],
+)
+def test_site_kl_with_a_one_value_prior_equals_kl_divergence(p_loc, p_scale, site_scale):
+    """The few-pass KL sum (standard and general one-value priors, scaled sites) equals
+    torch's kl_divergence summed: value, gradients and second derivatives."""
+    from pyro_reparam_conv.estimators.analytic_kl import site_kl
+
+    torch.manual_seed(1)
+    m = torch.randn(3, 2, 5, requires_grad=True)
+    raw = torch.randn(3, 2, 5, requires_grad=True)
+    q = dist.Normal(m, torch.nn.functional.softplus(raw)).to_event(2)
+    p = dist.Normal(torch.tensor(p_loc), torch.tensor(p_scale)).expand([3, 2, 5]).to_event(2)
+    got = site_kl({"fn": q, "scale": site_scale, "mask": None}, {"fn": p})
+    expected = site_scale * torch.distributions.kl_divergence(q, p).sum()
+    torch.testing.assert_close(got, expected)
+    assert_same_derivatives(got, expected, [m, raw])
+
+
+def test_site_kl_with_a_learnable_one_value_prior():
+    """A prior loc/scale that requires grad gets its gradient (plain autograd path)."""
+    from pyro_reparam_conv.estimators.analytic_kl import site_kl
+
+    torch.manual_seed(2)
+    m = torch.randn(4, 3, requires_grad=True)
+    s = (torch.rand(4, 3) + 0.5).requires_grad_()
+    p_loc = torch.tensor(0.2, requires_grad=True)
+    p_scale = torch.tensor(1.5, requires_grad=True)
+    q = dist.Normal(m, s).to_event(1)
+    p = dist.Normal(p_loc, p_scale).expand([4, 3]).to_event(1)
+    got = site_kl({"fn": q, "scale": 1.0, "mask": None}, {"fn": p})
+    expected = torch.distributions.kl_divergence(q, p).sum()
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(_grads(got, [m, s, p_loc, p_scale]), _grads(expected, [m, s, p_loc, p_scale])):
+        torch.testing.assert_close(a, b)
+
+
+def conv_model(y, conv):
+    pyro.module("conv", conv)
+    with pyro.plate("batch", y.shape[0], dim=-1):
+        prior = dist.Normal(torch.zeros(()), 1.0).expand([y.shape[0], 3, 5, 5])
+        z = pyro.sample("z", prior.to_event(3))
+        pyro.sample("y", dist.Normal(conv(z), 1.0).to_event(3), obs=y)
+
+
+def conv_guide(y, conv):
+    mean = param("conv_mean", 0.1 * torch.arange(2 * 75.0).reshape(2, 3, 5, 5).sin())
+    raw_var = param("conv_raw_var", torch.full((2, 3, 5, 5), -1.0))
+    with pyro.plate("batch", y.shape[0], dim=-1):
+        std = torch.nn.functional.softplus(raw_var).sqrt()
+        pyro.sample("z", dist.Normal(mean, std).to_event(3))
+
+
+@pytest.mark.parametrize("validate", [True, False], ids=["validated", "unvalidated"])
+@pytest.mark.parametrize("fast_path, reference", [(True, TraceMeanField_ELBO), (False, Trace_ELBO)])
+def test_seed_workload_equals_pyro_on_the_same_draws(fast_path, reference, validate):
+    """The issue-5 workload (conv likelihood Normal(out, 1), standard normal prior): values
+    and gradients (conv weights included) equal Pyro's on the same draws."""
+    torch.manual_seed(3)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    y = torch.randn(2, 4, 5, 5)
+    with pyro.validation_enabled(validate):
+        expected = _value_and_grads(reference(), conv_model, conv_guide, y, conv)
+        elbo = RoutedELBO(fast_path=fast_path)
+        for _ in range(2):  # the tracked first step and an untracked one
+            got = _value_and_grads(elbo, conv_model, conv_guide, y, conv)
+            assert got[0] == pytest.approx(expected[0], rel=1e-5)
+            assert got[1] == pytest.approx(expected[1], rel=1e-5)
+            for k in expected[2]:
+                torch.testing.assert_close(got[2][k], expected[2][k], rtol=1e-5, atol=1e-6)
+    assert elbo.routes["z"].analytic_kl == fast_path

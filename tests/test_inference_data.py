@@ -22,7 +22,7 @@ from pyro_reparam_conv.models import ConvClusterVAE
 M0, S0, SIGMA, N = 1.0, 2.0, 1.5, 20
 DATA = 3.0 + SIGMA * torch.randn(N, generator=torch.Generator().manual_seed(0))
 PRECISION = 1 / S0**2 + N / SIGMA**2
-POST_MEAN = ((M0 / S0**2 + DATA.sum().item() / SIGMA**2) / PRECISION)
+POST_MEAN = (M0 / S0**2 + DATA.sum().item() / SIGMA**2) / PRECISION
 POST_SD = PRECISION**-0.5
 NUM_SAMPLES = 2000
 

@@ -58,7 +58,13 @@ def test_gradient_reaches_upstream_layer_mean_and_var():
     mean.retain_grad()
     raw_var.retain_grad()
     layer(mean, raw_var).pow(2).sum().backward()
-    for g in (mean.grad, raw_var.grad, upstream.weight.grad, upstream.bias.grad, layer.conv.weight.grad):
+    for g in (
+        mean.grad,
+        raw_var.grad,
+        upstream.weight.grad,
+        upstream.bias.grad,
+        layer.conv.weight.grad,
+    ):
         assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
 
 
@@ -81,7 +87,9 @@ def test_is_a_sample_site_with_rsample_under_pyro():
 
 def test_without_a_plate_the_batch_folds_into_the_event():
     layer = StochasticConv2d(2, 3, 3, name="z")
-    trace = poutine.trace(lambda: layer(torch.zeros(4, 2, 6, 6), torch.ones(4, 2, 6, 6))).get_trace()
+    trace = poutine.trace(
+        lambda: layer(torch.zeros(4, 2, 6, 6), torch.ones(4, 2, 6, 6))
+    ).get_trace()
     assert trace.nodes["z"]["fn"].event_shape == (4, 2, 6, 6)
 
 
@@ -99,9 +107,15 @@ def test_default_site_name_follows_the_module_path():
     assert "stoch.z" in trace.nodes
 
 
-@pytest.mark.parametrize("conv_kwargs", [
-    dict(stride=2), dict(padding=2, dilation=2), dict(groups=2, bias=False), dict(padding=1, padding_mode="reflect"),
-])
+@pytest.mark.parametrize(
+    "conv_kwargs",
+    [
+        dict(stride=2),
+        dict(padding=2, dilation=2),
+        dict(groups=2, bias=False),
+        dict(padding=1, padding_mode="reflect"),
+    ],
+)
 def test_conv_options_pass_through(conv_kwargs):
     layer = StochasticConv2d(4, 6, 3, **conv_kwargs)
     ref = torch.nn.Conv2d(4, 6, 3, **conv_kwargs)

@@ -21,12 +21,24 @@ def good_pair(shape=(2, 3, 4, 4), dtype=torch.float32):
         (torch.zeros(2, 3), -torch.ones(2, 3), r"var must be strictly positive, but 6 of 6"),
         (torch.zeros(2, 3), torch.zeros(2, 3), r"var must be strictly positive"),
         (torch.zeros(2, 3), torch.tensor([[1.0, float("nan"), 1.0]] * 2), r"var has 2 NaN"),
-        (torch.zeros(2, 3), torch.tensor([[1.0, float("inf"), 1.0]] * 2), r"var has 0 NaN and 2 inf"),
+        (
+            torch.zeros(2, 3),
+            torch.tensor([[1.0, float("inf"), 1.0]] * 2),
+            r"var has 0 NaN and 2 inf",
+        ),
         (torch.tensor([float("nan"), 0.0]), torch.ones(2), r"mean has 1 NaN"),
-        (torch.zeros(2, 3), torch.ones(2, 4), r"mean shape \(2, 3\) and var shape \(2, 4\) do not broadcast"),
+        (
+            torch.zeros(2, 3),
+            torch.ones(2, 4),
+            r"mean shape \(2, 3\) and var shape \(2, 4\) do not broadcast",
+        ),
         (torch.zeros(2, dtype=torch.long), torch.ones(2), r"mean must have a floating-point dtype"),
         (torch.zeros(2), torch.ones(2, dtype=torch.int32), r"var must have a floating-point dtype"),
-        (torch.zeros(2), torch.ones(2, dtype=torch.float64), r"mean has dtype torch.float32 but var"),
+        (
+            torch.zeros(2),
+            torch.ones(2, dtype=torch.float64),
+            r"mean has dtype torch.float32 but var",
+        ),
         ([0.0, 1.0], torch.ones(2), r"mean must be a torch.Tensor"),
     ],
 )
@@ -58,11 +70,14 @@ def test_validation_can_be_switched_off_globally_and_per_call():
         elementwise_normal(mean, var)
 
 
-@pytest.mark.parametrize("param, expected", [
-    ("variance", lambda v: v),
-    ("softplus", lambda v: torch.log1p(torch.exp(v))),
-    ("log", torch.exp),
-])
+@pytest.mark.parametrize(
+    "param, expected",
+    [
+        ("variance", lambda v: v),
+        ("softplus", lambda v: torch.log1p(torch.exp(v))),
+        ("log", torch.exp),
+    ],
+)
 def test_parameterizations_give_the_stated_variance(param, expected):
     raw = torch.linspace(-3, 3, 7) if param != "variance" else torch.linspace(0.1, 3, 7)
     torch.testing.assert_close(to_variance(raw, param), expected(raw))

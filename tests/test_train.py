@@ -90,8 +90,9 @@ def test_nan_in_data_raises_and_keeps_last_good_checkpoint(tmp_path):
     bad = DATA.clone()
     bad[3, 0, 2, 2] = float("nan")
     with pytest.raises(NonFiniteTrainingError) as info:
-        fit(fresh_model(), 10, path, data=bad, resume=True, checkpoint_every=1,
-            batch_size=len(DATA))
+        fit(
+            fresh_model(), 10, path, data=bad, resume=True, checkpoint_every=1, batch_size=len(DATA)
+        )
     err = info.value
     assert err.step == 6 and "x (model)" in err.sites
     message = str(err)
@@ -160,12 +161,21 @@ def test_keyboard_interrupt_inside_a_step_checkpoints_the_last_completed_step(tm
     vae = fresh_model()
     model = InterruptOnCall(vae.model, k=1 + 5)  # call 1 registers params; step 5 is call 6
     with pytest.raises(KeyboardInterrupt):
-        train(model, vae.guide, DATA, steps=8, elbo=RoutedELBO(), checkpoint_path=path,
-              checkpoint_every=100, **COMMON)
+        train(
+            model,
+            vae.guide,
+            DATA,
+            steps=8,
+            elbo=RoutedELBO(),
+            checkpoint_path=path,
+            checkpoint_every=100,
+            **COMMON,
+        )
     state = load_checkpoint(path)
     assert state["step"] == 4 and len(state["losses"]) == 4
-    assert all(p.grad is None or not p.grad.any()
-               for _, p in pyro.get_param_store().named_parameters())
+    assert all(
+        p.grad is None or not p.grad.any() for _, p in pyro.get_param_store().named_parameters()
+    )
 
     resumed = fit(fresh_model(init_seed=5), 8, path, resume=True, checkpoint_every=100)
     assert resumed.start_step == 4 and resumed.step == 8
@@ -205,5 +215,13 @@ def test_resume_into_a_model_of_another_shape_is_refused(tmp_path):
     pyro.clear_param_store()
     other = ConvClusterVAE(hidden_channels=8, latent_channels=2, num_classes=4)
     with pytest.raises(ValueError, match=r"shapes differ: class_maps: saved \(3, 2, 4, 4\)"):
-        train(other.model, other.guide, DATA, steps=4, checkpoint_path=path, resume=True,
-              elbo=RoutedELBO(), **COMMON)
+        train(
+            other.model,
+            other.guide,
+            DATA,
+            steps=4,
+            checkpoint_path=path,
+            resume=True,
+            elbo=RoutedELBO(),
+            **COMMON,
+        )

@@ -11,9 +11,9 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from exact import draw_gradients, param
 from pyro.infer import Trace_ELBO
 
-from exact import draw_gradients, param
 from pyro_reparam_conv import RoutedELBO
 
 N = 20

@@ -55,8 +55,11 @@ def _is_plain_normal(d: Distribution) -> bool:
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
     """The smallest view of ``t`` that broadcasts back to it (drops stride-0 expanded dims)."""
-    for dim in range(t.dim()):
-        if t.stride(dim) == 0 and t.shape[dim] > 1:
+    strides = t.stride()
+    if strides and not any(strides) and not t.requires_grad:
+        return t.as_strided((1,) * len(strides), strides)  # one value, e.g. Normal(0, 1).expand
+    for dim, (stride, size) in enumerate(zip(t.stride(), t.shape)):
+        if stride == 0 and size > 1:
             t = t.narrow(dim, 0, 1)
     return t
 
@@ -67,6 +70,43 @@ def normal_kl(q_loc, q_scale, p_loc, p_scale) -> torch.Tensor:
     var_ratio = (q_scale / p_scale).pow(2)
     t1 = ((q_loc - p_loc) / p_scale).pow(2)
     return 0.5 * (var_ratio + t1 - 1 - var_ratio.log())
+
+
+def _plain(*tensors) -> bool:
+    """No tensor subclass (e.g. a provenance-tracking one) among ``tensors``."""
+    return all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors)
+
+
+class _SquaredDistanceSum(torch.autograd.Function):
+    """``((a - b) ** 2).sum(last ndims)`` with a one-pass backward, ``2 (a - b) g``
+    (autograd's square backward takes three passes over the full tensor). Under
+    ``create_graph`` the backward is differentiated through the plain expression."""
+
+    @staticmethod
+    def forward(ctx, a, b, ndims):
+        diff = a - b
+        ctx.ndims = ndims
+        ctx.save_for_backward(a, b)
+        ctx.diff = diff
+        return diff.square().sum(list(range(-ndims, 0)))
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        g = grad.reshape(grad.shape + (1,) * ctx.ndims)
+        if torch.is_grad_enabled():  # create_graph: keep the backward differentiable
+            grad_a = 2 * (a - b) * g
+        else:
+            grad_a = ctx.diff * (2 * g)
+        grad_b = -grad_a if ctx.needs_input_grad[1] else None
+        return (grad_a if ctx.needs_input_grad[0] else None), grad_b, None
+
+
+def squared_distance_sum(a: torch.Tensor, b: torch.Tensor, ndims: int) -> torch.Tensor:
+    """``((a - b) ** 2).sum(dims)`` over the last ``ndims`` dims (``a``, ``b`` of one shape)."""
+    if _plain(a, b) and (a.requires_grad or b.requires_grad):
+        return _SquaredDistanceSum.apply(a, b, ndims)
+    return (a - b).square().sum(list(range(-ndims, 0)))
 
 
 def compact_normal_log_prob(fn: Distribution, value: torch.Tensor) -> Optional[torch.Tensor]:
@@ -83,8 +123,18 @@ def compact_normal_log_prob(fn: Distribution, value: torch.Tensor) -> Optional[t
     loc, scale = _compact(base.loc), _compact(base.scale)
     if loc.numel() == base.loc.numel() and scale.numel() == base.scale.numel():
         return None  # nothing to save
-    log_p = -((value - loc) ** 2) / (2 * scale**2) - scale.log() - _HALF_LOG_2PI
     full = fn.batch_shape + fn.event_shape
+    if ndims and scale.numel() == 1 and loc.shape == full and value.shape == full:
+        # one scale for every element (e.g. Normal(out, 1.0).to_event(3)): sum the squared
+        # residuals over the event dims first and scale the (batch-shaped) sum, so the full
+        # tensor sees one subtraction, one square and one reduction, as hand-written code
+        # does ((loc - value)^2 is bitwise (value - loc)^2, and its gradient reaches loc
+        # without a negation).
+        scale = scale.reshape(())
+        n = math.prod(full[-ndims:])
+        sq = squared_distance_sum(loc, value, ndims)
+        return sq * (-0.5 / scale.square()) - n * (scale.log() + _HALF_LOG_2PI)
+    log_p = -((value - loc) ** 2) / (2 * scale**2) - scale.log() - _HALF_LOG_2PI
     if log_p.shape != full:
         log_p = log_p.expand(torch.broadcast_shapes(log_p.shape, full))
     return log_p.sum(list(range(-ndims, 0))) if ndims else log_p
@@ -127,8 +177,105 @@ def analytic_kl(q: Distribution, p: Distribution) -> torch.Tensor:
     return kl
 
 
+def _is_constant(t: torch.Tensor, value: float) -> bool:
+    """Whether the one-element ``t`` is the constant ``value`` (checked on CPU only, where
+    reading it costs no device synchronization)."""
+    return t.device.type == "cpu" and not t.requires_grad and t.item() == value
+
+
+def _scalar_prior_normal_kl_sum(q: Distribution, p: Distribution) -> Optional[torch.Tensor]:
+    """``analytic_kl(q, p).sum()`` for (``Independent``) ``Normal`` ``q`` and a ``p`` whose
+    loc and scale are each one value broadcast (e.g. ``Normal(0, 1).expand(shape)``), in few
+    passes over ``q``'s parameters:
+
+        sum KL = 1/2 sum (r^2 - 1) - sum log r + 1/(2 p_scale^2) sum (q_loc - p_loc)^2,
+
+    ``r = q_scale / p_scale`` (the division and subtraction are skipped for a standard
+    normal prior). ``None`` where this does not apply (the caller uses :func:`analytic_kl`).
+    """
+    q_base, q_nd = _unwrap_independent(q)
+    p_base, p_nd = _unwrap_independent(p)
+    if q_nd != p_nd or not (_is_plain_normal(q_base) and _is_plain_normal(p_base)):
+        return None
+    if q.event_shape != p.event_shape:
+        return None  # analytic_kl raises the error
+    q_shape, p_shape = q.batch_shape, p.batch_shape
+    if len(p_shape) > len(q_shape) or any(
+        n != m and n != 1 for n, m in zip(reversed(p_shape), reversed(q_shape))
+    ):
+        return None  # p's batch shape does not broadcast to q's: analytic_kl raises
+    p_loc = extract_provenance(_compact(p_base.loc))[0]
+    p_scale = extract_provenance(_compact(p_base.scale))[0]
+    if p_loc.numel() != 1 or p_scale.numel() != 1:
+        return None
+    q_loc = extract_provenance(q_base.loc)[0]
+    q_scale = extract_provenance(q_base.scale)[0]
+    if q_loc.shape != q.batch_shape + q.event_shape or q_scale.shape != q_loc.shape:
+        return None
+    p_loc, p_scale = p_loc.reshape(()), p_scale.reshape(())
+    zero_loc, unit_scale = _is_constant(p_loc, 0.0), _is_constant(p_scale, 1.0)
+    if _plain(q_loc, q_scale) and not (p_loc.requires_grad or p_scale.requires_grad):
+        return _ScalarPriorNormalKLSum.apply(q_loc, q_scale, p_loc, p_scale, zero_loc, unit_scale)
+    return _scalar_prior_kl_sum(q_loc, q_scale, p_loc, p_scale, zero_loc, unit_scale)
+
+
+def _scalar_prior_kl_sum(q_loc, q_scale, p_loc, p_scale, zero_loc, unit_scale):
+    r = q_scale if unit_scale else q_scale / p_scale
+    d = q_loc if zero_loc else q_loc - p_loc
+    var_term = torch.addcmul(r.new_full((), -1.0), r, r).sum()  # sum (r^2 - 1)
+    loc_term = d.square().sum()
+    if not unit_scale:
+        loc_term = loc_term / p_scale.square()
+    return 0.5 * (var_term + loc_term) - r.log().sum()
+
+
+class _ScalarPriorNormalKLSum(torch.autograd.Function):
+    """:func:`_scalar_prior_kl_sum` (constant prior parameters) with a three-pass backward:
+    ``d/d q_loc = (q_loc - p_loc) / p_scale^2``, ``d/d q_scale = (r^2 - 1) / (r p_scale)``
+    (``r^2 - 1`` kept from the forward). Under ``create_graph`` the backward is
+    differentiated through the plain expression."""
+
+    @staticmethod
+    def forward(ctx, q_loc, q_scale, p_loc, p_scale, zero_loc, unit_scale):
+        r = q_scale if unit_scale else q_scale / p_scale
+        d = q_loc if zero_loc else q_loc - p_loc
+        a = torch.addcmul(r.new_full((), -1.0), r, r)  # r^2 - 1
+        loc_term = d.square().sum()
+        if not unit_scale:
+            loc_term = loc_term / p_scale.square()
+        ctx.save_for_backward(q_loc, q_scale, p_loc, p_scale)
+        ctx.flags = zero_loc, unit_scale
+        ctx.intermediates = d, r, a
+        return 0.5 * (a.sum() + loc_term) - r.log().sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        q_loc, q_scale, p_loc, p_scale = ctx.saved_tensors
+        zero_loc, unit_scale = ctx.flags
+        d, r, a = ctx.intermediates
+        grad_loc = grad_scale = None
+        if torch.is_grad_enabled():  # create_graph: keep the backward differentiable
+            with torch.enable_grad():
+                value = _scalar_prior_kl_sum(q_loc, q_scale, p_loc, p_scale, zero_loc, unit_scale)
+            inputs = [t for t, need in zip((q_loc, q_scale), ctx.needs_input_grad) if need]
+            grads = iter(torch.autograd.grad(value, inputs, grad, create_graph=True))
+            grad_loc = next(grads) if ctx.needs_input_grad[0] else None
+            grad_scale = next(grads) if ctx.needs_input_grad[1] else None
+            return grad_loc, grad_scale, None, None, None, None
+        if ctx.needs_input_grad[0]:
+            grad_loc = d * (grad if unit_scale else grad / p_scale.square())
+        if ctx.needs_input_grad[1]:
+            grad_scale = (a / r).mul_(grad if unit_scale else grad / p_scale)
+        return grad_loc, grad_scale, None, None, None, None
+
+
 def site_kl(guide_site: dict, model_site: dict) -> torch.Tensor:
     """The site's ``KL(q || p)`` with the guide site's scale and mask, summed (a scalar)."""
+    scale = guide_site["scale"]
+    if guide_site["mask"] is None and isinstance(scale, (int, float)):
+        kl = _scalar_prior_normal_kl_sum(guide_site["fn"], model_site["fn"])
+        if kl is not None:
+            return kl if scale == 1.0 else scale * kl
     kl, _ = extract_provenance(analytic_kl(guide_site["fn"], model_site["fn"]))
     kl = scale_and_mask(kl, scale=guide_site["scale"], mask=guide_site["mask"])
     return kl.sum()
