@@ -14,15 +14,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import importlib.util
 import json
-import logging
 import sys
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import pyro
 import torch
@@ -167,25 +164,6 @@ def _load_data(args: argparse.Namespace) -> tuple[torch.Tensor, Optional[torch.T
     return images, None
 
 
-@contextlib.contextmanager
-def _quiet_arviz() -> Iterator[None]:
-    """ArviZ 0.23 warns about its 1.0 refactor on import, logs that one chain is too few for
-    r_hat (the guide's draws are independent: one chain is all there is), hits 0/0 in the
-    Monte Carlo error of a draw that never varies and, plotting with matplotlib >= 3.11, calls
-    a deprecated matplotlib API. None of it concerns the user: silence it here only."""
-    logger = logging.getLogger("arviz")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", RuntimeWarning)
-            yield
-    finally:
-        logger.setLevel(level)
-
-
 def _most_informed(z, count: int = 4):
     """The ``count`` elements of the first image's ``z`` with the smallest posterior sd (the
     ones the data informs most; others may sit at the prior), as a Dataset for ArviZ."""
@@ -206,16 +184,14 @@ def _export(
     seed: int,
     losses: Optional[Sequence[float]] = None,
 ) -> dict[str, Path]:
-    """posterior.nc, summary.csv and an ArviZ posterior plot for the first z elements."""
-    from .inference_data import to_inference_data
+    """posterior.nc, summary.csv and an ArviZ posterior plot of the best-informed z elements."""
+    from .inference_data import quiet_arviz, to_inference_data
     from .plots import save_figure
 
     idata = to_inference_data(
         model, guide, images, num_samples=num_samples, seed=seed, elbo_trace=losses
     )
-    with _quiet_arviz():
-        import arviz as az
-
+    with quiet_arviz() as az:
         paths = {"posterior.nc": out / "posterior.nc", "summary.csv": out / "summary.csv"}
         idata.to_netcdf(str(paths["posterior.nc"]))
         az.summary(idata, var_names=["y", "z"]).to_csv(paths["summary.csv"])

@@ -352,14 +352,27 @@ def _value_dims(name: str, site: Dict[str, Any]) -> List[str]:
 
 
 @contextlib.contextmanager
-def _arviz_log_level(level: int) -> Iterator[None]:
-    logger = logging.getLogger("arviz")
-    previous = logger.level
-    logger.setLevel(level)
-    try:
-        yield
-    finally:
-        logger.setLevel(previous)
+def quiet_arviz() -> Iterator[Any]:
+    """Import ArviZ and yield it with its noise about guide draws silenced.
+
+    ArviZ 0.23 warns about its 1.0 refactor on import, logs "Shape validation failed" for one
+    chain (the guide's draws are independent: one chain is all there is, not a short MCMC
+    run), divides 0/0 in the Monte Carlo error of a draw that never varies and, plotting with
+    matplotlib >= 3.11, calls a deprecated matplotlib API. None of it concerns the user.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        import arviz  # first: its import sets the "arviz" logger's level
+
+        logger = logging.getLogger("arviz")
+        previous = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            yield arviz
+        finally:
+            logger.setLevel(previous)
 
 
 def _assemble(
@@ -369,31 +382,26 @@ def _assemble(
     coords: Dict[str, np.ndarray],
     losses: Optional[np.ndarray],
 ) -> "arviz.InferenceData":
-    with warnings.catch_warnings():
-        # ArviZ 0.23 announces its 1.0 refactor with a FutureWarning on import.
-        warnings.simplefilter("ignore", FutureWarning)
-        import arviz as az
+    with quiet_arviz() as az:
 
-    def dataset(group: str, data: Dict[str, np.ndarray], default_dims=None):
-        with _arviz_log_level(logging.ERROR):  # "Shape validation failed: chains=2": one
-            # chain of independent guide draws is all there is, not a short MCMC run
+        def dataset(group: str, data: Dict[str, np.ndarray], default_dims=None):
             return az.dict_to_dataset(
                 data, library=pyro, coords=coords, dims=dims[group], default_dims=default_dims
             )
 
-    groups = {
-        group: dataset(group, {name: value[None] for name, value in draws[group].items()})
-        for group in _DRAW_GROUPS
-        if draws[group]
-    }
-    if observed:
-        groups["observed_data"] = dataset("observed_data", observed, default_dims=[])
-    if losses is not None:
-        groups[LOSS_GROUP] = az.dict_to_dataset(
-            {"loss": losses},
-            library=pyro,
-            coords={"svi_step": np.arange(losses.size)},
-            dims={"loss": ["svi_step"]},
-            default_dims=[],
-        )
-    return az.InferenceData(**groups)
+        groups = {
+            group: dataset(group, {name: value[None] for name, value in draws[group].items()})
+            for group in _DRAW_GROUPS
+            if draws[group]
+        }
+        if observed:
+            groups["observed_data"] = dataset("observed_data", observed, default_dims=[])
+        if losses is not None:
+            groups[LOSS_GROUP] = az.dict_to_dataset(
+                {"loss": losses},
+                library=pyro,
+                coords={"svi_step": np.arange(losses.size)},
+                dims={"loss": ["svi_step"]},
+                default_dims=[],
+            )
+        return az.InferenceData(**groups)
