@@ -14,7 +14,9 @@ optimizer update). Methods:
 (b) hand-written with the analytic KL(q || N(0, 1)), under ``torch.compile`` (eager, with a
     note, where compiling fails or ``--no-compile``);
 (c) Pyro ``Trace_ELBO``; (d) Pyro ``TraceMeanField_ELBO``;
-(e) ``RoutedELBO(fast_path=False)``; (f) ``RoutedELBO()`` (fast path: analytic KL).
+(e) ``RoutedELBO(fast_path=False)``; (f) ``RoutedELBO()`` (fast path: analytic KL); (g), (h)
+``RoutedELBO(fast_path=False)`` and ``Trace_ELBO`` with the guide written with the package's
+``sample_elementwise_normal`` (whose log q reuses the noise of the draw).
 
 Time per step is the median (and the minimum) over ``--repeats`` interleaved rounds after
 ``--warmup`` calls (``perf_counter`` on CPU; CUDA events, synchronized, on GPU); on a shared
@@ -47,9 +49,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pyro_reparam_conv import (
-    RoutedELBO,  # noqa: E402
-    sampling,  # noqa: E402
+from pyro_reparam_conv import (  # noqa: E402
+    RoutedELBO,
+    sample_elementwise_normal,
+    sampling,
 )
 
 LOG_2PI = math.log(2 * math.pi)
@@ -112,6 +115,12 @@ class Workload:
             std = F.softplus(raw_var).sqrt()
             pyro.sample("z", dist.Normal(mean, std).to_event(3))
 
+    def package_guide(self) -> None:
+        """The same guide through the package's site builder (noise-reusing log q)."""
+        mean, raw_var = pyro.param("mean"), pyro.param("raw_var")
+        with pyro.plate("batch", self.shape[0], dim=-1):
+            sample_elementwise_normal("z", mean, raw_var, parameterization="softplus")
+
 
 def _compiled_kl_step(w: Workload, use_compile: bool) -> tuple[Callable[[], None], str]:
     """The (b) step and a note on how it runs."""
@@ -142,9 +151,9 @@ def methods(w: Workload, use_compile: bool) -> tuple[dict[str, Callable[[], None
         w.hand_loss().backward()
         w.zero_grad()
 
-    def pyro_step(elbo) -> Callable[[], None]:
+    def pyro_step(elbo, guide=w.guide) -> Callable[[], None]:
         def step() -> None:
-            elbo.loss_and_grads(w.model, w.guide)
+            elbo.loss_and_grads(w.model, guide)
             w.zero_grad()
 
         return step
@@ -158,6 +167,10 @@ def methods(w: Workload, use_compile: bool) -> tuple[dict[str, Callable[[], None
         "(d) TraceMeanField_ELBO": pyro_step(TraceMeanField_ELBO()),
         "(e) RoutedELBO(fast_path=False)": pyro_step(RoutedELBO(fast_path=False)),
         "(f) RoutedELBO()": pyro_step(routed),
+        "(g) RoutedELBO(fast_path=False), package guide": pyro_step(
+            RoutedELBO(fast_path=False), w.package_guide
+        ),
+        "(h) Trace_ELBO, package guide": pyro_step(Trace_ELBO(), w.package_guide),
     }
     notes = {"(b) hand-written KL": note}
     notes["(f) RoutedELBO() route"] = lambda: str(routed.routes.get("z", "not run"))

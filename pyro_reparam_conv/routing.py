@@ -24,6 +24,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 
 from .estimators.baselines import BaselineSpec, parse_baseline
+from .sampling import distribution_name
 
 ESTIMATORS: tuple[str, ...] = ("pathwise", "score")
 
@@ -46,21 +47,13 @@ class Route:
         return f"{self.site}: {self.estimator} ({self.reason}{extra})"
 
 
-def _distribution_name(fn) -> str:
-    names = []
-    while fn is not None:
-        names.append(type(fn).__name__)
-        fn = getattr(fn, "base_dist", None)
-    return "(".join(names) + ")" * (len(names) - 1)
-
-
 def choose_estimator(name: str, fn, infer: dict) -> tuple[str, str]:
     """Return ``(estimator, reason)`` for site ``name`` with distribution ``fn``.
 
     Raises ``ValueError`` for an unknown estimator name, or for ``"pathwise"`` forced on a
     distribution without ``rsample``.
     """
-    dist_name = _distribution_name(fn)
+    dist_name = distribution_name(fn)
     has_rsample = bool(getattr(fn, "has_rsample", False))
     requested = infer.get("estimator")
     if requested is None:
@@ -90,7 +83,7 @@ def route_site(msg: dict, default_baseline: Optional[str]) -> tuple[Route, Optio
         site=name,
         estimator=estimator,
         reason=reason,
-        distribution=_distribution_name(fn),
+        distribution=distribution_name(fn),
         baseline=spec.describe() if spec is not None else None,
     )
     return route, spec
@@ -159,7 +152,7 @@ class ForceEstimatorMessenger(Messenger):
             and self.estimator == "pathwise"
             and not getattr(msg["fn"], "has_rsample", False)
         ):
-            self.skipped[msg["name"]] = f"{_distribution_name(msg['fn'])} has no rsample"
+            self.skipped[msg["name"]] = f"{distribution_name(msg['fn'])} has no rsample"
             return
         msg["infer"] = {**msg["infer"], "estimator": self.estimator}
 

@@ -21,6 +21,7 @@ and switched off the way Pyro's is: :func:`enable_validation` or the
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, Literal, Optional
 
 import pyro.distributions as dist
@@ -164,4 +165,51 @@ def elementwise_normal(
     if validate:
         validate_mean_var(mean, var, parameterization, mean_name=mean_name, var_name=var_name)
     scale = to_variance(var, parameterization).sqrt()
-    return dist.Normal(mean, scale, validate_args=False)
+    return NoiseReusingNormal(mean, scale, validate_args=False)
+
+
+def distribution_name(fn) -> str:
+    """``fn``'s name as reports show it, wrappers included: ``"Independent(Normal)"``."""
+    names = []
+    while fn is not None:
+        names.append(getattr(type(fn), "display_name", type(fn).__name__))
+        fn = getattr(fn, "base_dist", None)
+    return "(".join(names) + ")" * (len(names) - 1)
+
+
+class NoiseReusingNormal(dist.Normal):
+    """``Normal(loc, scale)`` whose ``log_prob`` at its own latest ``rsample`` reuses the noise.
+
+    ``rsample`` draws ``z = loc + scale * eps`` and keeps ``eps``; ``log_prob(z)`` for that very
+    tensor is then ``-eps^2 / 2 - log(scale) - log(2 pi) / 2``, skipping the passes of
+    ``(z - loc) / scale``. Values and gradients are those of ``Normal.log_prob``: as a
+    function of ``(loc, scale)``, ``(z - loc) / scale`` is ``eps`` exactly. Any other value
+    (a ``sample()``, an observation, a copy) takes ``Normal.log_prob``. Draws consume the
+    random stream as ``Normal.rsample`` does.
+    """
+
+    #: its density is Normal's, so closed forms for ``Normal`` (e.g. KL) apply unchanged
+    exact_normal_density = True
+    #: the name reports show: the noise reuse is an implementation detail
+    display_name = "Normal"
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)
+        eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        value = self.loc + eps * self.scale
+        self._noise = (value, eps)
+        return value
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        noise = getattr(self, "_noise", None)
+        if noise is None or noise[0] is not value:
+            return super().log_prob(value)
+        eps = noise[1]
+        return -0.5 * eps.square() - self.scale.log() - _LOG_SQRT_2PI
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(NoiseReusingNormal, _instance)
+        return super().expand(batch_shape, _instance=new)
+
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)

@@ -27,6 +27,7 @@ from torch.distributions import Distribution, Independent, Normal
 from torch.distributions.transforms import Transform
 
 from ..routing import Route
+from ..sampling import distribution_name
 
 __all__ = [
     "analytic_kl",
@@ -50,7 +51,9 @@ def _unwrap_independent(d: Distribution) -> tuple[Distribution, int]:
 
 def _is_plain_normal(d: Distribution) -> bool:
     """A torch/Pyro ``Normal`` whose density is ``Normal``'s own (not a subclass's)."""
-    return isinstance(d, Normal) and type(d).log_prob is Normal.log_prob
+    return isinstance(d, Normal) and (
+        type(d).log_prob is Normal.log_prob or getattr(type(d), "exact_normal_density", False)
+    )
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
@@ -143,7 +146,7 @@ def compact_normal_log_prob(fn: Distribution, value: torch.Tensor) -> Optional[t
 def kl_name(q: Distribution, p: Distribution) -> str:
     q_base, _ = _unwrap_independent(q)
     p_base, _ = _unwrap_independent(p)
-    return f"KL({type(q_base).__name__}\u2016{type(p_base).__name__})"
+    return f"KL({distribution_name(q_base)}\u2016{distribution_name(p_base)})"
 
 
 def analytic_kl(q: Distribution, p: Distribution) -> torch.Tensor:
