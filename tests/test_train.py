@@ -5,6 +5,7 @@ bytes): on one CPU with fixed seeds the computation is deterministic, so a resum
 reproduce an uninterrupted one bit for bit.
 """
 
+import math
 import os
 
 import pyro
@@ -225,3 +226,29 @@ def test_resume_into_a_model_of_another_shape_is_refused(tmp_path):
             elbo=RoutedELBO(),
             **COMMON,
         )
+
+
+@pytest.mark.cuda
+def test_training_and_export_on_cuda(tmp_path):
+    """The built-in model trains with RoutedELBO on CUDA, checkpoints, and exports to ArviZ."""
+    from pyro_reparam_conv import RoutedELBO, to_inference_data
+    from pyro_reparam_conv.models import ConvClusterVAE
+
+    images = torch.rand(32, 1, 8, 8)
+    vae = ConvClusterVAE(hidden_channels=8)
+    elbo = RoutedELBO()
+    result = train(
+        vae.model,
+        vae.guide,
+        images,
+        steps=3,
+        batch_size=16,
+        elbo=elbo,
+        device="cuda",
+        checkpoint_path=tmp_path / "ck.pt",
+        progress=False,
+    )
+    assert result.device.type == "cuda" and all(map(math.isfinite, result.losses))
+    assert {r.estimator for r in elbo.routes.values()} == {"pathwise", "score"}
+    idata = to_inference_data(vae.model, vae.guide, images[:4].cuda(), num_samples=5)
+    assert idata.posterior["z"].shape[:3] == (1, 5, 4)
