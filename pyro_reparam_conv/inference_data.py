@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -366,13 +367,26 @@ def quiet_arviz() -> Iterator[Any]:
         warnings.simplefilter("ignore", RuntimeWarning)
         import arviz  # first: its import sets the "arviz" logger's level
 
-        logger = logging.getLogger("arviz")
-        previous = logger.level
-        logger.setLevel(logging.ERROR)
+        loggers = _arviz_loggers()
+        previous = [logger.level for logger in loggers]
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
         try:
             yield arviz
         finally:
-            logger.setLevel(previous)
+            for logger, level in zip(loggers, previous):
+                logger.setLevel(level)
+
+
+def _arviz_loggers() -> List[logging.Logger]:
+    """ArviZ's loggers: the registered "arviz" one and the module-level ``_log`` objects that
+    some of its modules create directly (``Logger("arviz")``, unreachable by name)."""
+    found = {id(logging.getLogger("arviz")): logging.getLogger("arviz")}
+    for name, module in list(sys.modules.items()):
+        logger = getattr(module, "_log", None) if name.startswith("arviz") else None
+        if isinstance(logger, logging.Logger):
+            found[id(logger)] = logger
+    return list(found.values())
 
 
 def _assemble(
