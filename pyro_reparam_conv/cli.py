@@ -201,14 +201,15 @@ def _export(
 
 
 # ----------------------------------------------------------------------- demo
-def _train_run(args, config, images, route: str, out: Path):
+def _fit(args, config: dict, images: torch.Tensor, z_estimator: str, checkpoint: Path, **options):
+    """A fresh ConvClusterVAE trained with RoutedELBO from the command-line options;
+    returns ``(vae, TrainResult)`` (the ELBO, with its routes, is ``result.elbo``)."""
     from .elbo import RoutedELBO
     from .train import train
 
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
-    vae = _build_model(config, route)
-    elbo = RoutedELBO()
+    vae = _build_model(config, z_estimator)
     result = train(
         vae.model,
         vae.guide,
@@ -216,14 +217,14 @@ def _train_run(args, config, images, route: str, out: Path):
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
-        elbo=elbo,
+        elbo=RoutedELBO(),
         device=args.device,
         seed=args.seed,
-        checkpoint_path=out / f"checkpoint_{route}.pt",
+        checkpoint_path=checkpoint,
         resume=args.resume,
         progress=not args.no_progress,
-        desc=f"z {route}",
         metadata=config,
+        **options,
     )
     return vae, result
 
@@ -280,7 +281,9 @@ def run_demo(args: argparse.Namespace) -> dict:
     shown = images[:10]
     runs, reconstructions, variance = {}, {}, {}
     for route in ("pathwise", "score"):
-        vae, result = _train_run(args, config, images, route, out)
+        vae, result = _fit(
+            args, config, images, route, out / f"checkpoint_{route}.pt", desc=f"z {route}"
+        )
         device = result.device
         vae.eval()
         with torch.no_grad():
@@ -363,36 +366,22 @@ def run_demo(args: argparse.Namespace) -> dict:
 
 # ----------------------------------------------------------------------- train / export
 def run_train(args: argparse.Namespace) -> int:
-    from .elbo import RoutedELBO
     from .plots import plot_elbo_curves
-    from .train import train
 
     images, _ = _load_data(args)
     config = _model_config(args, images.shape[1:])
     config["data"] = str(args.data) if args.data else None
     config["key"] = args.key
-    pyro.clear_param_store()
-    pyro.set_rng_seed(args.seed)
-    vae = _build_model(config, args.z_estimator)
-    elbo = RoutedELBO()
-    result = train(
-        vae.model,
-        vae.guide,
+    _, result = _fit(
+        args,
+        config,
         images,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        elbo=elbo,
-        device=args.device,
-        seed=args.seed,
-        checkpoint_path=args.out / "checkpoint.pt",
+        args.z_estimator,
+        args.out / "checkpoint.pt",
         checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        progress=not args.no_progress,
-        metadata=config,
     )
     plot_elbo_curves({"train": result.losses}, args.out / "elbo.png", num_data=len(images))
-    for route in elbo.routes.values():
+    for route in result.elbo.routes.values():
         print(route)
     print(
         f"{result.step} steps, {result.seconds_per_step * 1e3:.1f} ms/step on {result.device}; "
