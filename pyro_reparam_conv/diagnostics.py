@@ -20,7 +20,6 @@ import inspect
 import math
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import pyro
@@ -29,6 +28,7 @@ import torch
 from pyro.util import get_rng_state, set_rng_state
 
 from .elbo import RoutedELBO
+from .introspect import modules_behind
 from .routing import ESTIMATORS, ForceEstimatorMessenger, Route
 
 __all__ = [
@@ -46,27 +46,6 @@ COMPARE_ESTIMATORS: tuple[str, ...] = (
 
 
 # ------------------------------------------------------------------ parameter discovery
-def _modules_behind(fn: Any, seen: Optional[set] = None) -> list[torch.nn.Module]:
-    """``nn.Module`` objects a model/guide callable runs: the callable itself, the object of a
-    bound method, and the same through ``functools.partial`` / Pyro handler wrappers."""
-    seen = set() if seen is None else seen
-    if fn is None or id(fn) in seen:
-        return []
-    seen.add(id(fn))
-    if isinstance(fn, torch.nn.Module):
-        return [fn]
-    found = []
-    owner = getattr(fn, "__self__", None)
-    if owner is not None:
-        found += _modules_behind(owner, seen)
-    if isinstance(fn, partial):
-        found += _modules_behind(fn.func, seen)
-        for arg in fn.args:
-            if callable(arg):
-                found += _modules_behind(arg, seen)
-    return found
-
-
 @dataclass
 class _Param:
     name: str
@@ -91,7 +70,7 @@ def _collect_params(param_trace, model, guide) -> list[_Param]:
             seen.add(id(leaf))
             params.append(_Param(name, leaf, "param store"))
     for role, fn in (("model", model), ("guide", guide)):
-        for module in _modules_behind(fn):
+        for module in modules_behind(fn):
             label = type(module).__name__
             for pname, p in module.named_parameters():
                 if id(p) not in seen:
@@ -125,7 +104,7 @@ def _existing_tensors(model, guide) -> list[torch.Tensor]:
     store = pyro.get_param_store()
     tensors = [store._params[n] for n in store.keys()] if hasattr(store, "_params") else []
     for fn in (model, guide):
-        for module in _modules_behind(fn):
+        for module in modules_behind(fn):
             tensors += list(module.parameters())
     return tensors
 

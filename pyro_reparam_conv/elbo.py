@@ -54,7 +54,6 @@ from .estimators.analytic_kl import (
     compact_normal_log_prob,
     distribution_provenance,
     kl_name,
-    kl_surrogate_elbo,
     site_kl,
 )
 from .estimators.baselines import BaselineSpec, DecayingAverages, leave_one_out, normalize_kind
@@ -202,11 +201,17 @@ def _signature(model_trace: Trace, guide_trace: Trace, routes: Mapping[str, Rout
     return guide, model
 
 
-def _is_zero(x) -> bool:
-    return isinstance(x, (int, float)) and x == 0
+def _sum(terms) -> Any:
+    """The sum of ``terms``, skipping Python zeros (no tensor op adds a 0)."""
+    total: Any = 0.0
+    for term in terms:
+        if isinstance(term, (int, float)) and term == 0:
+            continue
+        total = term if isinstance(total, float) and total == 0 else total + term
+    return total
 
 
-def _elbo_with_kl(model_trace: Trace, guide_trace: Trace, kl: Mapping[str, torch.Tensor]):
+def _elbo(model_trace: Trace, guide_trace: Trace, kl: Mapping[str, torch.Tensor]):
     """``sum log p - sum log q`` with each KL site's pair of terms replaced by ``-KL``."""
     total: Any = 0.0
     for name, site in model_trace.nodes.items():
@@ -368,10 +373,7 @@ class RoutedELBO(ELBO):
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             router, kl = self._router, self._kl
             dependencies = self._dependencies(model_trace, guide_trace, router)
-            if kl:
-                elbo = _elbo_with_kl(model_trace, guide_trace, kl)
-            else:
-                elbo = model_trace.log_prob_sum() - guide_trace.log_prob_sum()
+            elbo = _elbo(model_trace, guide_trace, kl)
             surrogate, terms = 0.0, []
             if with_surrogate:
                 if kl and all(
@@ -380,10 +382,8 @@ class RoutedELBO(ELBO):
                     if site["type"] == "sample"
                 ):
                     surrogate = elbo  # every guide term is an analytic KL: the same sum
-                elif kl:
-                    surrogate = kl_surrogate_elbo(model_trace, guide_trace, router.routes, kl)
                 else:
-                    surrogate = pathwise_surrogate_elbo(model_trace, guide_trace, router.routes)
+                    surrogate = pathwise_surrogate_elbo(model_trace, guide_trace, router.routes, kl)
                 terms = score_terms(model_trace, guide_trace, router.routes, dependencies)
             particles.append(
                 _Particle(
@@ -543,19 +543,12 @@ class RoutedELBO(ELBO):
     def _loss_and_surrogate_loss(self, model, guide, args, kwargs):
         particles = self._particles(model, guide, args, kwargs, with_surrogate=True)
         score_surrogate, fit_loss = self._score_surrogate(particles)
-        if len(particles) == 1 and self.num_particles == 1:
-            # the same values without the tensor ops that add 0 or multiply by 1
-            surrogate = particles[0].surrogate_elbo
-            if not _is_zero(score_surrogate):
-                surrogate = surrogate + score_surrogate
-            surrogate_loss = -surrogate
-            if not _is_zero(fit_loss):
-                surrogate_loss = surrogate_loss + fit_loss
-            return -particles[0].elbo, surrogate_loss, particles
-        scale = 1.0 / self.num_particles
-        elbo = sum(p.elbo for p in particles) * scale
-        surrogate = sum(p.surrogate_elbo for p in particles)
-        surrogate_loss = -(surrogate + score_surrogate) * scale + fit_loss * scale
+        elbo = _sum(p.elbo for p in particles)
+        surrogate = _sum([*(p.surrogate_elbo for p in particles), score_surrogate])
+        surrogate_loss = _sum([-surrogate, fit_loss])
+        if self.num_particles > 1:
+            scale = 1.0 / self.num_particles
+            elbo, surrogate_loss = elbo * scale, surrogate_loss * scale
         return -elbo, surrogate_loss, particles
 
     def loss(self, model, guide, *args, **kwargs) -> float:

@@ -32,6 +32,8 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_factor, site_is_subsample
 from pyro.util import get_rng_state, set_rng_state
 
+from .introspect import max_plate_nesting
+
 if TYPE_CHECKING:  # pragma: no cover
     import arviz
 
@@ -242,7 +244,7 @@ def _stack(name: str, values: List[torch.Tensor]) -> np.ndarray:
 
 def _draw_parallel(model, guide, args, kwargs, num_samples, reference, sites) -> Draws:
     """All draws at once inside a plate at the dim left of every plate of model and guide."""
-    draw_plate = pyro.plate(_DRAW_PLATE, num_samples, dim=-_max_plate_nesting(reference) - 1)
+    draw_plate = pyro.plate(_DRAW_PLATE, num_samples, dim=-max_plate_nesting(*reference) - 1)
 
     def in_plate(fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(*a: Any, **k: Any) -> Any:
@@ -266,18 +268,6 @@ def _draw_parallel(model, guide, args, kwargs, num_samples, reference, sites) ->
         }
         for group in _DRAW_GROUPS
     }
-
-
-def _max_plate_nesting(traces: Sequence[Trace]) -> int:
-    dims = [
-        frame.dim
-        for trace in traces
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized
-    ]
-    return -min(dims, default=0)
 
 
 def _unbatch(name: str, value: torch.Tensor, num_samples: int, shape: torch.Size) -> torch.Tensor:

@@ -36,6 +36,7 @@ from pyro.infer.util import zero_grads
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 
+from .introspect import max_plate_nesting, modules_behind
 from .sampling import validation_enabled
 
 __all__ = [
@@ -158,16 +159,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _modules(*fns: Callable) -> list[torch.nn.Module]:
-    """The distinct ``nn.Module`` objects behind ``fns`` (modules or their bound methods)."""
-    found: list[torch.nn.Module] = []
-    for fn in fns:
-        module = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
-        if isinstance(module, torch.nn.Module) and all(module is not m for m in found):
-            found.append(module)
-    return found
-
-
 def restore_params(params: dict[str, torch.Tensor], modules: list[dict], fns: tuple) -> None:
     """Copy saved values *into* the live parameters (keeping tensor identity, so modules,
     the param store and the optimizer keep pointing at the same tensors)."""
@@ -190,7 +181,7 @@ def restore_params(params: dict[str, torch.Tensor], modules: list[dict], fns: tu
             "checkpoint does not match the model: parameter shapes differ: " + "; ".join(shapes)
         )
     with torch.no_grad():
-        for module, state in zip(_modules(*fns), modules):
+        for module, state in zip(modules_behind(*fns), modules):
             module.load_state_dict(state)
         for name, value in params.items():
             live[name].copy_(value)
@@ -264,16 +255,24 @@ class _SafeDraw(Messenger):
         msg["value"] = value
 
 
-def _non_finite_sites(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> list[str]:
-    """Trace guide and model once more (validation off) and name every sample site whose
-    draw or log-density is NaN/Inf, as ``"name (guide)"`` / ``"name (model)"``."""
+def _probe_traces(model: Callable, guide: Callable, args: tuple, kwargs: dict):
+    """Guide and replayed model traces drawn without gradients, with validation off and
+    NaN-tolerant draws; returns ``(probe, guide_trace, model_trace)``."""
     probe = _SafeDraw()
-    bad: list[str] = []
     with torch.no_grad(), pyro.validation_enabled(False), validation_enabled(False):
         guide_trace = poutine.trace(probe(guide)).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
         )
+    return probe, guide_trace, model_trace
+
+
+def _non_finite_sites(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> list[str]:
+    """Trace guide and model once more (validation off) and name every sample site whose
+    draw or log-density is NaN/Inf, as ``"name (guide)"`` / ``"name (model)"``."""
+    probe, guide_trace, model_trace = _probe_traces(model, guide, args, kwargs)
+    bad: list[str] = []
+    with torch.no_grad(), pyro.validation_enabled(False), validation_enabled(False):
         for role, trace in (("guide", guide_trace), ("model", model_trace)):
             for name, site in trace.nodes.items():
                 if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
@@ -290,12 +289,8 @@ def _non_finite_sites(model: Callable, guide: Callable, args: tuple, kwargs: dic
 def register_params(model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> int:
     """Run guide and model once (no gradients, validation off, NaN-tolerant draws) so every
     parameter exists in the param store; return the traces' plate nesting depth."""
-    with torch.no_grad(), pyro.validation_enabled(False), validation_enabled(False):
-        guide_trace = poutine.trace(_SafeDraw()(guide)).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-    return _max_plate_nesting(guide_trace, model_trace)
+    _, guide_trace, model_trace = _probe_traces(model, guide, args, kwargs)
+    return max_plate_nesting(guide_trace, model_trace)
 
 
 def load_params(
@@ -353,18 +348,6 @@ def _deferred_interrupt() -> Iterator[list]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _max_plate_nesting(*traces) -> int:
-    dims = [
-        -frame.dim
-        for trace in traces
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized and frame.dim is not None
-    ]
-    return max(dims, default=0)
-
-
 # -------------------------------------------------------------------- train
 def train(
     model: Callable,
@@ -411,7 +394,7 @@ def train(
         elbo = RoutedELBO()
     optim = optim if optim is not None else pyro.optim.Adam({"lr": lr})
     device = resolve_device(device)
-    for module in _modules(model, guide):
+    for module in modules_behind(model, guide):
         module.to(device)
     data = data.to(device)
     num_data = len(data)
@@ -466,7 +449,7 @@ def train(
                 name: p.detach().cpu().clone()
                 for name, p in pyro.get_param_store().named_parameters()
             },
-            "modules": [m.state_dict() for m in _modules(model, guide)],
+            "modules": [m.state_dict() for m in modules_behind(model, guide)],
             "optim": optim.get_state(),
             **(before_step if before_step is not None else step_state()),
             "num_data": num_data,

@@ -9,24 +9,22 @@ noise of that term (Kingma & Welling 2014, eq. 10; Pyro's ``TraceMeanField_ELBO`
 :func:`analytic_kl` evaluates ``Normal || Normal`` (under ``Independent``) in closed form
 with broadcasting, so a prior such as ``Normal(0, 1).expand(shape)`` is never materialized;
 other pairs go to ``torch.distributions.kl_divergence`` (with Pyro's registrations).
-:func:`kl_surrogate_elbo` is :func:`~.pathwise.pathwise_surrogate_elbo` with the KL sites'
-terms replaced.
+:func:`site_kl` gives a site's scaled, masked, summed KL, which
+:func:`~.pathwise.pathwise_surrogate_elbo` uses in place of the site's ``log p - log q``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional
+from typing import Optional
 
 import torch
 from pyro.distributions.kl import kl_divergence
-from pyro.distributions.util import is_identically_zero, scale_and_mask
+from pyro.distributions.util import scale_and_mask
 from pyro.ops.provenance import extract_provenance
-from pyro.poutine import Trace
 from torch.distributions import Distribution, Independent, Normal
 from torch.distributions.transforms import Transform
 
-from ..routing import Route
 from ..sampling import distribution_name
 
 __all__ = [
@@ -34,7 +32,6 @@ __all__ = [
     "compact_normal_log_prob",
     "distribution_provenance",
     "kl_name",
-    "kl_surrogate_elbo",
     "site_kl",
 ]
 
@@ -222,14 +219,19 @@ def _scalar_prior_normal_kl_sum(q: Distribution, p: Distribution) -> Optional[to
     return _scalar_prior_kl_sum(q_loc, q_scale, p_loc, p_scale, zero_loc, unit_scale)
 
 
-def _scalar_prior_kl_sum(q_loc, q_scale, p_loc, p_scale, zero_loc, unit_scale):
+def _scalar_prior_kl_parts(q_loc, q_scale, p_loc, p_scale, zero_loc, unit_scale):
+    """The KL sum and the intermediates its backward reuses: ``(sum, d, r, r^2 - 1)``."""
     r = q_scale if unit_scale else q_scale / p_scale
     d = q_loc if zero_loc else q_loc - p_loc
-    var_term = torch.addcmul(r.new_full((), -1.0), r, r).sum()  # sum (r^2 - 1)
+    a = torch.addcmul(r.new_full((), -1.0), r, r)  # r^2 - 1
     loc_term = d.square().sum()
     if not unit_scale:
         loc_term = loc_term / p_scale.square()
-    return 0.5 * (var_term + loc_term) - r.log().sum()
+    return 0.5 * (a.sum() + loc_term) - r.log().sum(), d, r, a
+
+
+def _scalar_prior_kl_sum(q_loc, q_scale, p_loc, p_scale, zero_loc, unit_scale):
+    return _scalar_prior_kl_parts(q_loc, q_scale, p_loc, p_scale, zero_loc, unit_scale)[0]
 
 
 class _ScalarPriorNormalKLSum(torch.autograd.Function):
@@ -240,16 +242,13 @@ class _ScalarPriorNormalKLSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_loc, q_scale, p_loc, p_scale, zero_loc, unit_scale):
-        r = q_scale if unit_scale else q_scale / p_scale
-        d = q_loc if zero_loc else q_loc - p_loc
-        a = torch.addcmul(r.new_full((), -1.0), r, r)  # r^2 - 1
-        loc_term = d.square().sum()
-        if not unit_scale:
-            loc_term = loc_term / p_scale.square()
+        value, *intermediates = _scalar_prior_kl_parts(
+            q_loc, q_scale, p_loc, p_scale, zero_loc, unit_scale
+        )
         ctx.save_for_backward(q_loc, q_scale, p_loc, p_scale)
         ctx.flags = zero_loc, unit_scale
-        ctx.intermediates = d, r, a
-        return 0.5 * (a.sum() + loc_term) - r.log().sum()
+        ctx.intermediates = tuple(intermediates)
+        return value
 
     @staticmethod
     def backward(ctx, grad):
@@ -304,26 +303,3 @@ def distribution_provenance(fn) -> frozenset:
             elif isinstance(value, (list, tuple)):
                 stack.extend(v for v in value if isinstance(v, (Distribution, Transform)))
     return provenance
-
-
-def kl_surrogate_elbo(
-    model_trace: Trace,
-    guide_trace: Trace,
-    routes: Mapping[str, Route],
-    kl: Mapping[str, torch.Tensor],
-) -> torch.Tensor | float:
-    """``pathwise_surrogate_elbo`` with ``log p - log q`` of each site in ``kl`` as ``-KL``."""
-    total: torch.Tensor | float = 0.0
-    for name, site in model_trace.nodes.items():
-        if site["type"] == "sample" and name not in kl:
-            total = total + site["log_prob_sum"]
-    for name, site in guide_trace.nodes.items():
-        if site["type"] != "sample" or name in kl or routes.get(name) is None:
-            continue
-        if routes[name].estimator == "pathwise":
-            entropy_term = site["score_parts"].entropy_term
-            if not is_identically_zero(entropy_term):
-                total = total - entropy_term.sum()
-    for value in kl.values():
-        total = total - value
-    return total

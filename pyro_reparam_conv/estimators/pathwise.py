@@ -10,7 +10,7 @@ carries the site's own ``-log q`` in its cost instead.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from pyro.distributions.util import is_identically_zero
@@ -20,18 +20,28 @@ from ..routing import Route
 
 
 def pathwise_surrogate_elbo(
-    model_trace: Trace, guide_trace: Trace, routes: Mapping[str, Route]
+    model_trace: Trace,
+    guide_trace: Trace,
+    routes: Mapping[str, Route],
+    kl: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> torch.Tensor | float:
-    """``sum_model log p + sum_{pathwise guide sites} (-log q)`` with gradients kept."""
+    """``sum_model log p + sum_{pathwise guide sites} (-log q)`` with gradients kept.
+
+    Sites in ``kl`` (analytic-KL sites of the fast path) enter as ``-KL(q || p)`` instead of
+    their ``log p - log q`` pair.
+    """
+    kl = kl or {}
     total: torch.Tensor | float = 0.0
-    for site in model_trace.nodes.values():
-        if site["type"] == "sample":
+    for name, site in model_trace.nodes.items():
+        if site["type"] == "sample" and name not in kl:
             total = total + site["log_prob_sum"]
     for name, site in guide_trace.nodes.items():
-        if site["type"] != "sample" or routes.get(name) is None:
+        if site["type"] != "sample" or name in kl or routes.get(name) is None:
             continue
         if routes[name].estimator == "pathwise":
             entropy_term = site["score_parts"].entropy_term
             if not is_identically_zero(entropy_term):
                 total = total - entropy_term.sum()
+    for value in kl.values():
+        total = total - value
     return total
