@@ -14,7 +14,9 @@ optimizer update). Methods:
 (b) hand-written with the analytic KL(q || N(0, 1)), under ``torch.compile`` (eager, with a
     note, where compiling fails or ``--no-compile``);
 (c) Pyro ``Trace_ELBO``; (d) Pyro ``TraceMeanField_ELBO``;
-(e) ``RoutedELBO(fast_path=False)``; (f) ``RoutedELBO()`` (fast path: analytic KL); (g), (h)
+(e) ``RoutedELBO(fast_path=False)``; (f) ``RoutedELBO()`` (fast path: analytic KL and the
+fast kernels of ``pyro_reparam_conv.kernels``); (f') the same with the reference kernels
+(Pyro's and torch's own functions: what the kernels save); (g), (h)
 ``RoutedELBO(fast_path=False)`` and ``Trace_ELBO`` with the guide written with the package's
 ``sample_elementwise_normal`` (whose log q reuses the noise of the draw).
 
@@ -54,6 +56,14 @@ from pyro_reparam_conv import (  # noqa: E402
     sample_elementwise_normal,
     sampling,
 )
+from pyro_reparam_conv.kernels import REFERENCE  # noqa: E402
+
+
+class ReferenceKernelsELBO(RoutedELBO):
+    """``RoutedELBO()`` computing with Pyro's and torch's functions instead of the kernels."""
+
+    kernels = REFERENCE
+
 
 LOG_2PI = math.log(2 * math.pi)
 C_IN, C_OUT = 16, 32
@@ -167,6 +177,7 @@ def methods(w: Workload, use_compile: bool) -> tuple[dict[str, Callable[[], None
         "(d) TraceMeanField_ELBO": pyro_step(TraceMeanField_ELBO()),
         "(e) RoutedELBO(fast_path=False)": pyro_step(RoutedELBO(fast_path=False)),
         "(f) RoutedELBO()": pyro_step(routed),
+        "(f') RoutedELBO(), reference kernels": pyro_step(ReferenceKernelsELBO()),
         "(g) RoutedELBO(fast_path=False), package guide": pyro_step(
             RoutedELBO(fast_path=False), w.package_guide
         ),

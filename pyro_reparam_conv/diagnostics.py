@@ -181,34 +181,18 @@ class GradientAudit:
 
 
 def _site_terms(particles, scale: float) -> dict[str, torch.Tensor]:
-    """The routed surrogate loss split by sample site (summed over particles).
-
-    Site ``n``'s term: ``-log p(n)`` of the model site, ``+log q(n)`` (differentiated
-    through ``rsample``) if ``n`` is a pathwise guide site, and ``-log q(n)`` (its score;
-    multiplied by a cost held fixed in the real surrogate) if it is a score guide site; for a
-    site on the analytic-KL fast path, its ``KL(q || p)`` replaces its ``log p`` and ``log q``.
-    """
+    """The routed surrogate loss split by sample site (summed over particles), from the
+    particles' site-term tables: site ``n``'s term is the sum of its rows' surrogate terms
+    (``-log p``, a guide site's ``+entropy_term`` through ``rsample``, or its ``KL``) and
+    of its score-function part times its fixed cost."""
     terms: dict[str, Any] = {}
-
-    def add(name, value):
-        if isinstance(value, torch.Tensor) and value.requires_grad:
-            terms[name] = terms.get(name, 0.0) + value * scale
-
     for p in particles:
-        kl = getattr(p, "kl", None) or {}  # fast path: the site's pair of terms is its KL
-        for name, value in kl.items():
-            add(name, value)
-        for name, site in p.model_trace.nodes.items():
-            if site["type"] == "sample" and name not in kl:
-                add(name, -site["log_prob_sum"])
-        for name, site in p.guide_trace.nodes.items():
-            route = p.routes.get(name)
-            if name in kl or site["type"] != "sample" or route is None:
-                continue
-            if route.estimator == "pathwise":
-                add(name, site["score_parts"].entropy_term.sum())
-        for term in p.score_terms:
-            add(term.site, -term.score.sum())
+        for row in p.rows:
+            value = -row.surrogate
+            if row.score is not None:
+                value = value - (row.score * row.cost).sum()
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                terms[row.site] = terms.get(row.site, 0.0) + value * scale
     return terms
 
 
@@ -223,12 +207,13 @@ def audit_gradients(model: Callable, guide: Callable, *args, elbo=None, **kwargs
     handler), so a layer run under ``torch.no_grad()`` is caught too. ``receives_gradient``
     is whether the gradient exists (the parameter is in the autograd graph of the loss).
 
-    "From which sites": the surrogate loss is a sum of per-site terms (the model's
-    ``-log p`` at each sample site, a pathwise guide site's ``+log q`` through ``rsample``,
-    a score guide site's ``-log q(z)`` times its fixed cost); each site's term is
-    differentiated on its own, and a parameter lists site ``n`` when ``n``'s term reaches
-    it in the autograd graph. An observed site listed means the likelihood's gradient (for a
-    guide parameter: through a pathwise sample). Attribution needs a :class:`RoutedELBO`;
+    "From which sites": the surrogate loss is a sum of per-site terms, the rows of the
+    ELBO's site-term table (:meth:`~.elbo.RoutedELBO.site_terms`: the model's ``-log p`` at
+    each sample site, a pathwise guide site's ``+log q`` through ``rsample``, a score guide
+    site's ``-log q(z)`` times its fixed cost, guide factors and observed guide sites too);
+    each site's term is differentiated on its own, and a parameter lists site ``n`` when
+    ``n``'s term reaches it in the autograd graph. An observed site listed means the
+    likelihood's gradient (for a guide parameter: through a pathwise sample). Attribution needs a :class:`RoutedELBO`;
     for another ELBO only the total gradient is reported.
 
     Parameter values, ``.grad`` and the global RNG state are left as they were (decaying
@@ -240,9 +225,8 @@ def audit_gradients(model: Callable, guide: Callable, *args, elbo=None, **kwargs
     with _Snapshot(_existing_tensors(model, guide)):
         with poutine.trace(param_only=True) as capture:
             if isinstance(elbo, RoutedELBO):
-                loss, surrogate, particles = elbo._loss_and_surrogate_loss(
-                    model, guide, args, kwargs
-                )
+                particles = elbo.site_terms(model, guide, *args, **kwargs)
+                loss, surrogate = elbo.loss_and_surrogate(particles)
                 routes = dict(elbo.routes)
             else:
                 surrogate = elbo.differentiable_loss(model, guide, *args, **kwargs)

@@ -1,17 +1,18 @@
 """Which gradient estimator each guide sample site gets, and why.
 
-A site's estimator is, in order of precedence:
+A latent guide site's estimator is, in order of precedence:
 
-1. ``infer={"estimator": "pathwise" | "score"}`` on the site (or set by :func:`force_estimator`);
-2. ``"pathwise"`` when its distribution has ``rsample`` (the reparameterization gradient,
-   Kingma & Welling 2014; Rezende et al. 2014);
-3. ``"score"`` otherwise (the score-function / REINFORCE gradient, Williams 1992).
+1. ``infer={"estimator": name}`` on the site (or set by :func:`force_estimator`), any name
+   in :data:`~pyro_reparam_conv.estimators.ESTIMATORS`; a name that does not apply to the
+   site's distribution (``"pathwise"`` without ``rsample``) is a ``ValueError`` naming both;
+2. otherwise the most preferred registered estimator that applies and may be chosen
+   automatically: the pathwise (reparameterization) gradient when the distribution has
+   ``rsample`` (Kingma & Welling 2014; Rezende et al. 2014), the score function otherwise
+   (Williams 1992).
 
-Forcing ``"score"`` on a distribution that has ``rsample`` never mutates the distribution
-(``has_rsample_(False)`` fails on ``Independent`` with current torch): the router draws the
-value with ``fn.sample()``, which carries no gradient, and the ELBO adds the score term.
-Each score-routed value is tagged with provenance (Wingate et al. 2011) so the ELBO can find
-the cost terms downstream of it (Rao-Blackwellization, Schulman et al. 2015).
+The choice is a :class:`Route` with the reason; :class:`RouteMessenger` records the routes
+of a guide run and lets each site's estimator draw its value. Routing never mutates a
+distribution.
 """
 
 from __future__ import annotations
@@ -19,21 +20,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
-from pyro.ops.provenance import track_provenance
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 
+from .estimators import ESTIMATORS, base
 from .estimators.baselines import BaselineSpec, parse_baseline
 from .sampling import distribution_name
 
-ESTIMATORS: tuple[str, ...] = ("pathwise", "score")
-
-__all__ = ["ESTIMATORS", "Route", "RouteMessenger", "force_estimator", "route_site"]
+__all__ = [
+    "ESTIMATORS",
+    "Route",
+    "RouteMessenger",
+    "choose_estimator",
+    "force_estimator",
+    "is_latent",
+]
 
 
 @dataclass(frozen=True)
 class Route:
-    """The estimator a guide site gets (``"pathwise"`` or ``"score"``) and the reason."""
+    """The estimator a guide site gets and why (``baseline``: its description, if it has one)."""
 
     site: str
     estimator: str
@@ -43,85 +49,86 @@ class Route:
     analytic_kl: bool = False
 
     def __str__(self) -> str:
-        extra = f", baseline: {self.baseline}" if self.estimator == "score" else ""
+        extra = f", baseline: {self.baseline}" if self.baseline is not None else ""
         return f"{self.site}: {self.estimator} ({self.reason}{extra})"
 
 
-def choose_estimator(name: str, fn, infer: dict) -> tuple[str, str]:
-    """Return ``(estimator, reason)`` for site ``name`` with distribution ``fn``.
+def _unknown(name: str, requested: object) -> ValueError:
+    return ValueError(
+        f"site {name!r}: unknown estimator {requested!r} in infer['estimator']; "
+        f"valid estimators are {', '.join(map(repr, ESTIMATORS))}"
+    )
 
-    Raises ``ValueError`` for an unknown estimator name, or for ``"pathwise"`` forced on a
-    distribution without ``rsample``.
+
+def choose_estimator(name: str, fn, infer: dict) -> tuple[base.Estimator, str]:
+    """``(estimator, reason)`` for site ``name`` with distribution ``fn`` and ``infer`` dict.
+
+    Raises ``ValueError`` for an unknown estimator name, or for one that does not apply.
     """
-    dist_name = distribution_name(fn)
-    has_rsample = bool(getattr(fn, "has_rsample", False))
     requested = infer.get("estimator")
     if requested is None:
-        if has_rsample:
-            return "pathwise", f"{dist_name} has rsample"
-        return "score", f"{dist_name} has no rsample"
-    if requested not in ESTIMATORS:
-        raise ValueError(
-            f"site {name!r}: unknown estimator {requested!r} in infer['estimator']; "
-            f"valid estimators are {', '.join(map(repr, ESTIMATORS))}"
+        skipped = []
+        for estimator in base.automatic():
+            why_not = estimator.why_not(fn)
+            if why_not is None:
+                reason = "; ".join(r for r in (*skipped, estimator.because(fn)) if r)
+                return estimator, reason or f"{estimator.name} applies to {distribution_name(fn)}"
+            skipped.append(why_not)
+        raise ValueError(f"site {name!r}: no registered estimator applies: {'; '.join(skipped)}")
+    if not isinstance(requested, str) or requested not in ESTIMATORS:
+        raise _unknown(name, requested)
+    estimator = base.get(requested)
+    why_not = estimator.why_not(fn)
+    if why_not is not None:
+        hint = (
+            "; use 'score' or a reparameterizable distribution (e.g. a relaxed/Gumbel-softmax one)"
+            if requested == "pathwise"
+            else ""
         )
-    if requested == "pathwise" and not has_rsample:
         raise ValueError(
-            f"site {name!r}: infer['estimator']='pathwise' was requested but {dist_name} has "
-            "no rsample, so no pathwise (reparameterized) gradient exists; use 'score' or a "
-            "reparameterizable distribution (e.g. a relaxed/Gumbel-softmax one)"
+            f"site {name!r}: infer['estimator']={requested!r} was requested but {why_not}, so "
+            f"that estimator does not apply{hint}"
         )
-    return requested, f"infer['estimator']={requested!r} set on the site"
+    return estimator, f"infer['estimator']={requested!r} set on the site"
 
 
-def route_site(msg: dict, default_baseline: Optional[str]) -> tuple[Route, Optional[BaselineSpec]]:
-    """The :class:`Route` of one guide sample message, and its baseline spec if score-routed."""
-    name, fn, infer = msg["name"], msg["fn"], msg["infer"]
-    estimator, reason = choose_estimator(name, fn, infer)
-    spec = parse_baseline(name, infer, default_baseline) if estimator == "score" else None
-    route = Route(
-        site=name,
-        estimator=estimator,
-        reason=reason,
-        distribution=distribution_name(fn),
-        baseline=spec.describe() if spec is not None else None,
-    )
-    return route, spec
-
-
-def _is_latent(msg: dict) -> bool:
+def is_latent(msg: dict) -> bool:
+    """A sample site that is neither observed nor a plate's subsample index."""
     return (
         msg["type"] == "sample" and not msg["is_observed"] and not isinstance(msg["fn"], _Subsample)
     )
 
 
 class RouteMessenger(Messenger):
-    """Routes each latent site of the guide it wraps; records ``routes`` and baseline specs.
+    """Routes each latent site of the guide it wraps and lets the site's estimator draw it.
 
-    Score-routed sites are drawn without a gradient path and, with ``track=True``, tagged
-    with their own name as provenance, so every log-density computed from them knows it
-    depends on them.
+    After the guide has run, ``routes`` maps each latent site to its :class:`Route` and
+    ``baselines`` each site whose estimator takes a baseline to its :class:`BaselineSpec`
+    (use a fresh messenger per guide run).
     """
 
-    def __init__(self, default_baseline: Optional[str] = None, track: bool = True) -> None:
+    def __init__(self, default_baseline: Optional[str] = None) -> None:
         super().__init__()
         self.default_baseline = default_baseline
-        self.track = track
         self.routes: dict[str, Route] = {}
         self.baselines: dict[str, BaselineSpec] = {}
 
     def _pyro_sample(self, msg: dict) -> None:
-        if not _is_latent(msg):
+        if not is_latent(msg):
             return
-        route, spec = route_site(msg, self.default_baseline)
-        self.routes[msg["name"]] = route
-        if route.estimator != "score":
-            return
-        self.baselines[msg["name"]] = spec
-        if msg["value"] is None:
-            msg["value"] = msg["fn"].sample(*msg["args"], **msg["kwargs"])
-        if self.track:
-            msg["value"] = track_provenance(msg["value"], frozenset({msg["name"]}))
+        name, fn = msg["name"], msg["fn"]
+        estimator, reason = choose_estimator(name, fn, msg["infer"])
+        spec = None
+        if estimator.uses_baseline:
+            spec = self.baselines[name] = parse_baseline(name, msg["infer"], self.default_baseline)
+        self.routes[name] = Route(
+            site=name,
+            estimator=estimator.name,
+            reason=reason,
+            distribution=distribution_name(fn),
+            baseline=spec.describe() if spec is not None else None,
+        )
+        estimator.draw(msg)
 
 
 class ForceEstimatorMessenger(Messenger):
@@ -145,15 +152,13 @@ class ForceEstimatorMessenger(Messenger):
         self.skipped: dict[str, str] = {}
 
     def _pyro_sample(self, msg: dict) -> None:
-        if not _is_latent(msg) or (self.sites is not None and msg["name"] not in self.sites):
+        if not is_latent(msg) or (self.sites is not None and msg["name"] not in self.sites):
             return
-        if (
-            self.skip_invalid
-            and self.estimator == "pathwise"
-            and not getattr(msg["fn"], "has_rsample", False)
-        ):
-            self.skipped[msg["name"]] = f"{distribution_name(msg['fn'])} has no rsample"
-            return
+        if self.skip_invalid:
+            why_not = base.get(self.estimator).why_not(msg["fn"])
+            if why_not is not None:
+                self.skipped[msg["name"]] = why_not
+                return
         msg["infer"] = {**msg["infer"], "estimator": self.estimator}
 
 
@@ -166,8 +171,8 @@ def force_estimator(
     """Handler forcing ``estimator`` on the latent sites of a guide (all, or ``sites``).
 
     Use it around the guide: ``RoutedELBO().loss(model, force_estimator(guide, "score"))``.
-    With ``skip_invalid=True`` a forced ``"pathwise"`` leaves sites without ``rsample`` on
-    their default route (listed in the messenger's ``skipped``) instead of raising.
+    With ``skip_invalid=True`` sites the estimator does not apply to keep their default
+    route (listed with the reason in the messenger's ``skipped``) instead of raising.
     """
     messenger = ForceEstimatorMessenger(estimator, sites, skip_invalid)
     return messenger(fn) if fn is not None else messenger

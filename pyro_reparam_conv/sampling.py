@@ -13,46 +13,39 @@ section 2.4). The variance may be given directly or through an unconstrained val
 ``"log"``                 ``exp(var)``
 ========================  =====================================
 
-Validation (dtype, device, broadcasting, NaN/Inf, non-positive variance) is on by default
-and switched off the way Pyro's is: :func:`enable_validation` or the
-:func:`validation_enabled` context manager; a ``validate=`` argument overrides both.
+Validation (dtype, device, broadcasting, NaN/Inf, a variance that is not strictly positive
+and finite, also after the parameterization's map: ``exp`` of a raw value above about 88
+overflows float32, ``softplus`` of one below about -104 underflows to 0) follows Pyro's one
+switch, which the ELBO reads too: ``pyro.enable_validation`` / ``pyro.validation_enabled``,
+re-exported here as :func:`enable_validation`, :func:`validation_enabled` and
+:func:`is_validation_enabled`. A ``validate=`` argument overrides it for one call.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator, Literal, Optional
+from typing import Literal, Optional
 
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from pyro import enable_validation, validation_enabled
+from pyro.infer.util import is_validation_enabled
 
 Parameterization = Literal["variance", "softplus", "log"]
 PARAMETERIZATIONS: tuple[str, ...] = ("variance", "softplus", "log")
 
-_VALIDATION_ENABLED = True
-
-
-def enable_validation(is_validate: bool = True) -> None:
-    """Turn input validation of Gaussian sites on or off globally (like ``pyro.enable_validation``)."""
-    global _VALIDATION_ENABLED
-    _VALIDATION_ENABLED = bool(is_validate)
-
-
-def is_validation_enabled() -> bool:
-    return _VALIDATION_ENABLED
-
-
-@contextlib.contextmanager
-def validation_enabled(is_validate: bool = True) -> Iterator[None]:
-    """Context manager that sets validation within its block and restores it after."""
-    old = _VALIDATION_ENABLED
-    enable_validation(is_validate)
-    try:
-        yield
-    finally:
-        enable_validation(old)
+__all__ = [
+    "PARAMETERIZATIONS",
+    "NoiseReusingNormal",
+    "distribution_name",
+    "elementwise_normal",
+    "enable_validation",
+    "is_validation_enabled",
+    "to_variance",
+    "validate_mean_var",
+    "validation_enabled",
+]
 
 
 def _count(mask: torch.Tensor) -> int:
@@ -79,6 +72,30 @@ def _check_finite(name: str, value: torch.Tensor) -> None:
     )
 
 
+def _check_mapped_variance(
+    var_name: str, raw: torch.Tensor, variance: torch.Tensor, parameterization: str
+) -> None:
+    """The variance an unconstrained ``raw`` maps to must be finite and > 0 (it overflows
+    or underflows for large raw values, silently giving inf samples or NaN gradients)."""
+    over = ~torch.isfinite(variance)
+    under = variance <= 0
+    if not bool(over.any() or under.any()):
+        return
+    bad, what, extreme = (over, "infinite", raw[over].max()) if bool(over.any()) else (
+        under, "zero (it underflowed)", raw[under].min())  # fmt: skip
+    tiny, big = torch.finfo(variance.dtype).tiny, torch.finfo(variance.dtype).max
+    if parameterization == "log":
+        keep = f"within about [{math.log(tiny):.4g}, {math.log(big):.4g}]"
+    else:
+        keep = f"above about {math.log(tiny):.4g}"
+    raise ValueError(
+        f"{var_name} with parameterization={parameterization!r} gives a variance that is {what} "
+        f"at {_count(bad)} of {raw.numel()} elements (raw value {extreme.item():.4g}); in "
+        f"{variance.dtype} keep raw values {keep} (clamp them, or add a floor such as "
+        "softplus(raw) + 1e-6 to the variance)"
+    )
+
+
 def validate_mean_var(
     mean: torch.Tensor,
     var: torch.Tensor,
@@ -90,9 +107,21 @@ def validate_mean_var(
     """Check a (mean, var) pair and return their broadcast shape.
 
     Raises ``ValueError`` naming the argument for a non-tensor or non-floating input,
-    mismatched dtype or device, shapes that do not broadcast, NaN/Inf elements, or (for
-    ``parameterization="variance"``) variances that are not strictly positive.
+    mismatched dtype or device, shapes that do not broadcast, NaN/Inf elements, or a
+    variance (after the parameterization's map) that is not strictly positive and finite.
     """
+    shape = _validate_inputs(mean, var, parameterization, mean_name, var_name)
+    if parameterization != "variance":
+        with torch.no_grad():
+            variance = to_variance(var, parameterization)
+            _check_mapped_variance(var_name, var, variance, parameterization)
+    return shape
+
+
+def _validate_inputs(
+    mean: torch.Tensor, var: torch.Tensor, parameterization: str, mean_name: str, var_name: str
+) -> torch.Size:
+    """Every check of :func:`validate_mean_var` but the mapped variance's."""
     if parameterization not in PARAMETERIZATIONS:
         raise ValueError(
             f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}"
@@ -161,11 +190,14 @@ def elementwise_normal(
     ``mean`` and ``var`` (the pathwise, or reparameterization, gradient).
     """
     if validate is None:
-        validate = _VALIDATION_ENABLED
+        validate = is_validation_enabled()
     if validate:
-        validate_mean_var(mean, var, parameterization, mean_name=mean_name, var_name=var_name)
-    scale = to_variance(var, parameterization).sqrt()
-    return NoiseReusingNormal(mean, scale, validate_args=False)
+        _validate_inputs(mean, var, parameterization, mean_name, var_name)
+    variance = to_variance(var, parameterization)
+    if validate and parameterization != "variance":
+        with torch.no_grad():
+            _check_mapped_variance(var_name, var, variance, parameterization)
+    return NoiseReusingNormal(mean, variance.sqrt(), validate_args=False)
 
 
 def distribution_name(fn) -> str:
@@ -181,11 +213,12 @@ class NoiseReusingNormal(dist.Normal):
     """``Normal(loc, scale)`` whose ``log_prob`` at its own latest ``rsample`` reuses the noise.
 
     ``rsample`` draws ``z = loc + scale * eps`` and keeps ``eps``; ``log_prob(z)`` for that very
-    tensor is then ``-eps^2 / 2 - log(scale) - log(2 pi) / 2``, skipping the passes of
-    ``(z - loc) / scale``. Values and gradients are those of ``Normal.log_prob``: as a
-    function of ``(loc, scale)``, ``(z - loc) / scale`` is ``eps`` exactly. Any other value
-    (a ``sample()``, an observation, a copy) takes ``Normal.log_prob``. Draws consume the
-    random stream as ``Normal.rsample`` does.
+    tensor, unmodified since (same version counter), is then
+    ``-eps^2 / 2 - log(scale) - log(2 pi) / 2``, skipping the passes of ``(z - loc) / scale``.
+    Values and gradients are those of ``Normal.log_prob``: as a function of ``(loc, scale)``,
+    ``(z - loc) / scale`` is ``eps`` exactly. Any other value (a ``sample()``, an
+    observation, a copy, the draw edited in place) takes ``Normal.log_prob``. Draws consume
+    the random stream as ``Normal.rsample`` does.
     """
 
     #: its density is Normal's, so closed forms for ``Normal`` (e.g. KL) apply unchanged
@@ -197,19 +230,30 @@ class NoiseReusingNormal(dist.Normal):
         shape = self._extended_shape(sample_shape)
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
         value = self.loc + eps * self.scale
-        self._noise = (value, eps)
+        self._noise = (value, _version(value), eps)
         return value
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         noise = getattr(self, "_noise", None)
-        if noise is None or noise[0] is not value:
+        if noise is None or noise[0] is not value or noise[1] is None:
             return super().log_prob(value)
-        eps = noise[1]
+        if noise[1] != _version(value):  # edited in place since the draw
+            return super().log_prob(value)
+        eps = noise[2]
         return -0.5 * eps.square() - self.scale.log() - _LOG_SQRT_2PI
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(NoiseReusingNormal, _instance)
         return super().expand(batch_shape, _instance=new)
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    """``t``'s version counter (bumped by every in-place change); ``None`` for an inference
+    tensor, which has none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)

@@ -135,7 +135,8 @@ def test_score_gradient_is_unbiased_under_subsampling():
 def test_nn_baseline_is_unbiased_and_trained():
     params, exact, _ = discrete_exact()
     net = torch.nn.Linear(1, 1)
-    baseline = {"nn_baseline": net, "nn_baseline_input": torch.ones(1)}
+    # one baseline per element of the plate N (the site's cost shape, as Pyro requires)
+    baseline = {"nn_baseline": lambda x: net(x).squeeze(-1), "nn_baseline_input": torch.ones(3, 1)}
     pyro.set_rng_seed(4)
     draws = draw_gradients(
         RoutedELBO(), discrete_model, discrete_guide, params, 1500, DATA, baseline

@@ -144,3 +144,54 @@ def test_noise_reusing_normal_keeps_the_analytic_kl_route():
     elbo = RoutedELBO()
     elbo.loss(model, guide)
     assert elbo.routes["z"].analytic_kl
+
+
+@pytest.mark.parametrize(
+    "param, raw, match",
+    [
+        ("log", 89.0, r"z\.var with parameterization='log' gives a variance that is infinite "
+                      r"at 1 of 3 elements \(raw value 89\)"),
+        ("softplus", -200.0, r"z\.var with parameterization='softplus' gives a variance that is "
+                             r"zero \(it underflowed\) at 1 of 3 elements \(raw value -200\)"),
+        ("log", -200.0, r"z\.var with parameterization='log' gives a variance that is zero"),
+    ],
+)  # fmt: skip
+def test_a_variance_that_overflows_or_underflows_after_its_map_is_refused(param, raw, match):
+    """exp(89) is inf in float32 and softplus(-200) is 0: inf samples or NaN gradients."""
+    var = torch.tensor([0.0, raw, 1.0])
+    with pytest.raises(ValueError, match=match):
+        elementwise_normal(torch.zeros(3), var, param, mean_name="z.mean", var_name="z.var")
+    with pytest.raises(ValueError, match=match):
+        from pyro_reparam_conv import validate_mean_var
+
+        validate_mean_var(torch.zeros(3), var, param, mean_name="z.mean", var_name="z.var")
+    d = elementwise_normal(torch.zeros(3), var, param, validate=False)  # the user's choice
+    assert not torch.isfinite(d.scale.log()).all()
+    # float64 has the room: the same raw value is fine there
+    elementwise_normal(torch.zeros(3, dtype=torch.float64), var.double(), param)
+
+
+def test_one_validation_switch_shared_with_pyro():
+    from pyro.infer.util import is_validation_enabled as pyro_flag
+
+    import pyro_reparam_conv
+
+    mean, var = torch.zeros(3), -torch.ones(3)
+    for flag in (False, True):
+        pyro.enable_validation(flag)
+        assert pyro_reparam_conv.is_validation_enabled() is flag is pyro_flag()
+    pyro_reparam_conv.enable_validation(False)
+    assert not pyro_flag()
+    elementwise_normal(mean, var)  # not validated: Pyro's switch is off
+    pyro.enable_validation(True)
+    with pytest.raises(ValueError):
+        elementwise_normal(mean, var)
+
+
+def test_log_prob_of_a_draw_edited_in_place_is_recomputed():
+    fn = elementwise_normal(torch.zeros(4), torch.full((4,), 0.5))
+    z = fn.rsample()
+    before = fn.log_prob(z)
+    z.mul_(3.0)  # the very tensor, edited: its version counter moves
+    torch.testing.assert_close(fn.log_prob(z), dist.Normal(0.0, 0.5**0.5).log_prob(z))
+    assert not torch.allclose(fn.log_prob(z), before)

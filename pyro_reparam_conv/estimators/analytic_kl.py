@@ -6,300 +6,121 @@ other latent, ``E_q[log p(z) - log q(z)] = -KL(q || p)`` given everything sample
 (the reparameterization gradient of the rest is unchanged) and removes the Monte Carlo
 noise of that term (Kingma & Welling 2014, eq. 10; Pyro's ``TraceMeanField_ELBO``).
 
-:func:`analytic_kl` evaluates ``Normal || Normal`` (under ``Independent``) in closed form
-with broadcasting, so a prior such as ``Normal(0, 1).expand(shape)`` is never materialized;
-other pairs go to ``torch.distributions.kl_divergence`` (with Pyro's registrations).
-:func:`site_kl` gives a site's scaled, masked, summed KL, which
-:func:`~.pathwise.pathwise_surrogate_elbo` uses in place of the site's ``log p - log q``.
+:func:`plan_kl` decides per pathwise site whether the substitution is exact and says why
+(not) in the site's route; :func:`site_kl` gives a site's scaled, masked, summed KL with the
+kernels of :mod:`pyro_reparam_conv.kernels`.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Optional
+from dataclasses import replace
+from typing import TYPE_CHECKING, Mapping, Optional
 
 import torch
-from pyro.distributions.kl import kl_divergence
+from pyro.distributions import Delta
 from pyro.distributions.util import scale_and_mask
 from pyro.ops.provenance import extract_provenance
-from torch.distributions import Distribution, Independent, Normal
-from torch.distributions.transforms import Transform
+from pyro.poutine import Trace
 
+from ..kernels import FAST, Kernels, unwrap_independent
 from ..sampling import distribution_name
+from .pathwise import partially_reparameterized
 
-__all__ = [
-    "analytic_kl",
-    "compact_normal_log_prob",
-    "distribution_provenance",
-    "kl_name",
-    "site_kl",
-]
+if TYPE_CHECKING:  # routes are built by routing, which imports the estimators
+    from ..routing import Route
 
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+__all__ = ["kl_name", "plan_kl", "site_kl"]
 
 
-def _unwrap_independent(d: Distribution) -> tuple[Distribution, int]:
-    ndims = 0
-    while isinstance(d, Independent):
-        ndims += d.reinterpreted_batch_ndims
-        d = d.base_dist
-    return d, ndims
-
-
-def _is_plain_normal(d: Distribution) -> bool:
-    """A torch/Pyro ``Normal`` whose density is ``Normal``'s own (not a subclass's)."""
-    return isinstance(d, Normal) and (
-        type(d).log_prob is Normal.log_prob or getattr(type(d), "exact_normal_density", False)
-    )
-
-
-def _compact(t: torch.Tensor) -> torch.Tensor:
-    """The smallest view of ``t`` that broadcasts back to it (drops stride-0 expanded dims)."""
-    strides = t.stride()
-    if strides and not any(strides) and not t.requires_grad:
-        return t.as_strided((1,) * len(strides), strides)  # one value, e.g. Normal(0, 1).expand
-    for dim, (stride, size) in enumerate(zip(t.stride(), t.shape)):
-        if stride == 0 and size > 1:
-            t = t.narrow(dim, 0, 1)
-    return t
-
-
-def normal_kl(q_loc, q_scale, p_loc, p_scale) -> torch.Tensor:
-    """``KL(Normal(q_loc, q_scale) || Normal(p_loc, p_scale))`` elementwise, broadcasting."""
-    p_loc, p_scale = _compact(p_loc), _compact(p_scale)
-    var_ratio = (q_scale / p_scale).pow(2)
-    t1 = ((q_loc - p_loc) / p_scale).pow(2)
-    return 0.5 * (var_ratio + t1 - 1 - var_ratio.log())
-
-
-def _plain(*tensors) -> bool:
-    """No tensor subclass (e.g. a provenance-tracking one) among ``tensors``."""
-    return all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors)
-
-
-class _SquaredDistanceSum(torch.autograd.Function):
-    """``((a - b) ** 2).sum(last ndims)`` with a one-pass backward, ``2 (a - b) g``
-    (autograd's square backward takes three passes over the full tensor). Under
-    ``create_graph`` the backward is differentiated through the plain expression."""
-
-    @staticmethod
-    def forward(ctx, a, b, ndims):
-        diff = a - b
-        ctx.ndims = ndims
-        ctx.save_for_backward(a, b)
-        ctx.diff = diff
-        return diff.square().sum(list(range(-ndims, 0)))
-
-    @staticmethod
-    def backward(ctx, grad):
-        a, b = ctx.saved_tensors
-        g = grad.reshape(grad.shape + (1,) * ctx.ndims)
-        if torch.is_grad_enabled():  # create_graph: keep the backward differentiable
-            grad_a = 2 * (a - b) * g
-        else:
-            grad_a = ctx.diff * (2 * g)
-        grad_b = -grad_a if ctx.needs_input_grad[1] else None
-        return (grad_a if ctx.needs_input_grad[0] else None), grad_b, None
-
-
-def squared_distance_sum(a: torch.Tensor, b: torch.Tensor, ndims: int) -> torch.Tensor:
-    """``((a - b) ** 2).sum(dims)`` over the last ``ndims`` dims (``a``, ``b`` of one shape)."""
-    if _plain(a, b) and (a.requires_grad or b.requires_grad):
-        return _SquaredDistanceSum.apply(a, b, ndims)
-    return (a - b).square().sum(list(range(-ndims, 0)))
-
-
-def compact_normal_log_prob(fn: Distribution, value: torch.Tensor) -> Optional[torch.Tensor]:
-    """``fn.log_prob(value)`` for an (``Independent``) ``Normal`` whose loc or scale is an
-    expanded view (e.g. ``Normal(out, 1.0)``), computed on the compact parameters so the
-    scale's log and square are not taken elementwise over the full shape. ``None`` for any
-    other distribution (the caller then uses ``fn.log_prob``). No argument validation.
-    """
-    base, ndims = _unwrap_independent(fn)
-    if not _is_plain_normal(base):
-        return None
-    if isinstance(base.loc, (int, float)) or isinstance(base.scale, (int, float)):
-        return None
-    loc, scale = _compact(base.loc), _compact(base.scale)
-    if loc.numel() == base.loc.numel() and scale.numel() == base.scale.numel():
-        return None  # nothing to save
-    full = fn.batch_shape + fn.event_shape
-    if ndims and scale.numel() == 1 and loc.shape == full and value.shape == full:
-        # one scale for every element (e.g. Normal(out, 1.0).to_event(3)): sum the squared
-        # residuals over the event dims first and scale the (batch-shaped) sum, so the full
-        # tensor sees one subtraction, one square and one reduction, as hand-written code
-        # does ((loc - value)^2 is bitwise (value - loc)^2, and its gradient reaches loc
-        # without a negation).
-        scale = scale.reshape(())
-        n = math.prod(full[-ndims:])
-        sq = squared_distance_sum(loc, value, ndims)
-        return sq * (-0.5 / scale.square()) - n * (scale.log() + _HALF_LOG_2PI)
-    log_p = -((value - loc) ** 2) / (2 * scale**2) - scale.log() - _HALF_LOG_2PI
-    if log_p.shape != full:
-        log_p = log_p.expand(torch.broadcast_shapes(log_p.shape, full))
-    return log_p.sum(list(range(-ndims, 0))) if ndims else log_p
-
-
-def kl_name(q: Distribution, p: Distribution) -> str:
-    q_base, _ = _unwrap_independent(q)
-    p_base, _ = _unwrap_independent(p)
+def kl_name(q, p) -> str:
+    q_base, _ = unwrap_independent(q)
+    p_base, _ = unwrap_independent(p)
     return f"KL({distribution_name(q_base)}\u2016{distribution_name(p_base)})"
 
 
-def analytic_kl(q: Distribution, p: Distribution) -> torch.Tensor:
-    """``KL(q || p)`` with shape ``q.batch_shape``.
-
-    Raises ``NotImplementedError`` when no closed form is registered, and ``ValueError``
-    when the event shapes differ or ``p``'s batch shape does not broadcast to ``q``'s.
-    """
-    if q.event_shape != p.event_shape:
-        raise ValueError(f"event shapes differ: {tuple(q.event_shape)} vs {tuple(p.event_shape)}")
-    try:
-        shape = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
-    except RuntimeError:
-        shape = None
-    if shape != q.batch_shape:
-        raise ValueError(
-            f"prior batch shape {tuple(p.batch_shape)} does not broadcast to the guide's "
-            f"{tuple(q.batch_shape)}"
-        )
-    q_base, q_nd = _unwrap_independent(q)
-    p_base, p_nd = _unwrap_independent(p)
-    if _is_plain_normal(q_base) and _is_plain_normal(p_base) and q_nd == p_nd:
-        kl = normal_kl(q_base.loc, q_base.scale, p_base.loc, p_base.scale)
-        full = q.batch_shape + q.event_shape
-        if kl.shape != full:
-            kl = kl.expand(full)
-        return kl.sum(list(range(-q_nd, 0))) if q_nd else kl
-    kl = kl_divergence(q, p)
-    if kl.shape != q.batch_shape:
-        kl = kl.expand(q.batch_shape)
-    return kl
-
-
-def _is_constant(t: torch.Tensor, value: float) -> bool:
-    """Whether the one-element ``t`` is the constant ``value`` (checked on CPU only, where
-    reading it costs no device synchronization)."""
-    return t.device.type == "cpu" and not t.requires_grad and t.item() == value
-
-
-def _scalar_prior_normal_kl_sum(q: Distribution, p: Distribution) -> Optional[torch.Tensor]:
-    """``analytic_kl(q, p).sum()`` for (``Independent``) ``Normal`` ``q`` and a ``p`` whose
-    loc and scale are each one value broadcast (e.g. ``Normal(0, 1).expand(shape)``), in few
-    passes over ``q``'s parameters:
-
-        sum KL = 1/2 sum (r^2 - 1) - sum log r + 1/(2 p_scale^2) sum (q_loc - p_loc)^2,
-
-    ``r = q_scale / p_scale`` (the division and subtraction are skipped for a standard
-    normal prior). ``None`` where this does not apply (the caller uses :func:`analytic_kl`).
-    """
-    q_base, q_nd = _unwrap_independent(q)
-    p_base, p_nd = _unwrap_independent(p)
-    if q_nd != p_nd or not (_is_plain_normal(q_base) and _is_plain_normal(p_base)):
-        return None
-    if q.event_shape != p.event_shape:
-        return None  # analytic_kl raises the error
-    q_shape, p_shape = q.batch_shape, p.batch_shape
-    if len(p_shape) > len(q_shape) or any(
-        n != m and n != 1 for n, m in zip(reversed(p_shape), reversed(q_shape))
-    ):
-        return None  # p's batch shape does not broadcast to q's: analytic_kl raises
-    p_loc = extract_provenance(_compact(p_base.loc))[0]
-    p_scale = extract_provenance(_compact(p_base.scale))[0]
-    if p_loc.numel() != 1 or p_scale.numel() != 1:
-        return None
-    q_loc = extract_provenance(q_base.loc)[0]
-    q_scale = extract_provenance(q_base.scale)[0]
-    if q_loc.shape != q.batch_shape + q.event_shape or q_scale.shape != q_loc.shape:
-        return None
-    p_loc, p_scale = p_loc.reshape(()), p_scale.reshape(())
-    zero_loc, unit_scale = _is_constant(p_loc, 0.0), _is_constant(p_scale, 1.0)
-    if _plain(q_loc, q_scale) and not (p_loc.requires_grad or p_scale.requires_grad):
-        return _ScalarPriorNormalKLSum.apply(q_loc, q_scale, p_loc, p_scale, zero_loc, unit_scale)
-    return _scalar_prior_kl_sum(q_loc, q_scale, p_loc, p_scale, zero_loc, unit_scale)
-
-
-def _scalar_prior_kl_parts(q_loc, q_scale, p_loc, p_scale, zero_loc, unit_scale):
-    """The KL sum and the intermediates its backward reuses: ``(sum, d, r, r^2 - 1)``."""
-    r = q_scale if unit_scale else q_scale / p_scale
-    d = q_loc if zero_loc else q_loc - p_loc
-    a = torch.addcmul(r.new_full((), -1.0), r, r)  # r^2 - 1
-    loc_term = d.square().sum()
-    if not unit_scale:
-        loc_term = loc_term / p_scale.square()
-    return 0.5 * (a.sum() + loc_term) - r.log().sum(), d, r, a
-
-
-def _scalar_prior_kl_sum(q_loc, q_scale, p_loc, p_scale, zero_loc, unit_scale):
-    return _scalar_prior_kl_parts(q_loc, q_scale, p_loc, p_scale, zero_loc, unit_scale)[0]
-
-
-class _ScalarPriorNormalKLSum(torch.autograd.Function):
-    """:func:`_scalar_prior_kl_sum` (constant prior parameters) with a three-pass backward:
-    ``d/d q_loc = (q_loc - p_loc) / p_scale^2``, ``d/d q_scale = (r^2 - 1) / (r p_scale)``
-    (``r^2 - 1`` kept from the forward). Under ``create_graph`` the backward is
-    differentiated through the plain expression."""
-
-    @staticmethod
-    def forward(ctx, q_loc, q_scale, p_loc, p_scale, zero_loc, unit_scale):
-        value, *intermediates = _scalar_prior_kl_parts(
-            q_loc, q_scale, p_loc, p_scale, zero_loc, unit_scale
-        )
-        ctx.save_for_backward(q_loc, q_scale, p_loc, p_scale)
-        ctx.flags = zero_loc, unit_scale
-        ctx.intermediates = tuple(intermediates)
-        return value
-
-    @staticmethod
-    def backward(ctx, grad):
-        q_loc, q_scale, p_loc, p_scale = ctx.saved_tensors
-        zero_loc, unit_scale = ctx.flags
-        d, r, a = ctx.intermediates
-        grad_loc = grad_scale = None
-        if torch.is_grad_enabled():  # create_graph: keep the backward differentiable
-            with torch.enable_grad():
-                value = _scalar_prior_kl_sum(q_loc, q_scale, p_loc, p_scale, zero_loc, unit_scale)
-            inputs = [t for t, need in zip((q_loc, q_scale), ctx.needs_input_grad) if need]
-            grads = iter(torch.autograd.grad(value, inputs, grad, create_graph=True))
-            grad_loc = next(grads) if ctx.needs_input_grad[0] else None
-            grad_scale = next(grads) if ctx.needs_input_grad[1] else None
-            return grad_loc, grad_scale, None, None, None, None
-        if ctx.needs_input_grad[0]:
-            grad_loc = d * (grad if unit_scale else grad / p_scale.square())
-        if ctx.needs_input_grad[1]:
-            grad_scale = (a / r).mul_(grad if unit_scale else grad / p_scale)
-        return grad_loc, grad_scale, None, None, None, None
-
-
-def site_kl(guide_site: dict, model_site: dict) -> torch.Tensor:
+def site_kl(guide_site: dict, model_site: dict, kernels: Kernels = FAST) -> torch.Tensor:
     """The site's ``KL(q || p)`` with the guide site's scale and mask, summed (a scalar)."""
-    scale = guide_site["scale"]
+    q, p, scale = guide_site["fn"], model_site["fn"], guide_site["scale"]
     if guide_site["mask"] is None and isinstance(scale, (int, float)):
-        kl = _scalar_prior_normal_kl_sum(guide_site["fn"], model_site["fn"])
+        kl = kernels.kl_sum(q, p)
         if kl is not None:
             return kl if scale == 1.0 else scale * kl
-    kl, _ = extract_provenance(analytic_kl(guide_site["fn"], model_site["fn"]))
-    kl = scale_and_mask(kl, scale=guide_site["scale"], mask=guide_site["mask"])
-    return kl.sum()
+    kl, _ = extract_provenance(kernels.kl(q, p))
+    return scale_and_mask(kl, scale=scale, mask=guide_site["mask"]).sum()
 
 
-def distribution_provenance(fn) -> frozenset:
-    """The provenance (latent site names) carried by any tensor parameter of ``fn``.
+def _is_delta(fn) -> bool:
+    while fn is not None:
+        if isinstance(fn, Delta):
+            return True
+        fn = getattr(fn, "base_dist", None)
+    return False
 
-    Walks wrapped distributions (``base_dist``) and transforms; the value is not included.
+
+def _same_scale_and_mask(a: dict, b: dict) -> bool:
+    def same(x, y) -> bool:
+        if x is y:
+            return True
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            x, y = torch.as_tensor(x), torch.as_tensor(y)
+            return x.shape == y.shape and bool((x == y).all())
+        return x == y
+
+    return same(a["scale"], b["scale"]) and same(a["mask"], b["mask"])
+
+
+def _why_not(model_site: Optional[dict], guide_site: dict, depends_on) -> Optional[str]:
+    """Why ``-KL`` cannot replace the site's ``log p - log q`` (``None``: it can)."""
+    if model_site is None or model_site["type"] != "sample":
+        return "no model site"
+    if model_site["is_observed"]:
+        return "observed in the model"
+    if depends_on is None:
+        return "prior dependencies unknown (dependency_tracking='order' or changed structure)"
+    if depends_on:
+        return f"its prior depends on latent {', '.join(sorted(map(repr, depends_on)))}"
+    if _is_delta(guide_site["fn"]):
+        # a point mass (e.g. AutoNormal's constrained value) may carry a log_density that
+        # Pyro's KL(Delta || p) = -log p(v) leaves out; nothing to integrate anyway
+        return "the guide site is a Delta (a point mass)"
+    if partially_reparameterized(guide_site["fn"]):
+        return "partially reparameterized (its score function needs the site's own terms)"
+    if not _same_scale_and_mask(model_site, guide_site):
+        return "model and guide sites differ in scale or mask"
+    return None
+
+
+def plan_kl(
+    model_trace: Trace,
+    guide_trace: Trace,
+    routes: Mapping[str, Route],
+    priors: Optional[Mapping[str, frozenset]],
+    kernels: Kernels = FAST,
+) -> tuple[dict[str, torch.Tensor], dict[str, Route]]:
+    """``KL(q || p)`` (scaled, masked, summed) of each pathwise site where it is exact, and
+    the routes with ``analytic_kl`` and the reason updated.
+
+    ``priors`` maps each latent model site to the latents its prior's parameters depend on
+    (``None``: unknown, and no site gets the KL).
     """
-    provenance: frozenset = frozenset()
-    stack, seen = [fn], set()
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
+    kl: dict[str, torch.Tensor] = {}
+    planned = dict(routes)
+    for name, route in routes.items():
+        if route.estimator != "pathwise":
             continue
-        seen.add(id(obj))
-        for value in vars(obj).values():
-            if isinstance(value, torch.Tensor):
-                provenance = provenance | extract_provenance(value)[1]
-            elif isinstance(value, (Distribution, Transform)):
-                stack.append(value)
-            elif isinstance(value, (list, tuple)):
-                stack.extend(v for v in value if isinstance(v, (Distribution, Transform)))
-    return provenance
+        model_site, guide_site = model_trace.nodes.get(name), guide_trace.nodes[name]
+        depends_on = None if priors is None else priors.get(name, frozenset())
+        why_not = _why_not(model_site, guide_site, depends_on)
+        if why_not is None:
+            try:
+                kl[name] = site_kl(guide_site, model_site, kernels)
+            except NotImplementedError:
+                why_not = f"no closed-form {kl_name(guide_site['fn'], model_site['fn'])}"
+            except ValueError as e:
+                why_not = str(e)
+        if why_not is None:
+            reason = f"{route.reason}; analytic {kl_name(guide_site['fn'], model_site['fn'])}"
+            planned[name] = replace(route, analytic_kl=True, reason=reason)
+        else:
+            planned[name] = replace(route, reason=f"{route.reason}; no analytic KL: {why_not}")
+    return kl, planned

@@ -6,7 +6,9 @@ A baseline ``b`` independent of the sample ``z`` keeps ``E[grad log q(z) (c - b)
 Networks"). Kinds:
 
 - ``"decaying_avg"``: ``b_t = beta b_{t-1} + (1 - beta) mean_particles(c_{t-1})``, per plate
-  element; uses only past steps, so it is independent of the current draw.
+  element; uses only past steps, so it is independent of the current draw. It starts at
+  the first step's cost (``b_1 = 0``, ``b_2 = c_1``), where Pyro's ``TraceGraph_ELBO``
+  starts its average at 0 (``b_2 = (1 - beta) c_1``): the same fixed point, reached sooner.
 - ``"leave_one_out"``: with ``K > 1`` particles, ``b_k = (sum_j c_j - c_k) / (K - 1)``, per
   plate element (Kool, van Hoof & Welling 2019, "Buy 4 REINFORCE samples, get a baseline
   for free!"); independent of particle ``k`` because particles are independent.
@@ -15,13 +17,22 @@ Networks"). Kinds:
 
 Site options use Pyro's keys in ``infer["baseline"]`` (``use_decaying_avg_baseline``,
 ``baseline_beta``, ``nn_baseline``, ``nn_baseline_input``, ``baseline_value``) plus
-``use_leave_one_out``; ``infer={"baseline": None}`` turns the baseline off for the site.
+``use_leave_one_out``; ``infer={"baseline": None}`` or Pyro's own switch
+``{"use_decaying_avg_baseline": False}`` (with no other baseline key) turns the baseline off
+for the site. A ``nn_baseline``'s output or a ``baseline_value`` must have the shape of the
+site's cost, its batch shape with its plates (Pyro's rule), or ``ValueError`` names both.
+
+:func:`score_surrogate` turns the score-function rows of the particles' site-term tables
+(:mod:`pyro_reparam_conv.terms`) into ``sum score * stop_grad(cost - b)`` and the
+baseline-fitting loss; the decaying averages are the only state, kept in
+:class:`DecayingAverages` across steps.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -43,6 +54,7 @@ __all__ = [
     "leave_one_out",
     "normalize_kind",
     "parse_baseline",
+    "score_surrogate",
 ]
 
 
@@ -102,6 +114,8 @@ def parse_baseline(site: str, infer: dict, default: Optional[str]) -> BaselineSp
         return BaselineSpec("leave_one_out", beta)
     if options.get("use_decaying_avg_baseline"):
         return BaselineSpec("decaying_avg", beta)
+    if "use_decaying_avg_baseline" in options:  # Pyro's switch, set to False: no baseline
+        return BaselineSpec(None, beta)
     return BaselineSpec(default, beta)
 
 
@@ -144,3 +158,82 @@ class DecayingAverages:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.averages = {k: v.clone() for k, v in state.items()}
+
+
+def _checked_value(
+    site: str, value: torch.Tensor, cost: torch.Tensor, particle_dim
+) -> torch.Tensor:
+    """A learned or given baseline, which must have the cost's shape (with vectorized
+    particles, or the shape of one particle's cost)."""
+    value = value.to(cost)
+    shapes = [tuple(cost.shape)]
+    if particle_dim is not None and cost.dim() >= -particle_dim:
+        shapes.append(tuple(s for d, s in enumerate(cost.shape) if d != cost.dim() + particle_dim))
+    if tuple(value.shape) not in shapes:
+        raise ValueError(
+            f"site {site!r}: baseline of shape {tuple(value.shape)} does not match the site's "
+            f"cost shape {shapes[-1]} (its batch shape, plates included); a baseline must "
+            "have exactly that shape"
+        )
+    return value
+
+
+def _baselines(
+    site: str,
+    spec: Optional[BaselineSpec],
+    costs: list[torch.Tensor],
+    averages: DecayingAverages,
+    particle_dim: Optional[int],
+) -> tuple[list[Any], Any]:
+    """Baselines for one site's costs (one per particle) and the baseline-fitting loss."""
+    kind = spec.kind if spec is not None else None
+    if kind is None:
+        return [0.0] * len(costs), 0.0
+    if kind == "leave_one_out":
+        if particle_dim is not None:
+            return [leave_one_out(costs[0], particle_dim)], 0.0
+        if len(costs) < 2:
+            raise ValueError(f"site {site!r}: a leave-one-out baseline needs num_particles >= 2")
+        if all(c.shape == costs[0].shape for c in costs):
+            return list(leave_one_out(torch.stack(costs), 0).unbind(0)), 0.0
+        means = torch.stack([c.mean() for c in costs])
+        return list(leave_one_out(means, 0).unbind(0)), 0.0
+    if kind == "decaying_avg":
+        baselines = [averages.baseline(site, c) for c in costs]
+        mean_cost = costs[0]
+        if particle_dim is not None:
+            mean_cost = mean_cost.mean(particle_dim, keepdim=True)
+        elif len(costs) > 1 and all(c.shape == mean_cost.shape for c in costs):
+            mean_cost = torch.stack(costs).mean(0)
+        averages.update(site, mean_cost, spec.beta)
+        return baselines, 0.0
+    # learned baselines: an nn of a (detached) input, or a user tensor
+    value = spec.nn(spec.nn_input.detach()) if kind == "nn" else spec.value
+    value = _checked_value(site, value, costs[0], particle_dim)
+    fit_loss = sum(((value - c) ** 2).sum() for c in costs) if value.requires_grad else 0.0
+    return [value] * len(costs), fit_loss
+
+
+def score_surrogate(
+    scored: Iterable, averages: DecayingAverages, particle_dim: Optional[int] = None
+) -> tuple[Any, Any]:
+    """``(sum score * stop_grad(cost - b), baseline-fitting loss)`` over score-function rows.
+
+    ``scored``: the rows with a score of every particle (:class:`~pyro_reparam_conv.terms.SiteTerm`,
+    with ``site``, ``score``, ``cost`` and ``baseline``), in particle order; a site's rows
+    share its baseline (leave-one-out across particles; with vectorized particles along
+    ``particle_dim``). Decaying averages are read and then updated in ``averages``.
+    """
+    grouped: dict[str, list] = defaultdict(list)
+    for row in scored:
+        grouped[row.site].append(row)
+    surrogate: Any = 0.0
+    fit_loss: Any = 0.0
+    for site, rows in grouped.items():
+        costs = [row.cost for row in rows]
+        baselines, site_fit = _baselines(site, rows[0].baseline, costs, averages, particle_dim)
+        fit_loss = fit_loss + site_fit
+        for row, b in zip(rows, baselines):
+            advantage = row.cost if isinstance(b, float) and b == 0 else (row.cost - b).detach()
+            surrogate = surrogate + (row.score * advantage).sum()
+    return surrogate, fit_loss

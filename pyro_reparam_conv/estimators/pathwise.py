@@ -1,47 +1,57 @@
-"""Pathwise (reparameterization) terms of the surrogate ELBO.
+"""The pathwise (reparameterization) estimator.
 
-For ``z = g(eps, phi)`` drawn by ``rsample``, ``grad_phi E_q[f(z)] = E_eps[grad_phi f(g(eps, phi))]``
-(Kingma & Welling 2014; Rezende, Mohamed & Wierstra 2014), so these terms are differentiated
-as they are: every model log-density and, for pathwise guide sites, ``-log q(z)`` through
-its ``rsample``-ed value. Score-routed guide sites contribute no ``-log q`` here: with the
-value held fixed its gradient has zero mean (``E_q[grad log q] = 0``), and the score term
-carries the site's own ``-log q`` in its cost instead.
+For ``z = g(eps, phi)`` drawn by ``rsample``,
+``grad_phi E_q[f(z)] = E_eps[grad_phi f(g(eps, phi))]`` (Kingma & Welling 2014; Rezende,
+Mohamed & Wierstra 2014): the site's terms are differentiated as they are, through the
+draw. Its score parts are the distribution's own: ``entropy_term = log q(z)`` through the
+draw and no score-function part, except for a partially reparameterized distribution
+(a rejection sampler such as Pyro's ``ShapeAugmentedGamma``, Naesseth et al. 2017), whose
+``score_parts`` also carries the score function of its accept step; that part gets the
+site's Rao-Blackwellized cost like any score-function term.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Optional
 
-import torch
-from pyro.distributions.util import is_identically_zero
-from pyro.poutine import Trace
+from pyro.distributions.distribution import Distribution
+from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 
-from ..routing import Route
+from ..sampling import distribution_name
+from .base import Estimator, register
+
+__all__ = ["PathwiseEstimator", "partially_reparameterized"]
+
+# wrappers whose score_parts pass their base distribution's parts through
+_DELEGATING = (MaskedDistribution.score_parts, ExpandedDistribution.score_parts)
 
 
-def pathwise_surrogate_elbo(
-    model_trace: Trace,
-    guide_trace: Trace,
-    routes: Mapping[str, Route],
-    kl: Optional[Mapping[str, torch.Tensor]] = None,
-) -> torch.Tensor | float:
-    """``sum_model log p + sum_{pathwise guide sites} (-log q)`` with gradients kept.
+def partially_reparameterized(fn) -> bool:
+    """Whether ``fn`` overrides Pyro's default ``score_parts`` (which has no score-function
+    part for a distribution with ``rsample``), as rejection samplers do."""
+    while getattr(type(fn), "score_parts", None) in _DELEGATING:
+        fn = fn.base_dist
+    return (
+        getattr(type(fn), "score_parts", Distribution.score_parts) is not Distribution.score_parts
+    )
 
-    Sites in ``kl`` (analytic-KL sites of the fast path) enter as ``-KL(q || p)`` instead of
-    their ``log p - log q`` pair.
-    """
-    kl = kl or {}
-    total: torch.Tensor | float = 0.0
-    for name, site in model_trace.nodes.items():
-        if site["type"] == "sample" and name not in kl:
-            total = total + site["log_prob_sum"]
-    for name, site in guide_trace.nodes.items():
-        if site["type"] != "sample" or name in kl or routes.get(name) is None:
-            continue
-        if routes[name].estimator == "pathwise":
-            entropy_term = site["score_parts"].entropy_term
-            if not is_identically_zero(entropy_term):
-                total = total - entropy_term.sum()
-    for value in kl.values():
-        total = total - value
-    return total
+
+class PathwiseEstimator(Estimator):
+    """Differentiate through ``rsample``; needs a distribution that has it."""
+
+    name = "pathwise"
+    priority = 0
+
+    def why_not(self, fn) -> Optional[str]:
+        if getattr(fn, "has_rsample", False):
+            return None
+        return f"{distribution_name(fn)} has no rsample"
+
+    def because(self, fn) -> str:
+        return f"{distribution_name(fn)} has rsample"
+
+    def has_score_function(self, fn) -> bool:
+        return partially_reparameterized(fn)
+
+
+register(PathwiseEstimator())

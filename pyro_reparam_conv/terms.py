@@ -1,0 +1,228 @@
+"""The site-term table: what each sample site of one particle adds to the ELBO and its surrogate.
+
+For one draw (a *particle*) of the guide and the model replayed on it, the ELBO estimate and
+the surrogate whose gradient is the routed estimator are sums of per-site terms:
+
+    ELBO      = sum_model log p  -  sum_guide log q
+    surrogate = sum_model log p  -  sum_guide entropy_term
+                + sum_guide score_function * stop_grad(cost - baseline)
+
+where each guide site's ``(log q, score_function, entropy_term)`` are its score parts as its
+estimator gives them (:mod:`.estimators`); latent sites are routed, observed guide sites and
+guide factors keep their distribution's own parts. An analytic-KL pair (the fast path,
+:mod:`.estimators.analytic_kl`) enters both sums as one ``-KL(q || p)`` row. This is the
+surrogate of Pyro's ``Trace_ELBO``, with two differences that keep every expectation and
+lower the variance: a score-function term's cost counts only the terms that depend on its
+site (Rao-Blackwellization, Schulman et al. 2015), per element of the site's plates (Pyro's
+:class:`~pyro.infer.util.MultiFrameTensor`; batch dims that no plate declares are summed, so
+no independence is assumed where none is declared); and baselines (:mod:`.estimators.baselines`)
+are subtracted from it. A score-function part whose dependencies are not tracked (a guide
+factor with ``has_rsample=False``) is charged with every term, as ``Trace_ELBO`` does.
+
+:func:`particle_terms` builds a :class:`ParticleTerms`; the ELBO's loss, its surrogate, the
+non-finite scan and :func:`~.diagnostics.audit_gradients`' per-site attribution all read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import torch
+from pyro.distributions.util import is_identically_zero
+from pyro.infer.util import MultiFrameTensor
+from pyro.poutine import Trace
+
+from .dependencies import SiteKey, ordered_dependencies
+from .estimators import base
+from .estimators.baselines import BaselineSpec
+from .estimators.pathwise import partially_reparameterized
+from .routing import Route
+
+__all__ = ["ParticleTerms", "SiteTerm", "add_terms", "may_need_costs", "particle_terms"]
+
+
+def add_terms(terms) -> Any:
+    """The sum of ``terms``, skipping Python zeros (no tensor op adds a 0)."""
+    total: Any = 0.0
+    for term in terms:
+        if isinstance(term, (int, float)) and term == 0:
+            continue
+        total = term if isinstance(total, float) and total == 0 else total + term
+    return total
+
+
+@dataclass(frozen=True)
+class SiteTerm:
+    """One row of the table: a sample site of one particle.
+
+    ``role``: ``"model"``, ``"guide"``, or ``"kl"`` for an analytic-KL pair. ``elbo``: its
+    term of the ELBO (``log p``, ``-log q`` or ``-KL``, scaled and masked, summed).
+    ``surrogate``: its differentiable term of the surrogate apart from the score function
+    (``log p``, ``-entropy_term`` or ``-KL``). ``score``: the score-function part
+    (elementwise, unscaled) when the site has one, and ``cost`` its Rao-Blackwellized cost
+    (detached, same shape). ``baseline``: the baseline spec of a routed site whose estimator
+    takes one.
+    """
+
+    site: str
+    role: str
+    estimator: Optional[str]
+    elbo: Any
+    surrogate: Any
+    score: Optional[torch.Tensor] = None
+    cost: Optional[torch.Tensor] = None
+    baseline: Optional[BaselineSpec] = None
+
+    @property
+    def label(self) -> str:
+        """``"x (model)"``, ``"z (guide)"`` or ``"z (analytic KL)"``."""
+        return f"{self.site} ({'analytic KL' if self.role == 'kl' else self.role})"
+
+    @property
+    def finite(self) -> bool:
+        return not isinstance(self.elbo, torch.Tensor) or bool(torch.isfinite(self.elbo).all())
+
+
+@dataclass(frozen=True)
+class ParticleTerms:
+    """The traces, routes and site-term table of one particle."""
+
+    model_trace: Trace
+    guide_trace: Trace
+    routes: Mapping[str, Route]
+    rows: tuple[SiteTerm, ...]
+    dependencies: Mapping[SiteKey, frozenset] = field(default_factory=dict)
+
+    def elbo(self) -> Any:
+        """``log p - log q`` of this particle (a scalar tensor, or ``0.0`` with no sites)."""
+        return add_terms(row.elbo for row in self.rows)
+
+    def surrogate_elbo(self) -> Any:
+        """The surrogate ELBO without its score-function terms (they need baselines)."""
+        return add_terms(row.surrogate for row in self.rows)
+
+    def scored(self) -> list[SiteTerm]:
+        """The rows with a score-function part."""
+        return [row for row in self.rows if row.score is not None]
+
+    def non_finite(self) -> list[str]:
+        """Labels of the rows whose ELBO term is NaN or infinite."""
+        return [row.label for row in self.rows if not row.finite]
+
+
+def may_need_costs(guide_trace: Trace, routes: Mapping[str, Route]) -> bool:
+    """Whether some guide site may have a score-function part, and so need a cost (read
+    from the estimators and distributions, before any log-density is computed)."""
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        route, fn = routes.get(name), site["fn"]
+        if route is not None:
+            if base.get(route.estimator).has_score_function(fn):
+                return True
+        elif not getattr(fn, "has_rsample", False) or partially_reparameterized(fn):
+            return True
+    return False
+
+
+def _costs(
+    model_trace: Trace,
+    guide_trace: Trace,
+    scored: Mapping[str, dict],
+    dependencies: Optional[Mapping[SiteKey, frozenset]],
+) -> dict[str, Any]:
+    """Each scored guide site's cost: the ``log p - log q`` terms that depend on it (all
+    terms where ``dependencies`` is ``None`` or does not know the site), summed to its plates."""
+    known = set() if dependencies is None else {s for deps in dependencies.values() for s in deps}
+    costs = {name: MultiFrameTensor() for name in scored}
+    for role, sign, trace in (("model", 1.0, model_trace), ("guide", -1.0, guide_trace)):
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or "log_prob" not in site:
+                continue
+            depends_on = () if dependencies is None else dependencies.get((role, name), ())
+            term = None
+            for target in scored:
+                if target in depends_on or target not in known:
+                    if term is None:
+                        term = site["log_prob"] if sign > 0 else -site["log_prob"]
+                    costs[target].add((site["cond_indep_stack"], term))
+    return {
+        name: _sum_to_site(costs[name], site["cond_indep_stack"]) for name, site in scored.items()
+    }
+
+
+def _sum_to_site(cost: MultiFrameTensor, stack) -> Any:
+    """``cost.sum_to`` the site's plates, then the sum over dims no such plate declares."""
+    frames = frozenset(f for f in stack if f.vectorized)
+    total = cost.sum_to(frames)
+    if not isinstance(total, torch.Tensor):
+        return total
+    kept = {f.dim for f in frames}
+    dims = [d for d in range(-total.dim(), 0) if total.shape[d] != 1 and d not in kept]
+    return total.sum(dims, keepdim=True) if dims else total
+
+
+def _fit_to(cost: Any, like: torch.Tensor) -> torch.Tensor:
+    """``cost`` detached, without leading singleton dims beyond ``like``'s rank, broadcast
+    to ``like``'s shape."""
+    cost = torch.as_tensor(cost, dtype=like.dtype, device=like.device).detach()
+    while cost.dim() > like.dim() and cost.shape[0] == 1:
+        cost = cost[0]
+    return cost.expand(like.shape)
+
+
+def particle_terms(
+    model_trace: Trace,
+    guide_trace: Trace,
+    routes: Mapping[str, Route],
+    baselines: Mapping[str, BaselineSpec],
+    kl: Mapping[str, torch.Tensor],
+    dependencies: Optional[Mapping[SiteKey, frozenset]],
+) -> ParticleTerms:
+    """The table of one particle whose traces hold their log-densities and score parts.
+
+    ``kl``: the analytic-KL sites and their ``KL(q || p)``; ``dependencies``: which latent
+    sites each ``(role, name)`` term depends on (``None``: unknown, then the sampling order
+    stands in for latent sites).
+    """
+    rows: list[SiteTerm] = []
+    for name, site in model_trace.nodes.items():
+        if site["type"] == "sample" and name not in kl:
+            rows.append(SiteTerm(name, "model", None, site["log_prob_sum"], site["log_prob_sum"]))
+    guide_rows: list[tuple[dict, Optional[Route], Any]] = []
+    scored: dict[str, dict] = {}
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample" or name in kl:
+            continue
+        route = routes.get(name)
+        parts = base.get(route.estimator).score_parts(site) if route else site["score_parts"]
+        guide_rows.append((site, route, parts))
+        if not is_identically_zero(parts.score_function):
+            scored[name] = site
+    if dependencies is None and scored:
+        dependencies = ordered_dependencies(model_trace, guide_trace, set(scored) & set(routes))
+    costs = _costs(model_trace, guide_trace, scored, dependencies) if scored else {}
+    for site, route, parts in guide_rows:
+        name = site["name"]
+        entropy = parts.entropy_term
+        surrogate = 0.0 if is_identically_zero(entropy) else -entropy.sum()
+        score = cost = None
+        if name in scored:
+            score = parts.score_function
+            cost = _fit_to(costs[name], score)
+        rows.append(
+            SiteTerm(
+                name,
+                "guide",
+                route.estimator if route else None,
+                -site["log_prob_sum"],
+                surrogate,
+                score,
+                cost,
+                baselines.get(name),
+            )
+        )
+    for name, value in kl.items():
+        rows.append(SiteTerm(name, "kl", "pathwise", -value, -value))
+    return ParticleTerms(model_trace, guide_trace, routes, tuple(rows), dependencies or {})
