@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import pyro
+import torch
 
 from pyro_reparam_conv import RoutedELBO, audit_gradients, to_inference_data
 from pyro_reparam_conv.data import load_default_images
@@ -21,6 +22,7 @@ from pyro_reparam_conv.train import train
 
 
 def main(steps: int, out: Path) -> None:
+    torch.set_num_threads(1)  # these small convolutions run fastest on one thread
     images, labels = load_default_images(512, seed=0)
     pyro.set_rng_seed(0)
     vae = ConvClusterVAE(image_shape=(1, 8, 8), latent_channels=4, num_classes=10)

@@ -5,10 +5,18 @@
   and once forced onto the score-function route, and writes the comparison (table, ELBO
   curves, reconstructions, posterior plots, ``posterior.nc``, ``summary.csv``).
 - ``train`` / ``export``: the same model on the user's ``.npy`` / ``.npz`` images; training
-  checkpoints are atomic and ``--resume`` continues exactly; ``export`` turns a checkpoint
-  into ArviZ files.
-- ``audit`` / ``compare``: gradient diagnostics for the built-in model or for the user's own
-  model and guide given as ``module:function`` (or ``path/to/file.py:function``).
+  checkpoints are atomic and checksummed, ``--resume`` continues exactly (and refuses changed
+  settings unless ``--allow-changed`` names them); ``export`` turns a checkpoint into ArviZ
+  files, from any folder (the checkpoint records where its data is).
+- ``audit`` / ``compare``: gradient diagnostics for the built-in model (or a checkpoint of it)
+  or for the user's own model and guide given as ``module:function`` (or
+  ``path/to/file.py:function``): that imports and runs the user's code, each module once.
+
+Every user error (bad option, unreadable or corrupt file, changed settings on resume, a
+checkpoint in the way) is one line on stderr, ``pyro-reparam-conv <command>: error: ...``, and
+exit status 2. SIGINT/SIGTERM during training checkpoint the last completed step and exit
+with 128 + the signal number. ``--threads`` (default 1: these small convolutions run fastest
+on one thread) sets torch's intra-op threads for the command.
 """
 
 from __future__ import annotations
@@ -16,10 +24,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import json
+import math
+import os
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from types import ModuleType
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import pyro
 import torch
@@ -27,103 +41,202 @@ import torch
 __all__ = ["build_parser", "main"]
 
 MODEL_OPTIONS = ("latent_channels", "num_classes", "hidden_channels", "num_downsamples")
+DEFAULT_THREADS = 1
+
+
+# ----------------------------------------------------------------------- argument types
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors: ``prog: error: message`` and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    from .train import resolve_device
+
+    try:
+        resolve_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _setting_names(text: str) -> list[str]:
+    """``lr,z-estimator`` -> ``["lr", "z_estimator"]`` (dashes or underscores)."""
+    return [name.strip().replace("-", "_") for name in text.split(",") if name.strip()]
 
 
 # ----------------------------------------------------------------------- arguments
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--latent-channels", type=int, default=4, help="channels of z (default 4)")
-    group.add_argument("--num-classes", type=int, default=10, help="clusters of y (default 10)")
-    group.add_argument("--hidden-channels", type=int, default=32, help="conv width (default 32)")
-    group.add_argument("--num-downsamples", type=int, default=1, help="stride-2 stages (default 1)")
+    positive = _int_at_least(1)
+    group.add_argument("--latent-channels", type=positive, default=4, help="channels of z (4)")
+    group.add_argument("--num-classes", type=positive, default=10, help="clusters of y (10)")
+    group.add_argument("--hidden-channels", type=positive, default=32, help="conv width (32)")
+    group.add_argument(
+        "--num-downsamples", type=_int_at_least(0), default=1, help="stride-2 stages (1)"
+    )
 
 
 def _add_training_options(parser: argparse.ArgumentParser, steps: int) -> None:
     group = parser.add_argument_group("training")
-    group.add_argument("--steps", type=int, default=steps, help=f"SVI steps (default {steps})")
-    group.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
-    group.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
-    group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda[:k]")
     group.add_argument(
+        "--steps", type=_int_at_least(0), default=steps, help=f"SVI steps (default {steps})"
+    )
+    group.add_argument(
+        "--batch-size", type=_int_at_least(1), default=64, help="images per step (default 64)"
+    )
+    group.add_argument(
+        "--lr", type=_positive_float, default=3e-3, help="Adam learning rate (default 3e-3)"
+    )
+    group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    group.add_argument(
+        "--device", type=_device, default="auto", help="auto (cuda if available), cpu, cuda[:k]"
+    )
+    start = group.add_mutually_exclusive_group()
+    start.add_argument(
         "--resume", action="store_true", help="continue from the checkpoint(s) in --out"
+    )
+    start.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh and replace the checkpoint(s) in --out (refused without this flag)",
+    )
+    group.add_argument(
+        "--allow-changed",
+        type=_setting_names,
+        action="extend",
+        default=[],
+        metavar="SETTING[,SETTING]",
+        help="with --resume: accept these settings differing from the checkpoint's (e.g. lr, "
+        "seed, threads, z-estimator, data); any other difference is refused",
     )
     group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def _add_data_options(parser: argparse.ArgumentParser, required: bool = False) -> None:
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument(
         "--data",
         type=Path,
-        required=required,
-        help="images as .npy or .npz, shape (N, H, W) or (N, C, H, W); default: embedded digits",
+        help="images as .npy or .npz, shape (N, H, W) or (N, C, H, W), pixel values in [0, 1] "
+        "(integer arrays are divided by their dtype's maximum); default: embedded digits",
     )
     group.add_argument("--key", help="array name inside a .npz holding several arrays")
-    group.add_argument("--num-images", type=int, help="use only the first N images")
+    group.add_argument(
+        "--scale", type=_positive_float, help="divide the pixel values by this (e.g. 255)"
+    )
+    group.add_argument("--num-images", type=_int_at_least(1), help="use only the first N images")
 
 
 def _add_user_model_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("your own model (instead of the built-in one)")
-    group.add_argument("--model", help="module:function (or file.py:function) of a Pyro model")
+    group = parser.add_argument_group(
+        "your own model (instead of the built-in one); these import and run your code"
+    )
+    group.add_argument(
+        "--model",
+        help="module:function (importable from the current folder) or path/to/file.py:function "
+        "of a Pyro model",
+    )
     group.add_argument("--guide", help="module:function of its guide")
     group.add_argument(
         "--inputs", help="module:function returning the model's args tuple, or (args, kwargs)"
     )
     group.add_argument(
-        "--checkpoint", type=Path, help="built-in model: load parameters from a checkpoint"
+        "--checkpoint",
+        type=Path,
+        help="built-in model: load parameters, configuration and data from a checkpoint",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pyro-reparam-conv",
         description="Pathwise vs score-function gradients in conv latent-variable models.",
     )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--threads",
+        type=_int_at_least(1),
+        default=DEFAULT_THREADS,
+        help=f"torch CPU threads (default {DEFAULT_THREADS}: fastest for these small convolutions)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser(
-        "demo", help="the main job: pathwise vs score-function training on the digits"
-    )
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    demo = command("demo", "the main job: pathwise vs score-function training on the digits")
     _add_training_options(demo, steps=600)
     _add_model_options(demo)
-    demo.add_argument("--num-images", type=int, default=1024, help="digits used (default 1024)")
+    demo.add_argument(
+        "--num-images", type=_int_at_least(1), default=1024, help="digits used (default 1024)"
+    )
     demo.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder")
     demo.add_argument(
         "--variance-draws",
-        type=int,
+        type=_int_at_least(2),
         default=100,
         help="gradient draws per estimator for the encoder variance (default 100)",
     )
     demo.add_argument(
-        "--export-images", type=int, default=64, help="images in posterior.nc (default 64)"
+        "--export-images",
+        type=_int_at_least(1),
+        default=64,
+        help="images in posterior.nc (default 64)",
     )
-    demo.add_argument("--num-samples", type=int, default=200, help="posterior draws (default 200)")
+    demo.add_argument(
+        "--num-samples", type=_int_at_least(1), default=200, help="posterior draws (default 200)"
+    )
 
-    train = sub.add_parser("train", help="train the conv model on your images")
+    train = command("train", "train the conv model on your images")
     _add_data_options(train)
     _add_training_options(train, steps=1000)
     _add_model_options(train)
     train.add_argument("--z-estimator", choices=("auto", "pathwise", "score"), default="auto")
     train.add_argument("--out", type=Path, default=Path("train_output"), help="output folder")
-    train.add_argument("--checkpoint-every", type=int, default=100)
+    train.add_argument("--checkpoint-every", type=_int_at_least(1), default=100)
 
-    export = sub.add_parser("export", help="checkpoint -> posterior.nc, summary.csv, plots")
+    export = command("export", "checkpoint -> posterior.nc, summary.csv, plots")
     export.add_argument("checkpoint", type=Path, help="checkpoint.pt written by `train`")
     _add_data_options(export)
     export.add_argument(
-        "--num-samples", type=int, default=200, help="posterior draws (default 200)"
+        "--num-samples", type=_int_at_least(1), default=200, help="posterior draws (default 200)"
     )
     export.add_argument("--out", type=Path, default=None, help="folder (default: the checkpoint's)")
     export.add_argument("--seed", type=int, default=0)
 
-    audit = sub.add_parser("audit", help="routes per site and parameters without gradient")
+    audit = command("audit", "routes per site, parameters without gradient, unmatched sites")
     _add_user_model_options(audit)
     _add_model_options(audit)
     _add_data_options(audit)
     audit.add_argument("--seed", type=int, default=0)
 
-    compare = sub.add_parser("compare", help="gradient variance / SNR / cost per estimator")
+    compare = command("compare", "gradient variance / SNR / cost per estimator")
     _add_user_model_options(compare)
     _add_model_options(compare)
     _add_data_options(compare)
@@ -132,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="pathwise,score,score+avg,score+loo",
         help="comma-separated (default pathwise,score,score+avg,score+loo)",
     )
-    compare.add_argument("--num-draws", type=int, default=200)
+    compare.add_argument("--num-draws", type=_int_at_least(2), default=200)
     compare.add_argument("--out", type=Path, default=Path("compare_output"))
     compare.add_argument("--seed", type=int, default=0)
     return parser
@@ -153,15 +266,81 @@ def _build_model(config: dict, z_estimator: str = "auto"):
     return ConvClusterVAE(tuple(config["image_shape"]), z_infer=z_infer, **options)
 
 
-def _load_data(args: argparse.Namespace) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _data_source(args: argparse.Namespace, out: Optional[Path] = None) -> dict:
+    """Where the images of ``args`` come from, recorded in checkpoints so that ``export`` and
+    ``audit --checkpoint`` load the same images from any folder: the data file's absolute
+    path and its path relative to the output folder (found again if both are moved together),
+    ``key``, ``scale`` and ``num_images``; ``data`` is ``None`` for the embedded digits."""
+    data = getattr(args, "data", None)
+    source = {"data": None, "key": None, "scale": None, "num_images": args.num_images}
+    if data is not None:
+        path = Path(data).resolve()
+        relative = os.path.relpath(path, out.resolve()) if out is not None else None
+        source.update(data=str(path), data_relative=relative, key=args.key, scale=args.scale)
+    return source
+
+
+def _find_data_file(source: Mapping, base: Optional[Path]) -> Path:
+    """The recorded data file: as recorded (absolute, or relative to the current folder for
+    old checkpoints), else relative to ``base`` (the checkpoint's folder)."""
+    recorded = Path(source["data"])
+    candidates = [recorded]
+    if base is not None:
+        candidates.append(base / (source.get("data_relative") or recorded))
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    tried = ", ".join(dict.fromkeys(str(c) for c in candidates))
+    raise FileNotFoundError(
+        f"the checkpoint's training data is not found (looked for {tried}); pass --data to say "
+        "where it is now"
+    )
+
+
+def _images_from(source: Mapping, base: Optional[Path] = None) -> torch.Tensor:
+    """The images a :func:`_data_source` record describes (``base``: see
+    :func:`_find_data_file`)."""
     from .data import load_default_images, load_images
 
-    if getattr(args, "data", None) is None:
-        return load_default_images(getattr(args, "num_images", None))
-    images = load_images(args.data, args.key)
-    if args.num_images is not None:
+    count = source.get("num_images")
+    if not source.get("data"):
+        return load_default_images(count, seed=source.get("shuffle_seed"))[0]
+    path = _find_data_file(source, base)
+    images = load_images(path, source.get("key"), scale=source.get("scale"))
+    if count is not None and count > len(images):
+        raise ValueError(f"--num-images {count}, but {path} holds {len(images)} images")
+    return images[:count] if count is not None else images
+
+
+def _load_data(args: argparse.Namespace) -> torch.Tensor:
+    return _images_from(_data_source(args))
+
+
+def _checkpoint_images(args: argparse.Namespace, checkpoint: Path, state: dict) -> torch.Tensor:
+    """``--data`` when given; else the images ``checkpoint`` was trained on, checked against
+    its data fingerprint (``--num-images`` then keeps the first N of them)."""
+    from .checkpoint import data_fingerprint
+
+    if args.data is not None:
+        images = _load_data(args)
+    else:
+        images = _images_from(state["metadata"], checkpoint.parent)
+        recorded = (state.get("settings") or {}).get("data")
+        found = data_fingerprint(images) if recorded is not None else None
+        if found != recorded:
+            raise ValueError(
+                f"the data file recorded in {checkpoint} has changed since training "
+                f"(SHA-256 {found[7:19]}..., trained on {recorded[7:19]}...); pass --data to "
+                "use these or other images on purpose"
+            )
         images = images[: args.num_images]
-    return images, None
+    config = state["metadata"]
+    if list(images.shape[1:]) != list(config["image_shape"]):
+        raise ValueError(
+            f"the images have shape {tuple(images.shape[1:])}, but {checkpoint} was trained "
+            f"on {tuple(config['image_shape'])}"
+        )
+    return images
 
 
 def _most_informed(z, count: int = 4):
@@ -195,18 +374,44 @@ def _export(
         paths = {"posterior.nc": out / "posterior.nc", "summary.csv": out / "summary.csv"}
         idata.to_netcdf(str(paths["posterior.nc"]))
         az.summary(idata, var_names=["y", "z"]).to_csv(paths["summary.csv"])
-        axes = az.plot_posterior(_most_informed(idata.posterior["z"]))
+        # 2 x 2 panels at a readable size (ArviZ's default puts them in one wide row)
+        axes = az.plot_posterior(
+            _most_informed(idata.posterior["z"]),
+            grid=(2, 2),
+            figsize=(9, 6.5),
+            textsize=10,
+            backend_kwargs={"layout": "constrained"},
+        )
         paths["posterior_z.png"] = save_figure(axes.ravel()[0].figure, out / "posterior_z.png")
     return paths
 
 
 # ----------------------------------------------------------------------- demo
-def _fit(args, config: dict, images: torch.Tensor, z_estimator: str, checkpoint: Path, **options):
+def _prepare_out(args: argparse.Namespace, checkpoints: Sequence[Path]) -> None:
+    """Before any work: refuse to replace existing checkpoints without ``--overwrite`` (or
+    ``--resume``), and make sure ``--out`` can be written."""
+    from .checkpoint import check_writable, refuse_overwrite
+
+    if not args.resume and not args.overwrite:
+        for path in checkpoints:
+            refuse_overwrite(
+                path,
+                "continue it with --resume, or pass --overwrite to replace it (or use "
+                "another --out)",
+            )
+    check_writable(args.out)
+
+
+def _fit(args, config: dict, source: dict, images, z_estimator: str, checkpoint: Path, **options):
     """A fresh ConvClusterVAE trained with RoutedELBO from the command-line options;
-    returns ``(vae, TrainResult)`` (the ELBO, with its routes, is ``result.elbo``)."""
+    returns ``(vae, TrainResult)`` (the ELBO, with its routes, is ``result.elbo``). The model
+    configuration and ``z_estimator`` are settings a resume must match; ``source`` (where the
+    images came from) is recorded with the configuration for ``export``/``audit``."""
     from .elbo import RoutedELBO
     from .train import train
 
+    if args.resume and not checkpoint.exists():
+        print(f"{checkpoint}: no checkpoint yet, starting at step 0")
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     vae = _build_model(config, z_estimator)
@@ -222,10 +427,19 @@ def _fit(args, config: dict, images: torch.Tensor, z_estimator: str, checkpoint:
         seed=args.seed,
         checkpoint_path=checkpoint,
         resume=args.resume,
+        overwrite=args.overwrite,
+        allow_changed=args.allow_changed,
+        settings={"z_estimator": z_estimator, **config},
         progress=not args.no_progress,
-        metadata=config,
+        metadata={**config, **source},
         **options,
     )
+    if result.start_step:
+        changes = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in result.changed.items())
+        print(
+            f"{checkpoint}: resumed at step {result.start_step}"
+            + (f" with accepted changes: {changes}" if changes else "")
+        )
     return vae, result
 
 
@@ -250,9 +464,7 @@ def _encoder_variance(vae, batch: torch.Tensor, num_data: int, draws: int, seed:
         num_draws=draws,
         seed=seed,
     )
-    # PyroModule names submodule parameters "encoder$$$0.0.weight" in the param store.
-    names = frame["param"].str.replace("$$$", ".", regex=False)
-    encoder = frame[names.str.startswith(("encoder.", "z_head."))]
+    encoder = frame[frame["param"].str.startswith(("encoder.", "z_head."))]
     return frame, encoder.groupby("estimator")["variance"].sum().to_dict()
 
 
@@ -275,15 +487,16 @@ def run_demo(args: argparse.Namespace) -> dict:
     )
 
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    routes = ("pathwise", "score")
+    _prepare_out(args, [out / f"checkpoint_{route}.pt" for route in routes])
     images, labels = load_default_images(args.num_images, seed=args.seed)
+    source = {"data": None, "num_images": args.num_images, "shuffle_seed": args.seed}
     config = _model_config(args, images.shape[1:])
     shown = images[:10]
     runs, reconstructions, variance = {}, {}, {}
-    for route in ("pathwise", "score"):
-        vae, result = _fit(
-            args, config, images, route, out / f"checkpoint_{route}.pt", desc=f"z {route}"
-        )
+    for route in routes:
+        checkpoint = out / f"checkpoint_{route}.pt"
+        vae, result = _fit(args, config, source, images, route, checkpoint, desc=f"z {route}")
         device = result.device
         vae.eval()
         with torch.no_grad():
@@ -343,7 +556,8 @@ def run_demo(args: argparse.Namespace) -> dict:
     ratio = variance.get("score", float("nan")) / variance.get("pathwise", float("nan"))
     report = (
         f"{len(images)} digits, {args.steps} steps of batch {args.batch_size}, seed {args.seed}, "
-        f"device {runs['pathwise']['result'].device}\n{table}\n"
+        f"device {runs['pathwise']['result'].device}, {torch.get_num_threads()} torch "
+        f"thread(s)\n{table}\n"
         f"ELBO/image: Trace_ELBO, 8 particles, all {len(images)} images. Encoder gradient "
         f"variance: {args.variance_draws} single-particle draws per estimator at the pathwise "
         f"run's final parameters; score/pathwise = {ratio:.3g}x."
@@ -354,6 +568,7 @@ def run_demo(args: argparse.Namespace) -> dict:
             "elbo_per_image": run["elbo"],
             "encoder_grad_variance": variance.get(route),
             "seconds_per_step": run["result"].seconds_per_step,
+            "threads": torch.get_num_threads(),
             "routes": run["routes"],
         }
         for route, run in runs.items()
@@ -368,16 +583,18 @@ def run_demo(args: argparse.Namespace) -> dict:
 def run_train(args: argparse.Namespace) -> int:
     from .plots import plot_elbo_curves
 
-    images, _ = _load_data(args)
+    checkpoint = args.out / "checkpoint.pt"
+    _prepare_out(args, [checkpoint])
+    images = _load_data(args)
     config = _model_config(args, images.shape[1:])
-    config["data"] = str(args.data) if args.data else None
-    config["key"] = args.key
+    source = _data_source(args, args.out)
     _, result = _fit(
         args,
         config,
+        source,
         images,
         args.z_estimator,
-        args.out / "checkpoint.pt",
+        checkpoint,
         checkpoint_every=args.checkpoint_every,
     )
     plot_elbo_curves({"train": result.losses}, args.out / "elbo.png", num_data=len(images))
@@ -391,79 +608,138 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from .checkpoint import check_writable
     from .train import load_checkpoint, load_params
 
-    state = load_checkpoint(args.checkpoint)
-    config = state["metadata"]
-    if args.data is None and config.get("data"):
-        args.data, args.key = Path(config["data"]), config.get("key")
-    images, _ = _load_data(args)
-    if list(images.shape[1:]) != list(config["image_shape"]):
-        raise ValueError(
-            f"--data images have shape {tuple(images.shape[1:])}, but {args.checkpoint} was "
-            f"trained on {tuple(config['image_shape'])}"
-        )
-    pyro.clear_param_store()
-    vae = _build_model(config)
-    load_params(vae.model, vae.guide, args.checkpoint, images[:2])
     out = args.out or args.checkpoint.parent
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
+    state = load_checkpoint(args.checkpoint)
+    images = _checkpoint_images(args, args.checkpoint, state)
+    pyro.clear_param_store()
+    vae = _build_model(state["metadata"])
+    load_params(vae.model, vae.guide, args.checkpoint, images[:2])
     paths = _export(vae.model, vae.guide, images, out, args.num_samples, args.seed, state["losses"])
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
 # ----------------------------------------------------------------------- audit / compare
-def _load_callable(spec: str) -> Callable:
-    """``package.module:function`` or ``path/to/file.py:function`` -> the function."""
-    module_name, sep, attr = spec.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"{spec!r}: expected module:function or path/to/file.py:function")
-    if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.exists():
-            raise ValueError(f"{spec!r}: file {path} not found")
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(module_name)
+@contextmanager
+def _on_sys_path(folder: Path) -> Iterator[None]:
+    """``folder`` first on ``sys.path`` while the user's module is imported (as ``python``
+    puts the current folder or a script's folder there)."""
+    entry = str(folder)
+    sys.path.insert(0, entry)
     try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ValueError(f"{spec!r}: {module_name} has no attribute {attr!r}") from None
+        yield
+    finally:
+        if entry in sys.path:
+            sys.path.remove(entry)
+
+
+def _import_user_module(option: str, name: str) -> ModuleType:
+    """Run ``path/to/file.py`` (registered in ``sys.modules`` under its stem when that name is
+    free, so ``dataclasses`` and pickling work) or import ``package.module`` from the current
+    folder or ``sys.path``."""
+    if name.endswith(".py"):
+        path = Path(name).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"--{option}: file {name} not found")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules.setdefault(path.stem, module)
+        with _on_sys_path(path.parent):
+            spec.loader.exec_module(module)
+        return module
+    try:
+        with _on_sys_path(Path.cwd()):
+            return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name is not None and name.split(".")[0] != err.name.split(".")[0]:
+            raise ValueError(f"--{option}: importing {name} failed: {err}") from err
+        raise ValueError(
+            f"--{option}: no module {name!r} in the current folder ({Path.cwd()}) or on "
+            "sys.path; run from its folder or give path/to/file.py:function"
+        ) from err
+
+
+def _load_callables(specs: Mapping[str, Optional[str]]) -> dict[str, Callable]:
+    """``{option: module:function or path/to/file.py:function}`` -> ``{option: function}``.
+    Each module is imported (each file run) once, however many options name it, so model,
+    guide and inputs share its module-level objects (networks, data)."""
+    modules: dict[str, ModuleType] = {}
+    found: dict[str, Callable] = {}
+    for option, spec in specs.items():
+        if spec is None:
+            continue
+        module_name, sep, attr = spec.rpartition(":")
+        if not sep or not module_name or not attr:
+            raise ValueError(
+                f"--{option} {spec!r}: expected module:function or path/to/file.py:function"
+            )
+        key = str(Path(module_name).resolve()) if module_name.endswith(".py") else module_name
+        if key not in modules:
+            modules[key] = _import_user_module(option, module_name)
+        try:
+            found[option] = getattr(modules[key], attr)
+        except AttributeError:
+            raise ValueError(f"--{option} {spec!r}: {module_name} has no {attr!r}") from None
+    return found
+
+
+def _split_inputs(inputs: Any) -> tuple[tuple, dict]:
+    """What ``--inputs`` returned -> ``(args, kwargs)``."""
+    if isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], dict):
+        return tuple(inputs[0]), dict(inputs[1])
+    return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}
+
+
+def _check_call(
+    option: str, spec: str, fn: Callable, args: tuple, kwargs: dict, inputs: Optional[str]
+) -> None:
+    """The user's model/guide must accept the ``--inputs``: say so before running it."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # no signature to check (a builtin or C callable)
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as err:
+        given = (
+            f"--inputs gave {len(args)} positional and {sorted(kwargs)} keyword arguments"
+            if inputs
+            else "no --inputs were given"
+        )
+        raise ValueError(
+            f"--{option} {spec} takes {signature} but {given} ({err}); give --inputs "
+            "module:function returning its arguments"
+        ) from None
 
 
 def _diagnostic_target(args: argparse.Namespace) -> tuple[Callable, Callable, tuple, dict]:
-    """(model, guide, args, kwargs): the user's (``--model/--guide/--inputs``) or the built-in."""
-    user = [args.model, args.guide]
-    if any(user):
-        if not all(user):
+    """(model, guide, args, kwargs): the user's (``--model/--guide/--inputs``) or the built-in
+    (with ``--checkpoint``: its parameters, configuration and data)."""
+    if args.model or args.guide or args.inputs:
+        if not (args.model and args.guide):
             raise ValueError("give both --model and --guide (and --inputs if they take arguments)")
-        inputs: Any = _load_callable(args.inputs)() if args.inputs else ()
-        if isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[1], dict):
-            model_args, model_kwargs = inputs
-        else:
-            model_args, model_kwargs = (
-                tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,),
-                {},
-            )
-        return (
-            _load_callable(args.model),
-            _load_callable(args.guide),
-            tuple(model_args),
-            model_kwargs,
-        )
-    images, _ = _load_data(args)
-    batch = images[: min(len(images), 64)]
+        specs = {"model": args.model, "guide": args.guide, "inputs": args.inputs}
+        fns = _load_callables(specs)
+        model_args, model_kwargs = _split_inputs(fns["inputs"]() if args.inputs else ())
+        for option in ("model", "guide"):
+            _check_call(option, specs[option], fns[option], model_args, model_kwargs, args.inputs)
+        return fns["model"], fns["guide"], model_args, model_kwargs
     pyro.clear_param_store()  # the built-in model's parameter names must not meet stale ones
     if args.checkpoint is not None:
         from .train import load_checkpoint, load_params
 
-        config = load_checkpoint(args.checkpoint)["metadata"]
-        vae = _build_model(config)
+        state = load_checkpoint(args.checkpoint)
+        images = _checkpoint_images(args, args.checkpoint, state)
+        batch = images[: min(len(images), 64)]
+        vae = _build_model(state["metadata"])
         load_params(vae.model, vae.guide, args.checkpoint, batch[:2])
     else:
+        images = _load_data(args)
+        batch = images[: min(len(images), 64)]
         vae = _build_model(_model_config(args, images.shape[1:]))
     return vae.model, vae.guide, (batch,), {"num_data": len(images)}
 
@@ -475,13 +751,15 @@ def run_audit(args: argparse.Namespace) -> int:
     model, guide, model_args, model_kwargs = _diagnostic_target(args)
     report = audit_gradients(model, guide, *model_args, **model_kwargs)
     print(report)
-    return 1 if report.no_gradient else 0
+    return 1 if report.no_gradient or report.unmatched_sites else 0
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    from .checkpoint import check_writable
     from .diagnostics import compare_estimators
     from .plots import plot_estimator_comparison
 
+    check_writable(args.out)
     model, guide, model_args, model_kwargs = _diagnostic_target(args)
     estimators = tuple(e.strip() for e in args.estimators.split(",") if e.strip())
     frame = compare_estimators(
@@ -493,7 +771,6 @@ def run_compare(args: argparse.Namespace) -> int:
         seed=args.seed,
         **model_kwargs,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out / "estimator_comparison.csv", index=False)
     plot_estimator_comparison(frame, args.out / "estimator_comparison.png")
     print(frame.to_string(index=False))
@@ -513,21 +790,47 @@ COMMANDS = {
 }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def _one_line(err: BaseException) -> str:
+    """An exception as one line: ``file: reason`` for OS errors, whitespace runs (a message
+    spanning lines) joined, very long messages cut."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        message = f"{err.filename}: {err.strerror}"
+    else:
+        message = str(err) or type(err).__name__
+    message = " ".join(message.split())
+    return message if len(message) <= 1000 else message[:1000] + " ..."
+
+
+def _run(args: argparse.Namespace) -> int:
+    prog = f"pyro-reparam-conv {args.command}"
     try:
         status = COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
-        print(f"pyro-reparam-conv {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError, FloatingPointError) as err:
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            f"pyro-reparam-conv {args.command}: interrupted; the last completed step is "
-            "checkpointed, continue with --resume",
-            file=sys.stderr,
+    except KeyboardInterrupt as err:
+        signum = int(getattr(err, "signum", signal.SIGINT))
+        saved = (
+            "; the last completed step is checkpointed, continue with --resume"
+            if args.command in ("demo", "train")
+            else ""
         )
-        return 130
+        print(f"{prog}: stopped by {signal.Signals(signum).name}{saved}", file=sys.stderr)
+        return 128 + signum
     return status if isinstance(status, int) else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2, one line already printed)
+        return int(exit_.code or 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

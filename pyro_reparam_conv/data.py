@@ -15,7 +15,9 @@ User data (:func:`load_images`): a ``.npy`` array or one array of a ``.npz`` arc
 Channels-last ``(N, H, W, C)`` is *not* guessed (an 8x8 image with 3 channels and a 3x8
 image with 8 channels look alike); transpose it yourself with ``np.moveaxis(a, -1, 1)``.
 Integer and boolean arrays are divided by their dtype's maximum (uint8: 255) unless
-``scale`` is given; float arrays are used as they are. Images come back as float32
+``scale`` is given; float arrays are used as they are (or divided by ``scale``). Pixel
+values must then lie in ``[0, 1]`` (the models' likelihood is a density on ``[0, 1]``): values
+outside are an error that counts them and gives the range found. Images come back as float32
 ``(N, C, H, W)`` tensors.
 """
 
@@ -66,7 +68,8 @@ def as_image_tensor(array: np.ndarray, where: str, scale: Optional[float] = None
     """Validate ``array`` as images and return float32 ``(N, C, H, W)``.
 
     ``where`` names the source in error messages (file and key). Raises ``ValueError`` for a
-    wrong number of dimensions, an empty array, a non-numeric dtype or NaN/Inf values.
+    wrong number of dimensions, an empty array, a non-numeric dtype, NaN/Inf values or pixel
+    values outside ``[0, 1]`` after scaling.
     """
     if array.dtype.kind not in "buif":
         raise ValueError(f"{where}: dtype {array.dtype} is not numeric; images must be numbers")
@@ -95,7 +98,21 @@ def as_image_tensor(array: np.ndarray, where: str, scale: Optional[float] = None
             if array.dtype.kind in "f"
             else float(1 if array.dtype.kind == "b" else np.iinfo(array.dtype).max)
         )
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32) / np.float32(scale))
+    images = np.ascontiguousarray(array, dtype=np.float32) / np.float32(scale)
+    _check_unit_range(images, where, scale)
+    return torch.from_numpy(images)
+
+
+def _check_unit_range(images: np.ndarray, where: str, scale: float) -> None:
+    outside = int(((images < 0) | (images > 1)).sum())
+    if outside:
+        low, high = float(images.min()), float(images.max())
+        scaled = f" after dividing by {scale:g}" if scale != 1 else ""
+        raise ValueError(
+            f"{where}: {outside} of {images.size} pixel values lie outside [0, 1]{scaled} "
+            f"(range found {low:g} .. {high:g}); images must be in [0, 1]: rescale them, e.g. "
+            "divide by their maximum (command line: --scale MAX; Python: scale=MAX)"
+        )
 
 
 def _np_load(path: Path):

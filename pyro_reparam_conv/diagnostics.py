@@ -3,7 +3,7 @@
 - :func:`audit_gradients`: one ELBO gradient evaluation; which estimator each guide site
   gets, and which parameters receive a gradient, how large, and from which sites' terms.
   Parameters that receive none (a ``.detach()``, a layer run under ``torch.no_grad()``) are
-  flagged loudly.
+  flagged loudly, and so are sample sites that exist in the guide or the model only.
 - :func:`compare_estimators`: many independent single-estimate gradients per estimator
   (pathwise, score function with and without baselines); per parameter the mean, variance,
   signal-to-noise ratio and cost.
@@ -28,7 +28,7 @@ import torch
 from pyro.util import get_rng_state, set_rng_state
 
 from .elbo import RoutedELBO
-from .introspect import modules_behind
+from .introspect import display_name, modules_behind, probe_traces, unmatched_sites
 from .routing import ESTIMATORS, ForceEstimatorMessenger, Route
 
 __all__ = [
@@ -68,7 +68,7 @@ def _collect_params(param_trace, model, guide) -> list[_Param]:
             leaf = store._params[name] if hasattr(store, "_params") else leaf
         if id(leaf) not in seen:
             seen.add(id(leaf))
-            params.append(_Param(name, leaf, "param store"))
+            params.append(_Param(display_name(name), leaf, "param store"))
     for role, fn in (("model", model), ("guide", guide)):
         for module in modules_behind(fn):
             label = type(module).__name__
@@ -135,6 +135,9 @@ class GradientAudit:
     params: list[ParamRecord]
     loss: float
     notes: list[str] = field(default_factory=list)
+    #: sample sites on one side only: ``{name: "guide"}`` or ``{name: "model"}``
+    #: (see :func:`~pyro_reparam_conv.introspect.unmatched_sites`)
+    unmatched_sites: dict[str, str] = field(default_factory=dict)
 
     @property
     def no_gradient(self) -> list[str]:
@@ -176,8 +179,20 @@ class GradientAudit:
                 )
         else:
             lines += ["", "Every parameter receives a gradient."]
+        if self.unmatched_sites:
+            lines.append("")
+        lines += [_UNMATCHED[side].format(name=name) for name, side in self.unmatched_sites.items()]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+_UNMATCHED = {
+    "guide": "!! SITE IN THE GUIDE ONLY: {name!r} -- the model has no latent site of that name, "
+    "so q({name}) is fitted to nothing; rename it to the model's site (typo?) or mark it "
+    "infer={{'is_auxiliary': True}}",
+    "model": "!! SITE IN THE MODEL ONLY: {name!r} -- the guide does not sample it, so it is "
+    "drawn from the prior at every step; add it to the guide",
+}
 
 
 def _site_terms(particles, scale: float) -> dict[str, torch.Tensor]:
@@ -246,6 +261,7 @@ def audit_gradients(model: Callable, guide: Callable, *args, elbo=None, **kwargs
             notes.append(f"{type(elbo).__name__} is not a RoutedELBO: no per-site attribution")
         if state is not None:
             elbo.load_state_dict(state)
+        unmatched = unmatched_sites(*probe_traces(model, guide, args, kwargs)[1:])
     records = []
     for p in params:
         g = by_param.get(id(p.tensor))
@@ -260,7 +276,9 @@ def audit_gradients(model: Callable, guide: Callable, *args, elbo=None, **kwargs
                 frozen=not p.tensor.requires_grad,
             )
         )
-    return GradientAudit(routes=routes, params=records, loss=_item(loss), notes=notes)
+    return GradientAudit(
+        routes=routes, params=records, loss=_item(loss), notes=notes, unmatched_sites=unmatched
+    )
 
 
 def _item(x: Any) -> float:
@@ -372,6 +390,7 @@ def compare_estimators(
         found = [p for p in _collect_params(capture.trace, model, guide) if p.tensor.requires_grad]
         if params is not None:
             names = [p.name for p in found]
+            params = [display_name(n) for n in params]
             unknown = [n for n in params if n not in names]
             if unknown:
                 raise ValueError(f"unknown params {unknown}; parameters are {names}")

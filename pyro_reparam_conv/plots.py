@@ -1,7 +1,9 @@
 """Figures: ELBO curves, reconstructions, posterior summaries (PNG via matplotlib's Agg).
 
 matplotlib is imported inside the functions only (``import pyro_reparam_conv`` stays light),
-with the non-interactive Agg backend, so plotting works without a display.
+with the non-interactive Agg backend, so plotting works without a display. Figures are sized
+to be read at their natural size (at most about 1500 pixels wide at the 120 dpi they are
+saved with; long lists grow downwards), with colour bars on every image panel.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
 import numpy as np
+
+from .introspect import display_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -122,7 +126,11 @@ def plot_posterior(
     table = np.stack([y_probs[labels == c].mean(0) for c in classes])
     n = min(4, len(z_mean))
     fig, axes = _new_figure(
-        2, 1 + n, figsize=(3.2 + 1.6 * n, 5.0), gridspec_kw={"width_ratios": [3] + [1] * n}
+        2,
+        1 + n,
+        figsize=(3.6 + 1.7 * n, 5.0),
+        gridspec_kw={"width_ratios": [3] + [1] * n},
+        layout="constrained",
     )
     gs = axes[0, 0].get_gridspec()
     for ax in axes[:, 0]:
@@ -133,17 +141,39 @@ def plot_posterior(
     big.set_ylabel("true digit")
     big.set_yticks(range(len(classes)), [str(c) for c in classes])
     big.set_title("mean q(y | x) by digit")
-    fig.colorbar(im, ax=big, fraction=0.046)
-    for j in range(n):
-        for row, (values, name) in enumerate(((z_mean, "E_q[z]"), (z_std, "sd_q[z]"))):
+    fig.colorbar(im, ax=big, fraction=0.05)
+    rows = (
+        (np.asarray(z_mean)[:n, 0], "E_q[z]", "coolwarm"),
+        (np.asarray(z_std)[:n, 0], "sd_q[z]", "magma"),
+    )
+    for row, (values, name, cmap) in enumerate(rows):
+        # one colour scale per row (symmetric about 0 for the means), shown by one colour bar
+        top = float(np.abs(values).max()) or 1.0
+        low = -top if row == 0 else 0.0
+        for j in range(n):
             ax = axes[row, 1 + j]
-            ax.imshow(values[j, 0], cmap="coolwarm" if row == 0 else "magma")
+            im = ax.imshow(values[j], cmap=cmap, vmin=low, vmax=top)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"{name} #{j}", fontsize=8)
+            ax.set_title(f"{name} #{j}", fontsize=9)
+        fig.colorbar(im, ax=list(axes[row, 1:]), fraction=0.05, pad=0.02)
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def _label_log_axis(axis, limits: tuple) -> None:
+    """Label decades; on an axis spanning less than two decades also 2x and 5x, as plain
+    numbers (matplotlib's own minor labels collide there)."""
+    from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
+
+    low, high = sorted(limits)
+    if low > 0 and np.log10(high / low) < 2:
+        axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+        axis.set_minor_formatter(StrMethodFormatter("{x:g}"))
+        axis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    else:
+        axis.set_minor_formatter(NullFormatter())
 
 
 def plot_estimator_comparison(
@@ -163,13 +193,17 @@ def plot_estimator_comparison(
         raise ValueError("nothing to plot: no rows (check `params`)")
     estimators = list(dict.fromkeys(df["estimator"]))
     names = list(dict.fromkeys(df["param"]))
-    x = np.arange(len(names))
-    width = 0.8 / len(estimators)
-    fig_width = max(6.0, 0.9 * len(names) * max(1.0, len(estimators) / 2) + 2)
-    fig, axes = _new_figure(2, 1, figsize=(fig_width, 6.5), sharex=True)
+    y = np.arange(len(names))
+    height = 0.8 / len(estimators)
+    # one row per parameter (names read horizontally), panels side by side: the width stays
+    # fixed whatever the number of parameters; the height grows with it
+    row_inches = 0.12 + 0.08 * len(estimators)
+    fig, axes = _new_figure(
+        1, 2, figsize=(10.0, 1.6 + row_inches * len(names)), sharey=True, layout="constrained"
+    )
     for ax, column, label in (
-        (axes[0, 0], "variance", "variance (sum over elements)"),
-        (axes[1, 0], "snr", "SNR = |mean| / sqrt(variance)"),
+        (axes[0, 0], "variance", "gradient variance (sum over elements)"),
+        (axes[0, 1], "snr", "SNR = |mean| / sqrt(variance)"),
     ):
         for i, estimator in enumerate(estimators):
             rows = df[df["estimator"] == estimator].set_index("param")
@@ -177,24 +211,28 @@ def plot_estimator_comparison(
                 [float(rows[column].get(n, np.nan)) if n in rows.index else np.nan for n in names]
             )
             ok = np.isfinite(values) & (values > 0)
-            pos = x - 0.4 + width * (i + 0.5)
-            ax.bar(pos[ok], values[ok], width, label=estimator)
+            pos = y - 0.4 + height * (i + 0.5)
+            ax.barh(pos[ok], values[ok], height, label=estimator)
             if (~ok).any():
-                # x in data coordinates, y in axes coordinates: a mark on the bottom edge
+                # x in axes coordinates, y in data coordinates: a mark on the left edge
                 ax.plot(
+                    np.full((~ok).sum(), 0.02),
                     pos[~ok],
-                    np.full((~ok).sum(), 0.03),
                     "kx",
                     markersize=5,
-                    transform=ax.get_xaxis_transform(),
+                    transform=ax.get_yaxis_transform(),
                 )
-        ax.set_yscale("log")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3, axis="y", which="both")
-    axes[0, 0].legend(fontsize=8)
-    slanted = len(names) > 3
-    axes[1, 0].set_xticks(
-        x, names, rotation=30 if slanted else 0, ha="right" if slanted else "center"
+        ax.set_xscale("log")
+        _label_log_axis(ax.xaxis, ax.get_xlim())
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3, axis="x", which="both")
+    axes[0, 0].set_yticks(y, [display_name(n) for n in names], fontsize=9)
+    axes[0, 0].set_ylim(len(names) - 0.5, -0.5)  # first parameter on top
+    fig.legend(
+        *axes[0, 0].get_legend_handles_labels(),
+        loc="outside lower center",
+        ncol=min(len(estimators), 4),
+        fontsize=9,
     )
-    axes[0, 0].set_title(title or "Gradient estimators: variance and signal-to-noise per parameter")
+    fig.suptitle(title or "Gradient estimators: variance and signal-to-noise per parameter")
     return save_figure(fig, path)

@@ -1,4 +1,4 @@
-"""The SVI loop: minibatches, progress bar, NaN/Inf guard, atomic checkpoints, exact resume.
+"""The SVI loop: minibatches, progress bar, NaN/Inf guard, checkpoints, exact and checked resume.
 
 Each step maximizes the ELBO ``E_q[log p(x, y, z) - log q(y, z | x)]`` (Kingma & Welling 2014)
 on a minibatch: the model sees ``num_data`` so its plate scales the batch log-densities by
@@ -9,38 +9,57 @@ sites, score function with baselines otherwise).
 A checkpoint holds everything the next step depends on: parameters (param store and module
 state), optimizer state, step count, loss history, the RNG states (torch, CUDA, NumPy,
 Python), the minibatch order (permutation and position) and the ELBO's own state (baseline
-averages) when it has ``state_dict``. Resuming from it gives bit-identical parameters to an
-uninterrupted run on the same device. It is written atomically (temporary file in the same
-folder, fsync, ``os.replace``), so a crash while saving leaves the previous one intact.
+averages) when it has ``state_dict``; and the run's settings (optimizer and its learning
+rate, ELBO, seed, batch size, a SHA-256 of the data, thread count, device, plus any the
+caller adds) with a history of the runs that wrote it. Resuming from it gives bit-identical
+parameters to an uninterrupted run with the same settings; a changed setting is refused by
+name unless accepted (``allow_changed``). Files are checksummed and written atomically (see
+:mod:`pyro_reparam_conv.checkpoint`).
+
+Nothing trained is lost silently: an existing checkpoint is not replaced unless
+``overwrite=True`` (or continued with ``resume=True``); the folder is checked writable, with
+room for a checkpoint, before the first step; SIGINT (Ctrl-C) and SIGTERM (what batch
+schedulers send) are held until the step in progress completes, the checkpoint is written
+and :class:`Interrupted` is raised.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import random
 import signal
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Collection, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer.util import zero_grads
-from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 
-from .introspect import max_plate_nesting, modules_behind
+from .checkpoint import (
+    CHECKPOINT_VERSION,
+    CheckpointError,
+    SettingsMismatchError,
+    changed_settings,
+    check_writable,
+    data_fingerprint,
+    encode_checkpoint,
+    load_checkpoint,
+    refuse_overwrite,
+    save_checkpoint,
+)
+from .introspect import display_name, max_plate_nesting, modules_behind, probe_traces
 from .sampling import validation_enabled
 
 __all__ = [
     "CHECKPOINT_VERSION",
+    "Interrupted",
     "NonFiniteTrainingError",
     "TrainResult",
     "load_checkpoint",
@@ -48,11 +67,10 @@ __all__ = [
     "register_params",
     "resolve_device",
     "restore_params",
+    "run_settings",
     "save_checkpoint",
     "train",
 ]
-
-CHECKPOINT_VERSION = 1
 
 
 class NonFiniteTrainingError(FloatingPointError):
@@ -92,13 +110,20 @@ class TrainResult:
     checkpoint_path: Optional[Path] = None
     start_step: int = 0
     extra: dict = field(default_factory=dict)
+    #: settings that differ from the resumed checkpoint's (accepted): ``{name: (old, new)}``
+    changed: dict = field(default_factory=dict)
 
 
 def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
     """``"auto"`` -> ``cuda`` when available, else ``cpu``; anything else as given."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"device {str(device)!r} is not a torch device; use auto, cpu, cuda or cuda:K"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested but CUDA is not available")
     return device
@@ -164,15 +189,15 @@ def restore_params(params: dict[str, torch.Tensor], modules: list[dict], fns: tu
     the param store and the optimizer keep pointing at the same tensors)."""
     store = pyro.get_param_store()
     live = dict(store.named_parameters())
-    missing = sorted(set(params) - set(live))
-    unexpected = sorted(set(live) - set(params))
+    missing = sorted(map(display_name, set(params) - set(live)))
+    unexpected = sorted(map(display_name, set(live) - set(params)))
     if missing or unexpected:
         raise ValueError(
             "checkpoint does not match the model: "
             f"in checkpoint but not in the model {missing}; in the model but not saved {unexpected}"
         )
     shapes = sorted(
-        f"{name}: saved {tuple(value.shape)}, model {tuple(live[name].shape)}"
+        f"{display_name(name)}: saved {tuple(value.shape)}, model {tuple(live[name].shape)}"
         for name, value in params.items()
         if tuple(value.shape) != tuple(live[name].shape)
     )
@@ -187,90 +212,11 @@ def restore_params(params: dict[str, torch.Tensor], modules: list[dict], fns: tu
             live[name].copy_(value)
 
 
-def save_checkpoint(path: Union[str, Path], state: dict) -> None:
-    """``torch.save(state)`` to ``path`` atomically: temp file in the same folder, fsync,
-    ``os.replace``. On any error the temp file is removed and ``path`` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress_os_error():
-            os.unlink(tmp)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-@contextmanager
-def _suppress_os_error() -> Iterator[None]:
-    try:
-        yield
-    except OSError:
-        pass
-
-
-def load_checkpoint(path: Union[str, Path]) -> dict:
-    """Read a checkpoint written by :func:`train` (``weights_only``: no code is run)."""
-    path = Path(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: not a pyro_reparam_conv training checkpoint")
-    return state
-
-
 # ------------------------------------------------------------- NaN diagnosis
-class _SafeDraw(Messenger):
-    """Draw guide latents without failing: a draw that errors or is not finite is recorded in
-    ``bad`` and replaced by a finite placeholder so the rest of the model can be checked."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bad: list[str] = []
-
-    def _pyro_sample(self, msg: dict) -> None:
-        fn = msg["fn"]
-        if msg["is_observed"] or msg["value"] is not None or isinstance(fn, _Subsample):
-            return
-        try:
-            value = fn.sample()
-            ok = bool(torch.isfinite(value).all())
-        except (RuntimeError, ValueError):
-            value, ok = None, False
-        if not ok:
-            self.bad.append(f"{msg['name']} (guide)")
-            if getattr(fn, "has_enumerate_support", False):
-                value = fn.enumerate_support(expand=True)[0]
-            else:
-                value = torch.zeros(fn.shape())
-        msg["value"] = value
-
-
-def _probe_traces(model: Callable, guide: Callable, args: tuple, kwargs: dict):
-    """Guide and replayed model traces drawn without gradients, with validation off and
-    NaN-tolerant draws; returns ``(probe, guide_trace, model_trace)``."""
-    probe = _SafeDraw()
-    with torch.no_grad(), pyro.validation_enabled(False), validation_enabled(False):
-        guide_trace = poutine.trace(probe(guide)).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-    return probe, guide_trace, model_trace
-
-
 def _non_finite_sites(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> list[str]:
     """Trace guide and model once more (validation off) and name every sample site whose
     draw or log-density is NaN/Inf, as ``"name (guide)"`` / ``"name (model)"``."""
-    probe, guide_trace, model_trace = _probe_traces(model, guide, args, kwargs)
+    bad_draws, guide_trace, model_trace = probe_traces(model, guide, args, kwargs)
     bad: list[str] = []
     with torch.no_grad(), pyro.validation_enabled(False), validation_enabled(False):
         for role, trace in (("guide", guide_trace), ("model", model_trace)):
@@ -283,13 +229,13 @@ def _non_finite_sites(model: Callable, guide: Callable, args: tuple, kwargs: dic
                     finite = False
                 if not finite:
                     bad.append(f"{name} ({role})")
-    return list(dict.fromkeys(probe.bad + bad))
+    return list(dict.fromkeys(bad_draws + bad))
 
 
 def register_params(model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> int:
     """Run guide and model once (no gradients, validation off, NaN-tolerant draws) so every
     parameter exists in the param store; return the traces' plate nesting depth."""
-    _, guide_trace, model_trace = _probe_traces(model, guide, args, kwargs)
+    _, guide_trace, model_trace = probe_traces(model, guide, args, kwargs)
     return max_plate_nesting(guide_trace, model_trace)
 
 
@@ -321,7 +267,7 @@ def _step(model, guide, elbo, optim, args: tuple, kwargs: dict) -> float:
     loss = float(loss)
     store = pyro.get_param_store()
     bad = sorted(
-        store.param_name(p) or "?"
+        display_name(store.param_name(p) or "?")
         for p in params
         if p.grad is not None and not bool(torch.isfinite(p.grad).all())
     )
@@ -333,19 +279,137 @@ def _step(model, guide, elbo, optim, args: tuple, kwargs: dict) -> float:
     return loss
 
 
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT (Ctrl-C) or SIGTERM after the step in progress completed and
+    the checkpoint was written; ``signum`` is the signal. A ``KeyboardInterrupt``, so code that
+    handles Ctrl-C handles a scheduler's SIGTERM the same way."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = int(signum)
+        super().__init__(f"stopped by {signal.Signals(self.signum).name}")
+
+
+_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
-def _deferred_interrupt() -> Iterator[list]:
-    """Hold Ctrl-C until the current step is complete (main thread only); ``flag`` is set."""
-    flag: list = []
+def _deferred_signals() -> Iterator[list]:
+    """Hold SIGINT and SIGTERM (main thread only): the handler only appends the signal number
+    to the yielded list, which the loop checks between steps."""
+    received: list = []
     if threading.current_thread() is not threading.main_thread():
-        yield flag
+        yield received
         return
-    previous = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, lambda signum, frame: flag.append(signum))
+    previous = {signum: signal.getsignal(signum) for signum in _DEFERRED_SIGNALS}
+    for signum in _DEFERRED_SIGNALS:
+        signal.signal(signum, lambda number, frame: received.append(number))
     try:
-        yield flag
+        yield received
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+# ---------------------------------------------------------------- settings and resume
+def _optimizer_settings(optim: Any) -> dict:
+    """``optimizer`` (the torch class behind a Pyro optimizer) and its hyperparameters when
+    they are a dict (``lr``, ``betas``, ...)."""
+    constructor = getattr(optim, "pt_optim_constructor", None)
+    settings: dict = {"optimizer": getattr(constructor, "__name__", type(optim).__name__)}
+    args = getattr(optim, "pt_optim_args", None)
+    if isinstance(args, dict):
+        settings.update(args)
+    return settings
+
+
+def run_settings(
+    *,
+    optim: Any,
+    elbo: Any,
+    data: torch.Tensor,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    extra: Optional[Mapping[str, Any]] = None,
+) -> dict:
+    """The settings a checkpoint records and a resume must match: the optimizer and its
+    hyperparameters, the ELBO class and particle count, seed, batch size, number of images,
+    a SHA-256 of the data, torch's intra-op thread count (it changes float summation order,
+    so results), the device type, and ``extra`` (the caller's, e.g. the model configuration)."""
+    settings = {
+        **_optimizer_settings(optim),
+        "elbo": f"{type(elbo).__name__}(num_particles={getattr(elbo, 'num_particles', 1)})",
+        "seed": seed,
+        "batch_size": batch_size,
+        "num_data": len(data),
+        "data": data_fingerprint(data),
+        "threads": torch.get_num_threads(),
+        "device": device.type,
+    }
+    clash = sorted(set(settings) & set(extra or {}))
+    if clash:
+        raise ValueError(f"settings {clash} are recorded by train itself; give them other names")
+    return {**settings, **(extra or {})}
+
+
+def _with_hyperparameters(optim_state: dict, values: Mapping[str, Any]) -> dict:
+    """Pyro optimizer state (a torch state dict per parameter, or ``{"optimizer": ...,
+    "scheduler": ...}``) with ``values`` written into every param group: loading a state dict
+    restores the saved hyperparameters, so an accepted change of e.g. ``lr`` needs this."""
+
+    def patch(state: dict) -> dict:
+        if "param_groups" not in state:
+            return {k: patch(v) if k == "optimizer" else v for k, v in state.items()}
+        groups = [
+            {**group, **{k: v for k, v in values.items() if k in group}}
+            for group in state["param_groups"]
+        ]
+        return {**state, "param_groups": groups}
+
+    return {name: patch(state) for name, state in optim_state.items()} if values else optim_state
+
+
+def _resume(path: Path, settings: dict, allow_changed: Collection[str], live: dict) -> tuple:
+    """Load ``path`` into the live objects (``model``, ``guide``, ``optim``, ``elbo``,
+    ``batches``) after checking its settings; returns ``(state, accepted changes)``.
+
+    Accepted changes take effect: optimizer hyperparameters are written into the restored
+    optimizer state; another optimizer starts without state; other data, number of images or
+    batch size start a new batch order; another seed re-seeds the RNGs from this step on."""
+    state = load_checkpoint(path)
+    if state.get("settings") is None:
+        raise CheckpointError(
+            f"{path}: a version-1 checkpoint does not record the settings a resume must match "
+            "(learning rate, data, thread count, ...), so it cannot be resumed; export and "
+            "audit still read it. Start a new run (overwrite, or another folder)"
+        )
+    changed = changed_settings(state["settings"], settings)
+    refused = {name: values for name, values in changed.items() if name not in allow_changed}
+    if refused:
+        raise SettingsMismatchError(path, refused)
+    restore_params(state["params"], state["modules"], (live["model"], live["guide"]))
+    optim, elbo, batches = live["optim"], live["elbo"], live["batches"]
+    if "optimizer" not in changed:
+        hyper = set(_optimizer_settings(optim)) & set(changed)
+        optim.set_state(_with_hyperparameters(state["optim"], {k: settings[k] for k in hyper}))
+    if state.get("elbo") is not None and hasattr(elbo, "load_state_dict"):
+        elbo.load_state_dict(state["elbo"])
+    if not {"data", "num_data", "batch_size"} & set(changed):
+        batches.load_state_dict(state["batches"])
+    _set_rng_state(state["rng"])
+    if "seed" in changed:
+        pyro.set_rng_seed(settings["seed"])
+        batches.generator.manual_seed(settings["seed"])
+    return state, changed
+
+
+def _history_entry(step: int, event: str, changed: Mapping[str, tuple]) -> dict:
+    return {
+        "step": step,
+        "event": event,
+        "changed": {name: list(values) for name, values in changed.items()},
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 # -------------------------------------------------------------------- train
@@ -364,6 +428,9 @@ def train(
     checkpoint_path: Optional[Union[str, Path]] = None,
     checkpoint_every: int = 100,
     resume: bool = False,
+    overwrite: bool = False,
+    allow_changed: Collection[str] = (),
+    settings: Optional[Mapping[str, Any]] = None,
     progress: bool = True,
     num_data_kwarg: Optional[str] = "num_data",
     desc: str = "svi",
@@ -378,29 +445,60 @@ def train(
     :param lr: Adam's learning rate when ``optim`` is not given.
     :param elbo: default ``RoutedELBO()``; an infinite ``max_plate_nesting`` is set from a trace.
     :param checkpoint_path: where to save every ``checkpoint_every`` steps, at the end and on
-        Ctrl-C (after the step in progress completes); never after a non-finite step.
-    :param metadata: plain data stored in the checkpoint (e.g. the model's configuration).
+        SIGINT/SIGTERM (after the step in progress completes); never after a non-finite step.
+        Its folder is checked writable, with room for a checkpoint, before the first step.
     :param resume: continue from ``checkpoint_path`` when it exists (else start afresh).
+    :param overwrite: start afresh even though ``checkpoint_path`` exists (replacing it at the
+        first save); without it (and without ``resume``) an existing checkpoint is an error.
+    :param allow_changed: names of settings (see :func:`run_settings`; e.g. ``{"lr"}``) that
+        may differ from the resumed checkpoint's; any other difference is refused.
+    :param settings: more settings to record and check on resume (e.g. the model's
+        configuration); plain data.
+    :param metadata: plain data stored in the checkpoint and not checked (e.g. where the
+        data came from).
     :raises NonFiniteTrainingError: naming the step and the sites (or parameters) that were
         not finite; the parameters are left as after the last good step.
+    :raises SettingsMismatchError: on resume, naming each setting that differs.
+    :raises CheckpointExistsError: ``checkpoint_path`` exists and neither ``resume`` nor
+        ``overwrite`` is set.
+    :raises Interrupted: after SIGINT/SIGTERM, once the checkpoint is written.
     """
     if steps < 0 or batch_size < 1 or checkpoint_every < 1:
         raise ValueError("steps must be >= 0, batch_size and checkpoint_every >= 1")
     if not isinstance(data, torch.Tensor) or data.ndim < 1 or len(data) == 0:
         raise ValueError("data must be a non-empty tensor with the images along dim 0")
+    checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+    if checkpoint_path is not None and not resume and not overwrite:
+        refuse_overwrite(
+            checkpoint_path, "pass resume=True to continue it, or overwrite=True to replace it"
+        )
     if elbo is None:
         from .elbo import RoutedELBO
 
         elbo = RoutedELBO()
     optim = optim if optim is not None else pyro.optim.Adam({"lr": lr})
     device = resolve_device(device)
+    num_data = len(data)
+    batches = _Batches(num_data, batch_size, seed)
+    current = run_settings(
+        optim=optim,
+        elbo=elbo,
+        data=data,
+        batch_size=batches.batch_size,
+        seed=seed,
+        device=device,
+        extra=settings,
+    )
+    unknown = sorted(set(allow_changed) - set(current))
+    if unknown:
+        raise ValueError(
+            f"allow_changed names unknown setting(s) {unknown}; the settings are "
+            f"{', '.join(current)}"
+        )
     for module in modules_behind(model, guide):
         module.to(device)
     data = data.to(device)
-    num_data = len(data)
-    batches = _Batches(num_data, batch_size, seed)
     kwargs = {num_data_kwarg: num_data} if num_data_kwarg else {}
-    checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
 
     # Set-up identical for fresh and resumed runs: register parameters with one trace.
     pyro.set_rng_seed(seed)
@@ -411,22 +509,13 @@ def train(
     pyro.set_rng_seed(seed)
 
     losses: list[float] = []
-    start = 0
+    start, changed = 0, {}
+    history = [_history_entry(0, "start", {})]
     if resume and checkpoint_path is not None and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
-        if (state["num_data"], state["batch_size"]) != (num_data, batches.batch_size):
-            raise ValueError(
-                f"{checkpoint_path}: saved for {state['num_data']} images in batches of "
-                f"{state['batch_size']}, but got {num_data} images in batches of "
-                f"{batches.batch_size}"
-            )
-        restore_params(state["params"], state["modules"], (model, guide))
-        optim.set_state(state["optim"])
-        if state.get("elbo") is not None and hasattr(elbo, "load_state_dict"):
-            elbo.load_state_dict(state["elbo"])
-        batches.load_state_dict(state["batches"])
-        _set_rng_state(state["rng"])
+        live = dict(model=model, guide=guide, optim=optim, elbo=elbo, batches=batches)
+        state, changed = _resume(checkpoint_path, current, allow_changed, live)
         losses, start = list(state["losses"]), int(state["step"])
+        history = [*state.get("history", []), _history_entry(start, "resume", changed)]
 
     elbo_state_dict = getattr(elbo, "state_dict", None)
     elbo_load_state = getattr(elbo, "load_state_dict", None)
@@ -455,12 +544,18 @@ def train(
             "num_data": num_data,
             "batch_size": batches.batch_size,
             "seed": seed,
+            "settings": current,
+            "history": history,
             "metadata": dict(metadata or {}),
         }
 
     def checkpoint(before_step: Optional[dict] = None) -> None:
         if checkpoint_path is not None:
             save_checkpoint(checkpoint_path, snapshot(before_step))
+
+    if checkpoint_path is not None:  # fail now, not after checkpoint_every steps of work
+        size = len(encode_checkpoint(snapshot()))
+        check_writable(checkpoint_path.parent, size, checkpoint_path.name)
 
     from tqdm.auto import tqdm
 
@@ -469,43 +564,46 @@ def train(
     before: Optional[dict] = None  # state before the step in progress; None between steps
     t0 = time.perf_counter()
     try:
-        with _deferred_interrupt() as interrupted:
-            for step in range(start + 1, steps + 1):
-                before = step_state()
-                idx = batches.next()
-                args = (data[idx],)
-                try:
-                    loss = _step(model, guide, elbo, optim, args, kwargs)
-                except Exception as exc:
-                    # leave gradients and the ELBO's state (baseline averages) as after the
-                    # last good step
+        with _deferred_signals() as received:
+            try:
+                for step in range(start + 1, steps + 1):
+                    before = step_state()
+                    idx = batches.next()
+                    args = (data[idx],)
+                    try:
+                        loss = _step(model, guide, elbo, optim, args, kwargs)
+                    except Exception as exc:
+                        # leave gradients and the ELBO's state (baseline averages) as after
+                        # the last good step
+                        zero_grads({p for _, p in pyro.get_param_store().named_parameters()})
+                        if before["elbo"] is not None and callable(elbo_load_state):
+                            elbo_load_state(before["elbo"])
+                        _raise_if_non_finite(exc, step, model, guide, args, kwargs, checkpoint_path)
+                        raise
+                    before = None
+                    losses.append(loss)
+                    per_image = -loss / num_data
+                    running = per_image if running is None else 0.95 * running + 0.05 * per_image
+                    if step % 10 == 0 or step == steps:
+                        bar.set_postfix_str(f"elbo/image {running:.4g}", refresh=False)
+                    bar.update(1)
+                    if step % checkpoint_every == 0 or step == steps:
+                        checkpoint()
+                    if received:
+                        raise Interrupted(received[0])
+            except KeyboardInterrupt:
+                # SIGINT/SIGTERM in the main thread are deferred to the end of a step; a
+                # KeyboardInterrupt raised inside a step (another thread, or by the model
+                # itself) abandons that step: its gradients are dropped and the checkpoint
+                # holds the last completed step (the parameters are unchanged unless the
+                # interrupt hit the optimizer update itself). Signals stay deferred while
+                # this checkpoint is written.
+                if before is not None:
                     zero_grads({p for _, p in pyro.get_param_store().named_parameters()})
                     if before["elbo"] is not None and callable(elbo_load_state):
                         elbo_load_state(before["elbo"])
-                    _raise_if_non_finite(exc, step, model, guide, args, kwargs, checkpoint_path)
-                    raise
-                before = None
-                losses.append(loss)
-                per_image = -loss / num_data
-                running = per_image if running is None else 0.95 * running + 0.05 * per_image
-                if step % 10 == 0 or step == steps:
-                    bar.set_postfix_str(f"elbo/image {running:.4g}", refresh=False)
-                bar.update(1)
-                if step % checkpoint_every == 0 or step == steps:
-                    checkpoint()
-                if interrupted:
-                    raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        # Ctrl-C in the main thread is deferred to the end of a step; a KeyboardInterrupt
-        # raised inside a step (another thread, or by the model itself) abandons that step:
-        # its gradients are dropped and the checkpoint holds the last completed step (the
-        # parameters are unchanged unless the interrupt hit the optimizer update itself).
-        if before is not None:
-            zero_grads({p for _, p in pyro.get_param_store().named_parameters()})
-            if before["elbo"] is not None and callable(elbo_load_state):
-                elbo_load_state(before["elbo"])
-        checkpoint(before)
-        raise
+                checkpoint(before)
+                raise
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -519,6 +617,7 @@ def train(
         elbo=elbo,
         checkpoint_path=checkpoint_path,
         start_step=start,
+        changed=changed,
     )
 
 

@@ -126,3 +126,30 @@ def test_object_array_corrupt_file_and_bad_scale(tmp_path):
     for scale in (0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="scale must be a finite positive number"):
             load_images(ok, scale=scale)
+
+
+@pytest.mark.parametrize(
+    "array, scale, message",
+    [
+        (np.array([[[0.5, 1.5], [-0.25, 0.0]]]), None, r"2 of 4 pixel values .* -0.25 .. 1.5\)"),
+        (
+            np.array([[[0, 255], [-3, 7]]], dtype=np.int16),
+            None,
+            r"1 of 4 .* 32767 \(range found -9.1\d*e-05 .. 0.0077\d*\)",
+        ),
+        (np.array([[[0, 255], [3, 7]]], dtype=np.uint8), 100, r"1 of 4 .* after dividing by 100"),
+    ],
+    ids=["float", "signed-int", "scale"],
+)
+def test_pixels_outside_unit_range_are_counted_with_the_range(tmp_path, array, scale, message):
+    path = tmp_path / "range.npy"
+    np.save(path, array)
+    with pytest.raises(ValueError, match=message) as info:
+        load_images(path, scale=scale)
+    assert str(path) in str(info.value) and "rescale" in str(info.value)
+
+
+def test_integer_pixels_in_range_after_scale_load(tmp_path):
+    path = tmp_path / "ok.npy"
+    np.save(path, np.array([[[0, 255], [3, 7]]], dtype=np.uint8))
+    assert load_images(path, scale=255).max() == 1.0 and load_images(path).min() == 0.0
