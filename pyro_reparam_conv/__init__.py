@@ -1,6 +1,7 @@
 """pyro_reparam_conv: correct, visible and fast gradients through sampling in stochastic conv nets.
 
-Public API (see ``shared/design.md``): sampling helpers, :class:`StochasticConv2d`.
+Public API (``docs/architecture.md`` in the repository): :class:`RoutedELBO`, routing and the
+estimator registry, diagnostics, layers and sampling helpers, training and the ArviZ export.
 """
 
 from .diagnostics import GradientAudit, audit_gradients, compare_estimators
