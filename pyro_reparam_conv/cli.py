@@ -1,9 +1,11 @@
 """Command line: ``pyro-reparam-conv demo | train | export | audit | compare``.
 
 - ``demo``: the main job. Trains :class:`~pyro_reparam_conv.models.ConvClusterVAE` on the
-  embedded digits twice with the same budget, the latent map ``z`` once on the pathwise route
-  and once forced onto the score-function route, and writes the comparison (table, ELBO
-  curves, reconstructions, posterior plots, ``posterior.nc``, ``summary.csv``).
+  embedded digits with the same budget on each of :data:`DEMO_RUNS` (the default routes;
+  the cluster ``y`` on the score function; the latent map ``z`` forced onto the score
+  function) and writes the comparison (table with ELBO, NMI of ``q(y | x)`` to the digit
+  labels, encoder-gradient variance and time; ELBO curves, reconstructions, posterior plots,
+  ``posterior.nc``, ``summary.csv``).
 - ``train`` / ``export``: the same model on the user's ``.npy`` / ``.npz`` images; training
   checkpoints are atomic and checksummed, ``--resume`` continues exactly (and refuses changed
   settings unless ``--allow-changed`` names them); ``export`` turns a checkpoint into ArviZ
@@ -42,6 +44,12 @@ __all__ = ["build_parser", "main"]
 
 MODEL_OPTIONS = ("latent_channels", "num_classes", "hidden_channels", "num_downsamples")
 DEFAULT_THREADS = 1
+#: the demo's runs: name -> the estimator of each site ("auto": the automatic route)
+DEMO_RUNS = {
+    "default": {"y": "auto", "z": "auto"},
+    "y_score": {"y": "score", "z": "auto"},
+    "z_score": {"y": "auto", "z": "score"},
+}
 
 
 # ----------------------------------------------------------------------- argument types
@@ -133,7 +141,7 @@ def _add_training_options(parser: argparse.ArgumentParser, steps: int) -> None:
         default=[],
         metavar="SETTING[,SETTING]",
         help="with --resume: accept these settings differing from the checkpoint's (e.g. lr, "
-        "seed, threads, z-estimator, data); any other difference is refused",
+        "seed, threads, y-estimator, z-estimator, data); any other difference is refused",
     )
     group.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -190,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, help: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, parents=[common])
 
-    demo = command("demo", "the main job: pathwise vs score-function training on the digits")
+    demo = command("demo", "the main job: the conv cluster VAE on the digits, per estimator route")
     _add_training_options(demo, steps=600)
     _add_model_options(demo)
     demo.add_argument(
@@ -218,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_options(train, steps=1000)
     _add_model_options(train)
     train.add_argument("--z-estimator", choices=("auto", "pathwise", "score"), default="auto")
+    train.add_argument(
+        "--y-estimator",
+        choices=("auto", "enumerate", "score"),
+        default="auto",
+        help="estimator of the cluster y (auto: summed exactly over its support)",
+    )
     train.add_argument("--out", type=Path, default=Path("train_output"), help="output folder")
     train.add_argument("--checkpoint-every", type=_int_at_least(1), default=100)
 
@@ -258,12 +272,16 @@ def _model_config(args: argparse.Namespace, image_shape: Sequence[int]) -> dict:
     return config
 
 
-def _build_model(config: dict, z_estimator: str = "auto"):
+def _build_model(config: dict, routes: Mapping[str, str] = {}):
+    """The model of ``config``; ``routes`` maps ``"y"`` / ``"z"`` to an estimator (or "auto")."""
     from .models import ConvClusterVAE
 
-    z_infer = {} if z_estimator == "auto" else {"estimator": z_estimator}
+    infer = {
+        f"{site}_infer": {} if routes.get(site, "auto") == "auto" else {"estimator": routes[site]}
+        for site in ("y", "z")
+    }
     options = {name: config[name] for name in MODEL_OPTIONS}
-    return ConvClusterVAE(tuple(config["image_shape"]), z_infer=z_infer, **options)
+    return ConvClusterVAE(tuple(config["image_shape"]), **infer, **options)
 
 
 def _data_source(args: argparse.Namespace, out: Optional[Path] = None) -> dict:
@@ -402,11 +420,11 @@ def _prepare_out(args: argparse.Namespace, checkpoints: Sequence[Path]) -> None:
     check_writable(args.out)
 
 
-def _fit(args, config: dict, source: dict, images, z_estimator: str, checkpoint: Path, **options):
+def _fit(args, config: dict, source: dict, images, routes: Mapping[str, str], checkpoint: Path, **options):
     """A fresh ConvClusterVAE trained with RoutedELBO from the command-line options;
     returns ``(vae, TrainResult)`` (the ELBO, with its routes, is ``result.elbo``). The model
-    configuration and ``z_estimator`` are settings a resume must match; ``source`` (where the
-    images came from) is recorded with the configuration for ``export``/``audit``."""
+    configuration and the sites' ``routes`` are settings a resume must match; ``source``
+    (where the images came from) is recorded with the configuration for ``export``/``audit``."""
     from .elbo import RoutedELBO
     from .train import train
 
@@ -414,7 +432,7 @@ def _fit(args, config: dict, source: dict, images, z_estimator: str, checkpoint:
         print(f"{checkpoint}: no checkpoint yet, starting at step 0")
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
-    vae = _build_model(config, z_estimator)
+    vae = _build_model(config, routes)
     result = train(
         vae.model,
         vae.guide,
@@ -429,7 +447,7 @@ def _fit(args, config: dict, source: dict, images, z_estimator: str, checkpoint:
         resume=args.resume,
         overwrite=args.overwrite,
         allow_changed=args.allow_changed,
-        settings={"z_estimator": z_estimator, **config},
+        settings={f"{site}_estimator": route for site, route in routes.items()} | config,
         progress=not args.no_progress,
         metadata={**config, **source},
         **options,
@@ -452,15 +470,20 @@ def _evaluate_elbo(vae, images: torch.Tensor, seed: int, num_particles: int = 8)
 
 
 def _encoder_variance(vae, batch: torch.Tensor, num_data: int, draws: int, seed: int):
-    """Total per-draw gradient variance of the encoder (body and z head) per estimator."""
+    """Total per-draw gradient variance of the encoder (body and z head) for each demo run's
+    routes, all at ``vae``'s parameters (RoutedELBO as in training)."""
     from .diagnostics import compare_estimators
 
+    configurations = {
+        name: {site: e for site, e in routes.items() if e != "auto"}
+        for name, routes in DEMO_RUNS.items()
+    }
     frame = compare_estimators(
         vae.model,
         vae.guide,
         batch,
         num_data=num_data,
-        estimators=("pathwise", "score"),
+        estimators=configurations,
         num_draws=draws,
         seed=seed,
     )
@@ -477,8 +500,9 @@ def _format_table(rows: list[dict]) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> dict:
-    """Train pathwise vs score, compare, plot and export; returns the results as data."""
+    """Train each of :data:`DEMO_RUNS`, compare, plot and export; returns the results as data."""
     from .data import load_default_images
+    from .metrics import normalized_mutual_information
     from .plots import (
         plot_elbo_curves,
         plot_estimator_comparison,
@@ -487,41 +511,37 @@ def run_demo(args: argparse.Namespace) -> dict:
     )
 
     out: Path = args.out
-    routes = ("pathwise", "score")
-    _prepare_out(args, [out / f"checkpoint_{route}.pt" for route in routes])
+    _prepare_out(args, [out / f"checkpoint_{name}.pt" for name in DEMO_RUNS])
     images, labels = load_default_images(args.num_images, seed=args.seed)
     source = {"data": None, "num_images": args.num_images, "shuffle_seed": args.seed}
     config = _model_config(args, images.shape[1:])
     shown = images[:10]
-    runs, reconstructions, variance = {}, {}, {}
-    for route in routes:
-        checkpoint = out / f"checkpoint_{route}.pt"
-        vae, result = _fit(args, config, source, images, route, checkpoint, desc=f"z {route}")
+    runs, reconstructions = {}, {}
+    for name, routes in DEMO_RUNS.items():
+        checkpoint = out / f"checkpoint_{name}.pt"
+        vae, result = _fit(args, config, source, images, routes, checkpoint, desc=name)
         device = result.device
         vae.eval()
         with torch.no_grad():
-            reconstructions[f"z {route}"] = vae.reconstruct(shown.to(device)).cpu().numpy()
-        runs[route] = {
+            reconstructions[name] = vae.reconstruct(shown.to(device)).cpu().numpy()
+            y_logits, z_mean, z_var = vae.encode(images.to(device))
+        runs[name] = {
             "result": result,
             "elbo": _evaluate_elbo(vae, images.to(device), args.seed),
-            "routes": {name: r.estimator for name, r in result.elbo.routes.items()},
+            "nmi": normalized_mutual_information(y_logits.argmax(-1).cpu(), labels),
+            "routes": {site: r.estimator for site, r in result.elbo.routes.items()},
         }
-        if route == "pathwise":
-            batch = images[: args.batch_size].to(device)
+        if name == "default":  # while its parameters are the param store's
             frame, variance = _encoder_variance(
-                vae, batch, len(images), args.variance_draws, args.seed
+                vae, images[: args.batch_size].to(device), len(images), args.variance_draws, args.seed
             )
-            frame.to_csv(out / "estimator_comparison.csv", index=False)
-            plot_estimator_comparison(frame, out / "estimator_comparison.png")
-            with torch.no_grad():
-                y_logits, z_mean, z_var = vae.encode(images.to(device))
             plot_posterior(
                 y_logits.softmax(-1).cpu().numpy(),
                 labels.numpy(),
                 z_mean.cpu().numpy(),
                 z_var.sqrt().cpu().numpy(),
                 out / "posterior.png",
-                title="q(y, z | x) after pathwise training",
+                title="q(y, z | x) after training with the default routes",
             )
             exported = _export(
                 vae.model,
@@ -532,46 +552,47 @@ def run_demo(args: argparse.Namespace) -> dict:
                 args.seed,
                 result.losses,
             )
+    default = runs["default"]
+    frame.to_csv(out / "estimator_comparison.csv", index=False)
+    plot_estimator_comparison(frame, out / "estimator_comparison.png")
     plot_elbo_curves(
-        {f"z {r}": runs[r]["result"].losses for r in runs},
+        {name: run["result"].losses for name, run in runs.items()},
         out / "elbo_curves.png",
         num_data=len(images),
     )
     plot_reconstructions(shown.numpy(), reconstructions, out / "reconstructions.png")
 
-    rows = []
-    for route, run in runs.items():
-        result = run["result"]
-        rows.append(
-            {
-                "z route": route,
-                "ELBO/image": f"{run['elbo']:.3f}",
-                "encoder grad var": f"{variance.get(route, float('nan')):.3g}",
-                "s/step": f"{result.seconds_per_step:.4f}",
-                "routes": ", ".join(f"{k}:{v}" for k, v in sorted(run["routes"].items())),
-                "steps": str(result.step),
-            }
-        )
-    table = _format_table(rows)
-    ratio = variance.get("score", float("nan")) / variance.get("pathwise", float("nan"))
+    rows = [
+        {
+            "run": name,
+            "routes": ", ".join(f"{k}:{v}" for k, v in sorted(run["routes"].items())),
+            "ELBO/image": f"{run['elbo']:.3f}",
+            "NMI(y, digit)": f"{run['nmi']:.3f}",
+            "encoder grad var": f"{variance.get(name, float('nan')):.3g}",
+            "s/step": f"{run['result'].seconds_per_step:.4f}",
+            "steps": str(run["result"].step),
+        }
+        for name, run in runs.items()
+    ]
     report = (
         f"{len(images)} digits, {args.steps} steps of batch {args.batch_size}, seed {args.seed}, "
-        f"device {runs['pathwise']['result'].device}, {torch.get_num_threads()} torch "
-        f"thread(s)\n{table}\n"
-        f"ELBO/image: Trace_ELBO, 8 particles, all {len(images)} images. Encoder gradient "
-        f"variance: {args.variance_draws} single-particle draws per estimator at the pathwise "
-        f"run's final parameters; score/pathwise = {ratio:.3g}x."
+        f"device {default['result'].device}, {torch.get_num_threads()} torch thread(s)\n"
+        f"{_format_table(rows)}\n"
+        f"ELBO/image: Trace_ELBO, 8 particles, all {len(images)} images. NMI: argmax q(y | x) "
+        f"against the digit labels. Encoder gradient variance: {args.variance_draws} "
+        "single-particle draws of each run's routes at the default run's final parameters."
     )
     (out / "results.txt").write_text(report + "\n")
     summary = {
-        route: {
+        name: {
             "elbo_per_image": run["elbo"],
-            "encoder_grad_variance": variance.get(route),
+            "nmi": run["nmi"],
+            "encoder_grad_variance": variance.get(name),
             "seconds_per_step": run["result"].seconds_per_step,
             "threads": torch.get_num_threads(),
             "routes": run["routes"],
         }
-        for route, run in runs.items()
+        for name, run in runs.items()
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(report)
@@ -593,7 +614,7 @@ def run_train(args: argparse.Namespace) -> int:
         config,
         source,
         images,
-        args.z_estimator,
+        {"y": args.y_estimator, "z": args.z_estimator},
         checkpoint,
         checkpoint_every=args.checkpoint_every,
     )

@@ -180,6 +180,10 @@ class DependencyCache:
         self._entry = None
         return None
 
+    def clear(self) -> None:
+        """Forget what is cached: the next step tracks (in ``"cached"`` mode)."""
+        self._entry = None
+
     def store(self, key: tuple, dependencies: Dependencies) -> None:
         if self.mode == "cached":
             self._entry = (key, dependencies)

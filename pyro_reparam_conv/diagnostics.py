@@ -20,7 +20,7 @@ import inspect
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import pyro
 import pyro.poutine as poutine
@@ -297,11 +297,14 @@ def _has_fast_path() -> bool:
     return "fast_path" in inspect.signature(RoutedELBO.__init__).parameters
 
 
-def _estimator_setup(name: str, elbo_kwargs: dict):
-    """``(RoutedELBO, ForceEstimatorMessenger or None)`` for one estimator name."""
+def _estimator_setup(name, elbo_kwargs: dict):
+    """``(RoutedELBO, [ForceEstimatorMessenger, ...])`` for one estimator name, or for a
+    per-site configuration ``{site: name}`` (measured with the training ELBO's options)."""
     kwargs = dict(elbo_kwargs)
+    if isinstance(name, Mapping):
+        return RoutedELBO(**kwargs), [ForceEstimatorMessenger(e, [s]) for s, e in name.items()]
     if name == "auto":
-        return RoutedELBO(**kwargs), None
+        return RoutedELBO(**kwargs), []
     if _has_fast_path():  # the forced estimators are measured as Monte Carlo estimators
         kwargs["fast_path"] = name == "pathwise+kl"
     if name == "pathwise+kl":
@@ -310,19 +313,39 @@ def _estimator_setup(name: str, elbo_kwargs: dict):
         kwargs["baseline"] = {"score": None, "score+avg": "decaying_avg"}.get(name, "leave_one_out")
         if name == "score+loo":
             kwargs["num_particles"] = max(2, int(kwargs.get("num_particles", 1)))
-        return RoutedELBO(**kwargs), ForceEstimatorMessenger("score", None, skip_invalid=True)
-    return RoutedELBO(**kwargs), ForceEstimatorMessenger(name, None, skip_invalid=True)
+        return RoutedELBO(**kwargs), [ForceEstimatorMessenger("score", None, skip_invalid=True)]
+    return RoutedELBO(**kwargs), [ForceEstimatorMessenger(name, None, skip_invalid=True)]
 
 
 def _valid_names() -> tuple[str, ...]:
     return COMPARE_ESTIMATORS + tuple(e for e in ESTIMATORS if e not in COMPARE_ESTIMATORS)
 
 
+def _configurations(estimators) -> list[tuple[str, Any]]:
+    """``(label, spec)`` pairs: names label themselves; a mapping gives labels to names or
+    to per-site configurations ``{site: estimator name}``."""
+    items = list(estimators.items()) if isinstance(estimators, Mapping) else [
+        (e, e) for e in estimators]  # fmt: skip
+    valid = _valid_names()
+    bad = [
+        spec
+        for _, spec in items
+        if (isinstance(spec, Mapping) and any(e not in ESTIMATORS for e in spec.values()))
+        or (not isinstance(spec, Mapping) and spec not in valid)
+    ]
+    if bad:
+        raise ValueError(
+            f"unknown estimator(s) {bad}; valid estimators are {', '.join(map(repr, valid))} "
+            f"(per site: {', '.join(map(repr, ESTIMATORS))})"
+        )
+    return items
+
+
 def compare_estimators(
     model: Callable,
     guide: Callable,
     *args,
-    estimators: Sequence[str] = ("pathwise", "score"),
+    estimators: Sequence[str] | Mapping[str, Any] = ("pathwise", "score"),
     num_draws: int = 1000,
     elbo_kwargs: Optional[dict] = None,
     params: Optional[Sequence[str]] = None,
@@ -352,7 +375,15 @@ def compare_estimators(
       ``elbo_kwargs["num_particles"]`` if larger), so it costs about twice a 1-particle
       draw and averages two samples -- compare ``variance * seconds_per_draw``;
     - the score variants run with ``fast_path=False`` too (it only concerns pathwise sites);
-    - any other name in ``routing.ESTIMATORS``: forced like ``"pathwise"``.
+    - any other name in ``routing.ESTIMATORS`` (``"enumerate"``, ``"disarm"``,
+      ``"gumbel_st"``, registered plug-ins): forced like ``"pathwise"``, on the sites it
+      applies to.
+
+    ``estimators`` may also map labels to names or to per-site configurations, e.g.
+    ``{"default": {}, "y by score": {"y": "score"}}``: each site named is forced onto its
+    estimator (an error where it does not apply), the others keep their automatic route,
+    and the ELBO is ``RoutedELBO(**elbo_kwargs)`` as in training. The label is the
+    ``estimator`` column.
 
     Returns a ``pandas.DataFrame`` with one row per (estimator, parameter): ``mean`` (sum over
     the parameter's elements of the elementwise mean gradient; the mean itself for a scalar),
@@ -371,13 +402,7 @@ def compare_estimators(
     """
     import pandas as pd
 
-    estimators = list(estimators)
-    valid = _valid_names()
-    bad = [e for e in estimators if e not in valid]
-    if bad:
-        raise ValueError(
-            f"unknown estimator(s) {bad}; valid estimators are {', '.join(map(repr, valid))}"
-        )
+    configurations = _configurations(estimators)
     if not isinstance(num_draws, int) or num_draws < 2:
         raise ValueError(f"num_draws must be an int >= 2, got {num_draws!r}")
     elbo_kwargs = dict(elbo_kwargs or {})
@@ -397,9 +422,11 @@ def compare_estimators(
             found = [p for p in found if p.name in params]
         tensors = [p.tensor for p in found]
         with _Snapshot(tensors):  # also restores .grad of params created above
-            for name in estimators:
-                elbo, forcer = _estimator_setup(name, elbo_kwargs)
-                fn = guide if forcer is None else forcer(guide)
+            for name, spec in configurations:
+                elbo, forcers = _estimator_setup(spec, elbo_kwargs)
+                fn = guide
+                for forcer in forcers:
+                    fn = forcer(fn)
                 sums = [torch.zeros(t.numel(), dtype=torch.float64) for t in tensors]
                 squares = [torch.zeros(t.numel(), dtype=torch.float64) for t in tensors]
                 shift = None
@@ -417,7 +444,7 @@ def compare_estimators(
                         s += g - c
                         q += (g - c) ** 2
                 seconds = (time.perf_counter() - start) / num_draws
-                skipped[name] = dict(forcer.skipped) if forcer is not None else {}
+                skipped[name] = {k: v for f in forcers for k, v in f.skipped.items()}
                 routes = ", ".join(
                     f"{r.site}:{r.estimator}"
                     + (f"({r.baseline})" if r.estimator == "score" else "")

@@ -29,6 +29,7 @@ step, so not saved).
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, ClassVar, Mapping, Optional
 
@@ -50,11 +51,12 @@ from .dependencies import (
 )
 from .estimators.analytic_kl import plan_kl
 from .estimators.baselines import DecayingAverages, normalize_kind, score_surrogate
+from .evaluations import side_by_side_mismatch
 from .kernels import FAST, REFERENCE, Kernels
-from .routing import Route, RouteMessenger
+from .routing import PlateNestingNeeded, Route, RouteMessenger, RoutingOptions
 from .terms import ParticleTerms, add_terms, may_need_costs, particle_terms
 
-__all__ = ["NonFiniteLossError", "RoutedELBO"]
+__all__ = ["NonFiniteLossError", "RoutedELBO", "SideBySideError"]
 
 
 class NonFiniteLossError(ValueError):
@@ -65,6 +67,10 @@ class NonFiniteLossError(ValueError):
         self.sites = sites
         where = ", ".join(sites) if sites else "no single site (the sum overflowed)"
         super().__init__(f"ELBO loss is {loss}; non-finite log-density at: {where}")
+
+
+class SideBySideError(ValueError):
+    """The terms of a site's values evaluated side by side differ from one at a time."""
 
 
 def _traces(model, guide, args, kwargs, max_plate_nesting) -> tuple[Trace, Trace]:
@@ -95,6 +101,9 @@ class RoutedELBO(ELBO):
     :param fast_path: replace ``log p - log q`` by the analytic ``-KL(q || p)`` at pathwise
         sites where that is exact (see the module docstring); ``False`` gives the loss
         values of ``Trace_ELBO`` on the same draws.
+    :param max_enumerate: the largest finite support (values per plate element) that a
+        site is summed over exactly without being asked (``"enumerate"``); larger discrete
+        sites get DisARM (Bernoulli) or the score function.
 
     After each call ``routes`` maps every guide latent site to its :class:`~.routing.Route`.
     """
@@ -113,6 +122,7 @@ class RoutedELBO(ELBO):
         retain_graph: Optional[bool] = None,
         dependency_tracking: str = "cached",
         fast_path: bool = True,
+        max_enumerate: int = RoutingOptions.max_enumerate,
     ) -> None:
         if not isinstance(num_particles, int) or num_particles < 1:
             raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
@@ -127,8 +137,12 @@ class RoutedELBO(ELBO):
         self.baseline = normalize_kind(baseline)
         if self.baseline == "leave_one_out" and num_particles < 2:
             raise ValueError("baseline='leave_one_out' needs num_particles >= 2")
+        if not isinstance(max_enumerate, int) or max_enumerate < 0:
+            raise ValueError(f"max_enumerate must be an int >= 0, got {max_enumerate!r}")
         self.fast_path = bool(fast_path)
+        self.options = RoutingOptions(max_enumerate=max_enumerate)
         self.routes: dict[str, Route] = {}
+        self._avoid: dict[str, dict[str, str]] = {}  # site -> {estimator: why not}
         self._averages = DecayingAverages()
         self._dependencies = DependencyCache(dependency_tracking)
 
@@ -146,6 +160,18 @@ class RoutedELBO(ELBO):
     def site_terms(self, model, guide, *args, **kwargs) -> list[ParticleTerms]:
         """Draw the particles: per particle (one for all when vectorized) its traces, routes
         and site-term table (:class:`~pyro_reparam_conv.terms.ParticleTerms`)."""
+        try:
+            return self._site_terms(model, guide, args, kwargs)
+        except PlateNestingNeeded:  # a site evaluates several values: dims left of the plates
+            logger = logging.getLogger("pyro.infer.elbo")
+            level, logger.level = logger.level, logging.WARNING  # no "Guessed ..." line
+            try:
+                self._guess_max_plate_nesting(model, guide, args, kwargs)
+            finally:
+                logger.setLevel(level)
+            return self._site_terms(model, guide, args, kwargs)
+
+    def _site_terms(self, model, guide, args, kwargs) -> list[ParticleTerms]:
         if self.vectorize_particles:
             if self.max_plate_nesting == float("inf"):
                 self._guess_max_plate_nesting(model, guide, args, kwargs)
@@ -161,26 +187,67 @@ class RoutedELBO(ELBO):
 
     def _particle(self, model, guide, args, kwargs) -> ParticleTerms:
         track = self._dependencies.should_track()
-        router = RouteMessenger(self.default_baseline)
-        guide = router(guide)
+        nesting = self.max_plate_nesting
+        first_dim = None if nesting == float("inf") else -1 - int(nesting)
+        options = RoutingOptions(self.options.max_enumerate, self._avoid)
+        router = RouteMessenger(self.default_baseline, options, first_dim)
+        traced_model, traced_guide = model, router(guide)
         if track:
-            model, guide = TagLatents()(model), TagLatents()(guide)
-        model_trace, guide_trace = _traces(model, guide, args, kwargs, self.max_plate_nesting)
-        routes, key = router.routes, signature(model_trace, guide_trace, router.routes)
-        cached = None if track else self._dependencies.lookup(key)
-        priors = prior_dependencies(model_trace) if track else cached and cached.priors
-        kernels = self.kernels if self.fast_path else REFERENCE
-        kl: Mapping[str, Any] = {}
-        if self.fast_path:
-            kl, routes = plan_kl(model_trace, guide_trace, routes, priors, kernels)
-        keep = track or may_need_costs(guide_trace, routes)
-        skip = frozenset() if keep else frozenset(kl)
-        kernels.log_densities(model_trace, guide_trace, skip, self.max_plate_nesting)
-        terms = cached and cached.terms
-        if track:
-            terms = term_dependencies(model_trace, guide_trace)
-            self._dependencies.store(key, Dependencies(terms, priors))
-        return particle_terms(model_trace, guide_trace, routes, router.baselines, kl, terms)
+            traced_model, traced_guide = TagLatents()(model), TagLatents()(traced_guide)
+        try:
+            model_trace, guide_trace = _traces(traced_model, traced_guide, args, kwargs, nesting)
+            routes, key = router.routes, signature(model_trace, guide_trace, router.routes)
+            cached = None if track else self._dependencies.lookup(key)
+            priors = prior_dependencies(model_trace) if track else cached and cached.priors
+            kernels = self.kernels if self.fast_path else REFERENCE
+            kl: Mapping[str, Any] = {}
+            if self.fast_path:
+                kl, routes = plan_kl(model_trace, guide_trace, routes, priors, kernels, router.dims)
+            keep = track or may_need_costs(guide_trace, routes)
+            skip = frozenset() if keep else frozenset(kl)
+            kernels.log_densities(model_trace, guide_trace, skip, nesting)
+            terms = cached and cached.terms
+            if track:
+                terms = term_dependencies(model_trace, guide_trace)
+                self._dependencies.store(key, Dependencies(terms, priors))
+                problem = router.dims and side_by_side_mismatch(
+                    model, guide, args, kwargs, model_trace, guide_trace, router.dims
+                )
+                if problem:
+                    raise SideBySideError(problem)
+            return particle_terms(
+                model_trace, guide_trace, routes, router.baselines, kl, terms, router.dims
+            )
+        except PlateNestingNeeded:
+            raise
+        except Exception as error:
+            if not router.dims or not self._avoid_side_by_side(router, error):
+                raise
+            self._dependencies.clear()  # the routes change: track the retried particle
+            return self._particle(model, guide, args, kwargs)
+
+    def _avoid_side_by_side(self, router: RouteMessenger, error: Exception) -> bool:
+        """After ``error`` with sites evaluated side by side: route the automatically routed
+        ones elsewhere from now on (``True``), or explain a requested one (``ValueError``);
+        ``False`` when no such site can be the cause."""
+        problem = str(error) if isinstance(error, SideBySideError) else (
+            f"evaluating them side by side failed ({type(error).__name__}: {error})")  # fmt: skip
+        sites = [name for name in router.dims if not router.routes[name].forced]
+        if not sites:
+            if isinstance(error, SideBySideError):
+                name = next(iter(router.dims))
+                raise ValueError(
+                    f"site {name!r}: infer['estimator']={router.routes[name].estimator!r} "
+                    f"evaluates its values side by side, but {problem}; write the model and "
+                    "guide to broadcast over extra leading dims (as Pyro's parallel enumeration "
+                    "needs) or route the site to 'score'"
+                ) from None
+            return False
+        for name in sites:
+            estimator = router.routes[name].estimator
+            reason = f"{estimator} needs values side by side, and here {problem}"
+            self._avoid.setdefault(name, {})[estimator] = reason
+        return True
 
     def _get_trace(self, model, guide, args, kwargs) -> tuple[Trace, Trace]:
         """Pyro's per-particle hook (for code that walks an ELBO's traces): one particle's
@@ -240,8 +307,13 @@ class RoutedELBO(ELBO):
 
     # ------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Estimator state across steps (decaying-average baselines), for checkpoints."""
-        return {"decaying_averages": self._averages.state_dict()}
+        """Estimator state across steps, for checkpoints: the decaying-average baselines and
+        the estimators found not to work for a site (its values side by side)."""
+        return {
+            "decaying_averages": self._averages.state_dict(),
+            "avoid": {site: dict(reasons) for site, reasons in self._avoid.items()},
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._averages.load_state_dict(dict(state.get("decaying_averages", {})))
+        self._avoid = {site: dict(reasons) for site, reasons in state.get("avoid", {}).items()}

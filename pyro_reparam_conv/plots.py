@@ -106,7 +106,7 @@ def plot_reconstructions(
     _image_row(axes[0], images, "data")
     for row, (label, recon) in enumerate(reconstructions.items(), start=1):
         _image_row(axes[row], np.asarray(recon), label)
-    fig.suptitle("Reconstructions: E[x | z = E_q[z], y = argmax q(y|x)]")
+    fig.suptitle("Reconstructions: E[x | z = E_q[z]]")
     return save_figure(fig, path)
 
 

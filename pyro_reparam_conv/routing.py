@@ -6,13 +6,15 @@ A latent guide site's estimator is, in order of precedence:
    in :data:`~pyro_reparam_conv.estimators.ESTIMATORS`; a name that does not apply to the
    site's distribution (``"pathwise"`` without ``rsample``) is a ``ValueError`` naming both;
 2. otherwise the most preferred registered estimator that applies and may be chosen
-   automatically: the pathwise (reparameterization) gradient when the distribution has
-   ``rsample`` (Kingma & Welling 2014; Rezende et al. 2014), the score function otherwise
-   (Williams 1992).
+   automatically (``docs/architecture.md`` has the table): the pathwise
+   (reparameterization) gradient when the distribution has ``rsample`` (Kingma & Welling
+   2014; Rezende et al. 2014), the exact sum over a small finite support, DisARM for
+   Bernoulli sites, the score function otherwise (Williams 1992).
 
 The choice is a :class:`Route` with the reason; :class:`RouteMessenger` records the routes
-of a guide run and lets each site's estimator draw its value. Routing never mutates a
-distribution.
+of a guide run, gives each site whose estimator evaluates several values an evaluation dim
+(left of every plate, as Pyro's enumeration does), and lets the estimator draw the value.
+Routing never mutates a distribution.
 """
 
 from __future__ import annotations
@@ -24,17 +26,25 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 
 from .estimators import ESTIMATORS, base
+from .estimators.base import RoutingOptions
 from .estimators.baselines import BaselineSpec, parse_baseline
 from .sampling import distribution_name
 
 __all__ = [
     "ESTIMATORS",
+    "PlateNestingNeeded",
     "Route",
     "RouteMessenger",
+    "RoutingOptions",
     "choose_estimator",
     "force_estimator",
     "is_latent",
 ]
+
+
+class PlateNestingNeeded(RuntimeError):
+    """An estimator needs an evaluation dim, which goes left of every plate: the ELBO must
+    know ``max_plate_nesting`` (it guesses it, as Pyro's ``TraceEnum_ELBO`` does, and retries)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,7 @@ class Route:
     distribution: str
     baseline: Optional[str] = None
     analytic_kl: bool = False
+    forced: bool = False  # set by infer={"estimator": ...}, not chosen automatically
 
     def __str__(self) -> str:
         extra = f", baseline: {self.baseline}" if self.baseline is not None else ""
@@ -60,16 +71,25 @@ def _unknown(name: str, requested: object) -> ValueError:
     )
 
 
-def choose_estimator(name: str, fn, infer: dict) -> tuple[base.Estimator, str]:
+def choose_estimator(
+    name: str, fn, infer: dict, options: RoutingOptions = RoutingOptions()
+) -> tuple[base.Estimator, str]:
     """``(estimator, reason)`` for site ``name`` with distribution ``fn`` and ``infer`` dict.
 
     Raises ``ValueError`` for an unknown estimator name, or for one that does not apply.
     """
+    estimator, reason = _choose(name, fn, infer, options)
+    note = estimator.note(fn, infer)
+    return estimator, f"{reason}; {note}" if note else reason
+
+
+def _choose(name: str, fn, infer: dict, options: RoutingOptions) -> tuple[base.Estimator, str]:
     requested = infer.get("estimator")
     if requested is None:
         skipped = []
         for estimator in base.automatic():
-            why_not = estimator.why_not(fn)
+            avoided = options.avoid.get(name, {}).get(estimator.name)
+            why_not = avoided or estimator.auto_why_not(fn, options)
             if why_not is None:
                 reason = "; ".join(r for r in (*skipped, estimator.because(fn)) if r)
                 return estimator, reason or f"{estimator.name} applies to {distribution_name(fn)}"
@@ -102,22 +122,33 @@ def is_latent(msg: dict) -> bool:
 class RouteMessenger(Messenger):
     """Routes each latent site of the guide it wraps and lets the site's estimator draw it.
 
-    After the guide has run, ``routes`` maps each latent site to its :class:`Route` and
-    ``baselines`` each site whose estimator takes a baseline to its :class:`BaselineSpec`
-    (use a fresh messenger per guide run).
+    After the guide has run, ``routes`` maps each latent site to its :class:`Route`,
+    ``baselines`` each site whose estimator takes a baseline to its :class:`BaselineSpec`,
+    and ``dims`` each site with several evaluations to its evaluation dim, allocated
+    leftwards from ``first_available_dim`` (``None``: ``max_plate_nesting`` is not known
+    yet, and such a site raises :class:`PlateNestingNeeded`). Use a fresh messenger per
+    guide run.
     """
 
-    def __init__(self, default_baseline: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        default_baseline: Optional[str] = None,
+        options: RoutingOptions = RoutingOptions(),
+        first_available_dim: Optional[int] = None,
+    ) -> None:
         super().__init__()
         self.default_baseline = default_baseline
+        self.options = options
+        self.first_available_dim = first_available_dim
         self.routes: dict[str, Route] = {}
         self.baselines: dict[str, BaselineSpec] = {}
+        self.dims: dict[str, int] = {}
 
     def _pyro_sample(self, msg: dict) -> None:
         if not is_latent(msg):
             return
         name, fn = msg["name"], msg["fn"]
-        estimator, reason = choose_estimator(name, fn, msg["infer"])
+        estimator, reason = choose_estimator(name, fn, msg["infer"], self.options)
         spec = None
         if estimator.uses_baseline:
             spec = self.baselines[name] = parse_baseline(name, msg["infer"], self.default_baseline)
@@ -127,8 +158,14 @@ class RouteMessenger(Messenger):
             reason=reason,
             distribution=distribution_name(fn),
             baseline=spec.describe() if spec is not None else None,
+            forced=msg["infer"].get("estimator") is not None,
         )
-        estimator.draw(msg)
+        dim = None
+        if estimator.evaluations(fn) > 1:
+            if self.first_available_dim is None:
+                raise PlateNestingNeeded(name)
+            dim = self.dims[name] = self.first_available_dim - len(self.dims)
+        estimator.draw(msg, dim)
 
 
 class ForceEstimatorMessenger(Messenger):

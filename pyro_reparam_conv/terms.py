@@ -37,6 +37,7 @@ from .dependencies import SiteKey, ordered_dependencies
 from .estimators import base
 from .estimators.baselines import BaselineSpec
 from .estimators.pathwise import partially_reparameterized
+from .evaluations import evaluations_of, expectation, present, weight_of, weighted_terms
 from .routing import Route
 
 __all__ = ["ParticleTerms", "SiteTerm", "add_terms", "may_need_costs", "particle_terms"]
@@ -59,10 +60,11 @@ class SiteTerm:
     ``role``: ``"model"``, ``"guide"``, or ``"kl"`` for an analytic-KL pair. ``elbo``: its
     term of the ELBO (``log p``, ``-log q`` or ``-KL``, scaled and masked, summed).
     ``surrogate``: its differentiable term of the surrogate apart from the score function
-    (``log p``, ``-entropy_term`` or ``-KL``). ``score``: the score-function part
-    (elementwise, unscaled) when the site has one, and ``cost`` its Rao-Blackwellized cost
-    (detached, same shape). ``baseline``: the baseline spec of a routed site whose estimator
-    takes one.
+    (``log p``, ``-entropy_term`` or ``-KL``, and an estimator's own term). ``score``: the
+    score-function part (elementwise, unscaled) when the site has one, ``cost`` its
+    Rao-Blackwellized cost (detached, same shape) and ``score_weight`` the (detached)
+    weights of the evaluations it has. ``baseline``: the baseline spec of a routed site
+    whose estimator takes one.
     """
 
     site: str
@@ -73,6 +75,7 @@ class SiteTerm:
     score: Optional[torch.Tensor] = None
     cost: Optional[torch.Tensor] = None
     baseline: Optional[BaselineSpec] = None
+    score_weight: Any = 1.0
 
     @property
     def label(self) -> str:
@@ -129,36 +132,47 @@ def may_need_costs(guide_trace: Trace, routes: Mapping[str, Route]) -> bool:
 def _costs(
     model_trace: Trace,
     guide_trace: Trace,
-    scored: Mapping[str, dict],
+    targets: Mapping[str, dict],
     dependencies: Optional[Mapping[SiteKey, frozenset]],
+    evaluations,
 ) -> dict[str, Any]:
-    """Each scored guide site's cost: the ``log p - log q`` terms that depend on it (all
-    terms where ``dependencies`` is ``None`` or does not know the site), summed to its plates."""
+    """Each target guide site's cost: the ``log p - log q`` terms that depend on it (all
+    terms where ``dependencies`` is ``None`` or does not know the site), summed to its plates,
+    per evaluation of the site and of those it depends on (other evaluations averaged)."""
     known = set() if dependencies is None else {s for deps in dependencies.values() for s in deps}
-    costs = {name: MultiFrameTensor() for name in scored}
+    costs = {name: MultiFrameTensor() for name in targets}
+    kept = {
+        name: {e.site for e in present(site["log_prob"], evaluations)}
+        for name, site in targets.items()
+    }  # the cost of a site keeps the evaluations its own terms have
     for role, sign, trace in (("model", 1.0, model_trace), ("guide", -1.0, guide_trace)):
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or "log_prob" not in site:
                 continue
             depends_on = () if dependencies is None else dependencies.get((role, name), ())
             term = None
-            for target in scored:
+            for target in targets:
                 if target in depends_on or target not in known:
                     if term is None:
                         term = site["log_prob"] if sign > 0 else -site["log_prob"]
-                    costs[target].add((site["cond_indep_stack"], term))
+                    label = f"{name!r} ({role})"
+                    value = expectation(term, evaluations, label, kept[target], detach=True)
+                    costs[target].add((site["cond_indep_stack"], value))
+    eval_dims = {e.dim for e in evaluations}
     return {
-        name: _sum_to_site(costs[name], site["cond_indep_stack"]) for name, site in scored.items()
+        name: _sum_to_site(costs[name], site["cond_indep_stack"], eval_dims)
+        for name, site in targets.items()
     }
 
 
-def _sum_to_site(cost: MultiFrameTensor, stack) -> Any:
-    """``cost.sum_to`` the site's plates, then the sum over dims no such plate declares."""
+def _sum_to_site(cost: MultiFrameTensor, stack, eval_dims=frozenset()) -> Any:
+    """``cost.sum_to`` the site's plates, then the sum over dims that neither such a plate
+    nor an evaluation declares."""
     frames = frozenset(f for f in stack if f.vectorized)
     total = cost.sum_to(frames)
     if not isinstance(total, torch.Tensor):
         return total
-    kept = {f.dim for f in frames}
+    kept = {f.dim for f in frames} | set(eval_dims)
     dims = [d for d in range(-total.dim(), 0) if total.shape[d] != 1 and d not in kept]
     return total.sum(dims, keepdim=True) if dims else total
 
@@ -179,48 +193,79 @@ def particle_terms(
     baselines: Mapping[str, BaselineSpec],
     kl: Mapping[str, torch.Tensor],
     dependencies: Optional[Mapping[SiteKey, frozenset]],
+    dims: Mapping[str, int] = {},
 ) -> ParticleTerms:
     """The table of one particle whose traces hold their log-densities and score parts.
 
     ``kl``: the analytic-KL sites and their ``KL(q || p)``; ``dependencies``: which latent
     sites each ``(role, name)`` term depends on (``None``: unknown, then the sampling order
-    stands in for latent sites).
+    stands in for latent sites); ``dims``: the evaluation dim of each site evaluated at
+    several values.
     """
+    evaluations = evaluations_of(guide_trace, routes, dims)
     rows: list[SiteTerm] = []
     for name, site in model_trace.nodes.items():
         if site["type"] == "sample" and name not in kl:
-            rows.append(SiteTerm(name, "model", None, site["log_prob_sum"], site["log_prob_sum"]))
+            if evaluations:
+                lp = site["log_prob"]
+                elbo, surrogate = weighted_terms(lp, lp, evaluations, f"{name!r} (model)")
+            else:
+                elbo = surrogate = site["log_prob_sum"]
+            rows.append(SiteTerm(name, "model", None, elbo, surrogate))
     guide_rows: list[tuple[dict, Optional[Route], Any]] = []
-    scored: dict[str, dict] = {}
+    targets: dict[str, dict] = {}
     for name, site in guide_trace.nodes.items():
         if site["type"] != "sample" or name in kl:
             continue
         route = routes.get(name)
-        parts = base.get(route.estimator).score_parts(site) if route else site["score_parts"]
-        guide_rows.append((site, route, parts))
-        if not is_identically_zero(parts.score_function):
-            scored[name] = site
-    if dependencies is None and scored:
-        dependencies = ordered_dependencies(model_trace, guide_trace, set(scored) & set(routes))
-    costs = _costs(model_trace, guide_trace, scored, dependencies) if scored else {}
-    for site, route, parts in guide_rows:
+        estimator = base.get(route.estimator) if route else None
+        parts = estimator.score_parts(site) if estimator else site["score_parts"]
+        guide_rows.append((site, estimator, parts))
+        own = estimator is not None and type(estimator).surrogate is not base.Estimator.surrogate
+        if own or not is_identically_zero(parts.score_function):
+            targets[name] = site
+    if dependencies is None and targets:
+        dependencies = ordered_dependencies(model_trace, guide_trace, set(targets) & set(routes))
+    costs = _costs(model_trace, guide_trace, targets, dependencies, evaluations) if targets else {}
+    for site, estimator, parts in guide_rows:
         name = site["name"]
         entropy = parts.entropy_term
-        surrogate = 0.0 if is_identically_zero(entropy) else -entropy.sum()
+        surrogate_t = 0.0 if is_identically_zero(entropy) else -entropy
+        if evaluations:
+            label = f"{name!r} (guide)"
+            elbo, surrogate = weighted_terms(-site["log_prob"], surrogate_t, evaluations, label)
+        else:
+            elbo = -site["log_prob_sum"]
+            surrogate = surrogate_t.sum() if isinstance(surrogate_t, torch.Tensor) else 0.0
         score = cost = None
-        if name in scored:
-            score = parts.score_function
-            cost = _fit_to(costs[name], score)
+        score_weight: Any = 1.0
+        if name in targets:
+            cost = _fit_to(costs[name], site["log_prob"])
+            if not is_identically_zero(parts.score_function):
+                score = parts.score_function
+                cost = _fit_to(costs[name], score)
+                found = present(score, evaluations)
+                if found:
+                    score_weight = weight_of(score, found, f"{name!r} (guide)")
+                    if isinstance(score_weight, torch.Tensor):
+                        score_weight = score_weight.detach()
+            if estimator is not None:
+                own = estimator.surrogate(site, cost, dims.get(name))
+                if isinstance(own, torch.Tensor):
+                    exclude = {name}
+                    own = expectation(own, evaluations, f"{name!r}", exclude, detach=True)
+                    surrogate = surrogate + own.sum()
         rows.append(
             SiteTerm(
                 name,
                 "guide",
-                route.estimator if route else None,
-                -site["log_prob_sum"],
+                estimator.name if estimator else None,
+                elbo,
                 surrogate,
                 score,
-                cost,
+                cost if score is not None else None,
                 baselines.get(name),
+                score_weight,
             )
         )
     for name, value in kl.items():

@@ -20,8 +20,9 @@ TINY_MODEL = ["--hidden-channels", "8", "--latent-channels", "2", "--num-classes
 TINY_TRAIN = ["--steps", "4", "--batch-size", "16", "--no-progress", "--device", "cpu"]
 
 DEMO_FILES = {
-    "checkpoint_pathwise.pt",
-    "checkpoint_score.pt",
+    "checkpoint_default.pt",
+    "checkpoint_y_score.pt",
+    "checkpoint_z_score.pt",
     "elbo_curves.png",
     "reconstructions.png",
     "posterior.png",
@@ -55,11 +56,13 @@ def test_demo_writes_every_output(tmp_path, capsys):
     assert main(argv) == 0
     assert DEMO_FILES <= {p.name for p in out.iterdir()}
     printed = capsys.readouterr().out
-    assert "z route" in printed and "z:pathwise" in printed and "z:score" in printed
+    assert "y:enumerate, z:pathwise" in printed and "NMI(y, digit)" in printed
     results = json.loads((out / "results.json").read_text())
-    assert results["pathwise"]["routes"] == {"y": "score", "z": "pathwise"}
-    assert results["score"]["routes"] == {"y": "score", "z": "score"}
+    assert results["default"]["routes"] == {"y": "enumerate", "z": "pathwise"}
+    assert results["y_score"]["routes"] == {"y": "score", "z": "pathwise"}
+    assert results["z_score"]["routes"] == {"y": "enumerate", "z": "score"}
     assert all(np.isfinite(r["elbo_per_image"]) for r in results.values())
+    assert all(0 <= r["nmi"] <= 1 and r["encoder_grad_variance"] > 0 for r in results.values())
     # readable at natural size, parameters under their module names (not encoder$$$0.0.weight)
     widths = {p.name: png_width(p) for p in out.glob("*.png")}
     assert all(w <= 1600 for w in widths.values()), widths
@@ -68,7 +71,7 @@ def test_demo_writes_every_output(tmp_path, capsys):
     # --resume with the same budget continues from the checkpoints: nothing left to train.
     assert main(argv + ["--resume"]) == 0
     assert main(argv) == 2  # neither --resume nor --overwrite: the checkpoints are kept
-    assert "checkpoint_pathwise.pt exists" in capsys.readouterr().err
+    assert "checkpoint_default.pt exists" in capsys.readouterr().err
 
 
 def pd_params(csv):

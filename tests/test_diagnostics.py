@@ -154,7 +154,7 @@ def test_compare_estimators_attrs_and_columns(normal_comparison):
     assert np.asarray(elementwise["variance"]).sum() == pytest.approx(row["variance"])
 
 
-# A model with a Normal (pathwise) and a Bernoulli (score-only) site.
+# A model with a Normal (pathwise) and a Bernoulli site on the score function.
 def mixed_model(data):
     z = pyro.sample("z", dist.Normal(0.0, 1.0))
     c = pyro.sample("c", dist.Bernoulli(0.5))
@@ -163,7 +163,7 @@ def mixed_model(data):
 
 def mixed_guide(data):
     pyro.sample("z", dist.Normal(param("m", 0.2), param("s", 0.8)))
-    pyro.sample("c", dist.Bernoulli(logits=param("logit", 0.3)))
+    pyro.sample("c", dist.Bernoulli(logits=param("logit", 0.3)), infer={"estimator": "score"})
 
 
 def test_compare_estimators_skips_pathwise_on_bernoulli():
@@ -205,7 +205,7 @@ class MixedGuide(nn.Module):
         scale = pyro.param("scale", torch.tensor(0.7), constraint=dist.constraints.positive)
         loc = pyro.param("detached_loc", torch.tensor(0.1)).detach()
         pyro.sample("z", dist.Normal(h[0] + shift[0] + loc, scale))
-        pyro.sample("c", dist.Bernoulli(logits=h[1]))
+        pyro.sample("c", dist.Bernoulli(logits=h[1]), infer={"estimator": "score"})
 
 
 @pytest.mark.parametrize("bound", [False, True], ids=["module", "bound-method"])

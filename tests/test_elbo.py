@@ -28,7 +28,11 @@ DATA = torch.tensor([0.3, 1.8, 2.4])
 
 
 # A global Categorical y with a plate of Bernoulli c_i that depend on it: one score site
-# upstream of another, a plate, and observations.
+# upstream of another, a plate, and observations. The guide routes both to the score
+# function (the estimator these tests are about; by default they would be enumerated).
+SCORE = {"estimator": "score"}
+
+
 def discrete_model(data=DATA, baseline=None):
     y = pyro.sample("y", dist.Categorical(torch.tensor([0.2, 0.5, 0.3])))
     with pyro.plate("N", len(data)):
@@ -39,8 +43,8 @@ def discrete_model(data=DATA, baseline=None):
 def discrete_guide(data=DATA, baseline=None):
     logits = param("y_logits", [0.1, -0.2, 0.3])
     c_logits = param("c_logits", [[0.2, -0.5, 0.1], [0.4, 0.0, -0.3], [-0.1, 0.6, 0.2]])
-    y = pyro.sample("y", dist.Categorical(logits=logits))
-    infer = {} if baseline is None else {"baseline": baseline}
+    y = pyro.sample("y", dist.Categorical(logits=logits), infer=SCORE)
+    infer = dict(SCORE) if baseline is None else {"baseline": baseline, **SCORE}
     with pyro.plate("N", len(data)):
         # vectorization-safe c_logits[y]: y is () or (particles, 1)
         logits_c = c_logits.index_select(0, y.reshape(-1)).reshape(y.shape[:-1] + (3,))
@@ -57,12 +61,12 @@ def discrete_exact():
     return params, dict(zip(params, grads)), loss.item()
 
 
-def test_routes_default_and_reasons():
+def test_routes_of_score_sites_and_reasons():
     elbo = RoutedELBO()
     elbo.loss(discrete_model, discrete_guide)
     assert (
         elbo.routes["y"].estimator == "score"
-        and "Categorical has no rsample" in elbo.routes["y"].reason
+        and "infer['estimator']='score' set on the site" in elbo.routes["y"].reason
     )
     assert elbo.routes["c"].estimator == "score" and elbo.routes["c"].baseline.startswith(
         "decaying_avg"
@@ -170,8 +174,8 @@ def mixed_guide(data):
     with pyro.plate("groups", 2, dim=-2):
         pyro.sample("mix", dist.Beta(pm * 4, 2.0))
         with pyro.plate("N", data.shape[-1], subsample_size=3, dim=-1) as idx:
-            pyro.sample("c", dist.Bernoulli(pc[:, idx]))
-            pyro.sample("k", dist.Categorical(logits=logits))
+            pyro.sample("c", dist.Bernoulli(pc[:, idx]), infer=SCORE)
+            pyro.sample("k", dist.Categorical(logits=logits), infer=SCORE)
 
 
 MIXED_DATA = torch.randn(2, 6)

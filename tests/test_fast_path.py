@@ -26,6 +26,7 @@ from pyro_reparam_conv import RoutedELBO, force_estimator, sample_elementwise_no
 from pyro_reparam_conv.kernels import analytic_kl, compact_normal_log_prob
 
 X = torch.tensor(1.3)
+SCORE = {"estimator": "score"}  # discrete sites these tests put on the score function
 
 
 def _losses(elbo, n, *args):
@@ -173,7 +174,7 @@ def test_no_analytic_kl_when_the_prior_depends_on_a_score_site():
         pyro.sample("z", dist.Normal(torch.tensor([-1.0, 1.0])[y], 1.0))
 
     def guide():
-        pyro.sample("y", dist.Categorical(logits=param("logits", [0.0, 0.5])))
+        pyro.sample("y", dist.Categorical(logits=param("logits", [0.0, 0.5])), infer=SCORE)
         pyro.sample("z", dist.Normal(param("loc", 0.0), 1.0))
 
     elbo = RoutedELBO()
@@ -284,7 +285,7 @@ def test_kl_below_a_score_site_keeps_gradients_unbiased():
         logits = param("logits", [0.2, -0.1])
         m = param("m", [0.5, -0.3])
         log_s = param("log_s", -0.5)
-        y = pyro.sample("y", dist.Categorical(logits=logits))
+        y = pyro.sample("y", dist.Categorical(logits=logits), infer=SCORE)
         pyro.sample("z", dist.Normal(m[y], log_s.exp()))
 
     guide()

@@ -32,9 +32,11 @@ COMMON = dict(batch_size=16, lr=3e-3, seed=7, progress=False, device="cpu")
 
 
 def fresh_model(init_seed=0, **kwargs):
-    """A new model object with an empty param store (as in a new process)."""
+    """A new model object with an empty param store (as in a new process). Its y is on the
+    score function (with a decaying-average baseline: state the checkpoint must carry)."""
     pyro.clear_param_store()
     torch.manual_seed(init_seed)
+    kwargs.setdefault("y_infer", {"estimator": "score"})
     return ConvClusterVAE(**SMALL, **kwargs)
 
 

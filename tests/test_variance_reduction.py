@@ -33,7 +33,7 @@ def bernoulli_model(data, with_global=False):
 def bernoulli_guide(data, with_global=False):
     logits = param("logits", torch.linspace(-1, 1, N))
     with pyro.plate("N", N):
-        pyro.sample("c", dist.Bernoulli(logits=logits))
+        pyro.sample("c", dist.Bernoulli(logits=logits), infer={"estimator": "score"})
     if with_global:
         pyro.sample("mu", dist.Normal(param("m", 0.5), 0.5))
 

@@ -2,6 +2,9 @@
 
 - :mod:`.base`: the :class:`~.base.Estimator` interface and the registry (:data:`ESTIMATORS`).
 - :mod:`.pathwise`: reparameterized draws, differentiated through ``rsample``.
+- :mod:`.enumerate`: the exact sum over a finite support, per plate element.
+- :mod:`.disarm`: an antithetic pair for Bernoulli sites (DisARM).
+- :mod:`.gumbel`: straight-through Gumbel-softmax (biased; opt-in only).
 - :mod:`.score`: score-function (REINFORCE) terms.
 - :mod:`.baselines`: control variates for score-function terms.
 - :mod:`.analytic_kl`: where ``-KL(q || p)`` replaces a pathwise site's ``log p - log q``.
@@ -10,7 +13,11 @@ A new estimator is one module here that registers an :class:`~.base.Estimator` s
 plus its import line below (see ``docs/architecture.md``).
 """
 
-from . import pathwise, score  # noqa: F401  (each registers its estimator)
+# each module registers its estimator; the registry lists them in this order
+from . import pathwise, score  # noqa: F401
+
+# isort: split
+from . import disarm, enumerate, gumbel  # noqa: F401
 from .base import ESTIMATORS, Estimator, get, register, unregister
 
 __all__ = ["ESTIMATORS", "Estimator", "get", "register", "unregister"]

@@ -90,18 +90,29 @@ def _why_not(model_site: Optional[dict], guide_site: dict, depends_on) -> Option
     return None
 
 
+def _evaluated(guide_site: dict, dims: Mapping[str, int]) -> Optional[str]:
+    """Why not, when the guide distribution has the evaluation dim of another site."""
+    shape = guide_site["fn"].batch_shape
+    for site, dim in dims.items():
+        if len(shape) >= -dim and shape[dim] > 1:
+            return f"it depends on {site!r}, whose values are evaluated side by side"
+    return None
+
+
 def plan_kl(
     model_trace: Trace,
     guide_trace: Trace,
     routes: Mapping[str, Route],
     priors: Optional[Mapping[str, frozenset]],
     kernels: Kernels = FAST,
+    dims: Mapping[str, int] = {},
 ) -> tuple[dict[str, torch.Tensor], dict[str, Route]]:
     """``KL(q || p)`` (scaled, masked, summed) of each pathwise site where it is exact, and
     the routes with ``analytic_kl`` and the reason updated.
 
     ``priors`` maps each latent model site to the latents its prior's parameters depend on
-    (``None``: unknown, and no site gets the KL).
+    (``None``: unknown, and no site gets the KL); ``dims`` the evaluation dim of each site
+    evaluated at several values (a KL that has such a dim would need its weights: no KL).
     """
     kl: dict[str, torch.Tensor] = {}
     planned = dict(routes)
@@ -110,7 +121,7 @@ def plan_kl(
             continue
         model_site, guide_site = model_trace.nodes.get(name), guide_trace.nodes[name]
         depends_on = None if priors is None else priors.get(name, frozenset())
-        why_not = _why_not(model_site, guide_site, depends_on)
+        why_not = _why_not(model_site, guide_site, depends_on) or _evaluated(guide_site, dims)
         if why_not is None:
             try:
                 kl[name] = site_kl(guide_site, model_site, kernels)

@@ -21,6 +21,17 @@ class with
 - :meth:`Estimator.score_parts`: the parts the site contributes, from the site as traced
   (Pyro has already computed the distribution's own parts into ``site["score_parts"]``).
 
+An estimator may also evaluate several values of its site in one particle
+(:meth:`Estimator.evaluations` > 1: the exact sum over a finite support, an antithetic
+pair). Routing then gives the site an *evaluation dim* left of every plate (where Pyro puts
+enumeration dims) and :meth:`Estimator.draw` lays the values out along it; the model and
+the rest of the guide see them side by side, and every term that depends on them has the
+dim too. The ELBO averages each term over the dim with :meth:`Estimator.weights` (``q(k)``
+for enumeration, differentiable: its gradient is exact; ``1/2`` for an antithetic pair),
+and :meth:`Estimator.surrogate` may add a term of its own computed from the site's cost per
+evaluation (DisARM's). ``local_weights`` says whether the weights are per element of the
+site's plates; then every term that depends on the site must lie inside those plates.
+
 :func:`register` adds an instance under its name (:func:`unregister` removes it);
 :data:`ESTIMATORS` lists the registered names (a live view, in registration order), and
 :func:`get` returns one. Adding an estimator is
@@ -31,11 +42,34 @@ one module defining and registering a subclass plus one import line in
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar, Optional
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Optional
 
 from pyro.distributions.score_parts import ScoreParts
 
-__all__ = ["ESTIMATORS", "Estimator", "automatic", "get", "register", "unregister"]
+__all__ = [
+    "ESTIMATORS",
+    "Estimator",
+    "RoutingOptions",
+    "automatic",
+    "get",
+    "register",
+    "unregister",
+]
+
+
+@dataclass(frozen=True)
+class RoutingOptions:
+    """What the automatic choice depends on besides the distribution.
+
+    ``max_enumerate``: the largest support (values per plate element) that routing sums
+    over exactly by itself (see ``docs/architecture.md`` for the measured table behind the
+    default). ``avoid``: per site, estimators found not to work for it (the model does not
+    compute values side by side independently), with the reason.
+    """
+
+    max_enumerate: int = 16
+    avoid: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 class Estimator:
@@ -52,21 +86,49 @@ class Estimator:
     #: whether its score-function part takes a baseline (``infer={"baseline": ...}``)
     uses_baseline: ClassVar[bool] = False
 
+    #: whether :meth:`weights` are per element of the site's plates (enumeration): then
+    #: every term that depends on the site must lie inside the site's plates
+    local_weights: ClassVar[bool] = False
+
     def why_not(self, fn) -> Optional[str]:
         """``None`` if the estimator applies to distribution ``fn``, else the reason it does not."""
         return None
+
+    def auto_why_not(self, fn, options: RoutingOptions) -> Optional[str]:
+        """Why routing should not choose it by itself for ``fn`` (default: :meth:`why_not`)."""
+        return self.why_not(fn)
 
     def because(self, fn) -> str:
         """Why it applies to ``fn``, for a route's reason (e.g. ``"Normal has rsample"``)."""
         return ""
 
+    def note(self, fn, infer: dict) -> str:
+        """What a route's reason adds whenever the estimator is used (its cost, its bias)."""
+        return ""
+
     def has_score_function(self, fn) -> bool:
-        """Whether :meth:`score_parts` can carry a score-function part for ``fn`` (then the
-        site needs a cost). Conservative default: yes."""
+        """Whether :meth:`score_parts` can carry a score-function part for ``fn``, or
+        :meth:`surrogate` a term (either way the site needs its cost). Default: yes."""
         return True
 
-    def draw(self, msg: dict) -> None:
-        """Set ``msg["value"]`` for a latent site, or leave it ``None`` for Pyro's own draw."""
+    def evaluations(self, fn) -> int:
+        """How many values of the site one particle evaluates side by side (1: one draw)."""
+        return 1
+
+    def draw(self, msg: dict, dim: Optional[int] = None) -> None:
+        """Set ``msg["value"]`` for a latent site, or leave it ``None`` for Pyro's own draw.
+        With :meth:`evaluations` > 1, ``dim`` is the site's evaluation dim (counted from the
+        right of the batch shape, as a plate's): lay the values out along it."""
+
+    def weights(self, site: dict, dim: int) -> Any:
+        """How the ELBO averages the site's evaluations along ``dim``: a tensor broadcastable
+        to the site's batch shape, or a number, summing to 1 over ``dim`` (default: equal)."""
+        return 1.0 / site["value"].shape[dim - site["fn"].event_dim]
+
+    def surrogate(self, site: dict, cost: Any, dim: Optional[int]) -> Any:
+        """A surrogate term of the estimator's own, from the site's cost (detached, the site's
+        batch shape, one entry per evaluation along ``dim``), to be maximized; default none."""
+        return 0.0
 
     def score_parts(self, site: dict) -> ScoreParts:
         """``(log_prob, score_function, entropy_term)`` of a traced guide site: ``log_prob``

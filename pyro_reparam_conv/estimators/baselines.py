@@ -220,7 +220,8 @@ def score_surrogate(
     """``(sum score * stop_grad(cost - b), baseline-fitting loss)`` over score-function rows.
 
     ``scored``: the rows with a score of every particle (:class:`~pyro_reparam_conv.terms.SiteTerm`,
-    with ``site``, ``score``, ``cost`` and ``baseline``), in particle order; a site's rows
+    with ``site``, ``score``, ``cost``, ``baseline`` and ``score_weight``, the weights of the
+    evaluations the score has), in particle order; a site's rows
     share its baseline (leave-one-out across particles; with vectorized particles along
     ``particle_dim``). Decaying averages are read and then updated in ``averages``.
     """
@@ -235,5 +236,7 @@ def score_surrogate(
         fit_loss = fit_loss + site_fit
         for row, b in zip(rows, baselines):
             advantage = row.cost if isinstance(b, float) and b == 0 else (row.cost - b).detach()
+            if not (isinstance(row.score_weight, float) and row.score_weight == 1.0):
+                advantage = advantage * row.score_weight  # expectation over evaluations
             surrogate = surrogate + (row.score * advantage).sum()
     return surrogate, fit_loss

@@ -26,7 +26,7 @@ class ScoreEstimator(Estimator):
     priority = 100
     uses_baseline = True
 
-    def draw(self, msg: dict) -> None:
+    def draw(self, msg: dict, dim=None) -> None:
         if msg["value"] is None:
             msg["value"] = msg["fn"].sample(*msg["args"], **msg["kwargs"])
 

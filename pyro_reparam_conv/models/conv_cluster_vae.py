@@ -1,25 +1,34 @@
-"""A conv VAE with a discrete per-image cluster: one pathwise and one score-function site.
+"""A conv VAE with a discrete per-image cluster: a Gaussian-mixture prior on a conv latent map.
 
 Generative model for images ``x`` (``B, C, H, W``, pixels in ``[0, 1]``)::
 
-    y_n ~ Categorical(uniform over K)                          per image, discrete
-    z_n ~ Normal(0, 1) elementwise on a (Cz, H / 2^d, W / 2^d) map
-    x_n ~ ContinuousBernoulli(logits = decoder(z_n + m_{y_n})).to_event(3)
+    y_n ~ Categorical(uniform over K)                              per image, discrete
+    z_n ~ Normal(m_{y_n}, 1) elementwise on a (Cz, H / 2^d, W / 2^d) map
+    x_n ~ ContinuousBernoulli(logits = decoder(z_n)).to_event(3)
 
-with ``m_k`` a learned per-cluster bias map (the decoder conditions on ``y`` through it).
-The likelihood is the continuous Bernoulli (Loaiza-Ganem & Cunningham, NeurIPS 2019): a
-normalized density on ``[0, 1]``, so grey pixels such as the digits' 0..16 / 16 values get a
-proper likelihood, unlike the Bernoulli (binary data only) or a Normal (mass outside
-``[0, 1]`` and an extra scale to learn).
+with ``m_k`` a learned mean map per cluster: the prior of ``z`` is a mixture of ``K``
+Gaussians (Dilokthanakul et al. 2016, "Deep Unsupervised Clustering with Gaussian Mixture
+VAEs"; Jiang et al. 2017, "Variational Deep Embedding"). The likelihood is the continuous
+Bernoulli (Loaiza-Ganem & Cunningham, NeurIPS 2019): a normalized density on ``[0, 1]``, so
+grey pixels such as the digits' 0..16 / 16 values get a proper likelihood.
 
-Amortized guide (Kingma & Welling, 2014): a :class:`~pyro_reparam_conv.layers.ConvEncoder`
-body shared by two heads, ``q(y | x) = Categorical(logits = linear(pool(h)))`` and
-``q(z | x) = Normal(mean, sqrt(var))`` from a
+Amortized guide (Kingma & Welling, 2014): ``q(z | x) = Normal(mean, sqrt(var))`` from a
+:class:`~pyro_reparam_conv.layers.ConvEncoder` and a
 :class:`~pyro_reparam_conv.layers.GaussianConvHead`, drawn through
-:func:`~pyro_reparam_conv.layers.sample_elementwise_normal`. ``z`` has ``rsample`` and is routed
-pathwise by default; ``y`` has none and gets the score-function gradient (Williams 1992) with
-a baseline (Mnih & Gregor 2014). ``z_infer={"estimator": "score"}`` forces ``z`` onto the
-score route too, for comparison.
+:func:`~pyro_reparam_conv.layers.sample_elementwise_normal` (pathwise), and
+``q(y | x) = Categorical(logits_k = -1/2 ||E_q[z] - m_k||^2)``: the responsibilities of the
+mixture at the encoder's mean, which is the best categorical ``q(y | x)`` for the ELBO given
+``q(z | x)`` (it maximizes ``sum_k q_k (E_q log p(z | k) + log p(k) - log q_k)``; the
+variance terms of ``E_q log p(z | k)`` do not depend on ``k``). ``y`` is a small finite
+support and is summed over exactly by default (``"enumerate"``; the model and guide
+broadcast over the values side by side); ``y_infer={"estimator": "score"}`` routes it to
+the score function for comparison, ``z_infer={"estimator": "score"}`` does so for ``z``.
+
+Why a mixture prior rather than a cluster-specific shift of ``z`` into the decoder (this
+model's first version): there ``z`` alone can carry the digit's class at the same cost in
+KL, and ``q(y | x)`` stayed uniform (NMI to the labels about 0.1) even with ``y`` summed
+exactly; with the mixture prior and ``q(y | x)`` tied to it, the clusters are learned
+(NMI 0.67-0.75 over three seeds with the demo's budget, 0.46 with the score function).
 
 Minibatches: pass ``num_data`` (the data set size) and the ``images`` plate scales the batch's
 log-densities by ``num_data / B``, so the loss estimates the full-data ELBO.
@@ -51,6 +60,9 @@ class ConvClusterVAE(PyroModule):
     :param num_downsamples: stride-2 stages between the image and the latent map.
     :param z_infer, y_infer: the ``infer`` dicts of the guide's ``z`` and ``y`` sites, e.g.
         ``{"estimator": "score"}``; attributes, so they may be changed between runs.
+
+    The cluster means ``class_maps`` start as small random maps (scale 0.1, near the
+    encoder's first outputs): much larger ones leave all but one cluster unused.
     """
 
     def __init__(
@@ -79,7 +91,6 @@ class ConvClusterVAE(PyroModule):
         self.y_infer = dict(y_infer or {})
         self.encoder = ConvEncoder(channels, hidden_channels, num_downsamples)
         self.z_head = GaussianConvHead(hidden_channels, latent_channels, 3)
-        self.y_head = nn.Linear(hidden_channels, num_classes)
         self.decoder = ConvDecoder(latent_channels, channels, hidden_channels, num_downsamples)
         self.class_maps = nn.Parameter(0.1 * torch.randn(num_classes, *self.latent_shape))
         self.register_buffer("prior_logits", torch.zeros(num_classes))
@@ -92,18 +103,18 @@ class ConvClusterVAE(PyroModule):
         subsample = torch.arange(batch, device=x.device)
         return pyro.plate("images", num_data, subsample=subsample, dim=-1)
 
-    def decode(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Pixel logits ``decoder(z + m_y)``; any leading dims of ``z`` / ``y`` are kept."""
-        h = z + self.class_maps[y]
-        lead = h.shape[:-3]
-        logits = self.decoder(h.reshape(-1, *self.latent_shape))
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Pixel logits ``decoder(z)``; any leading dims of ``z`` are kept."""
+        lead = z.shape[:-3]
+        logits = self.decoder(z.reshape(-1, *self.latent_shape))
         return logits.reshape(*lead, *self.image_shape)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(y_logits, z_mean, z_var)`` of the guide ``q(y | x) q(z | x)``."""
-        h = self.encoder(x)
-        z_mean, z_var = self.z_head(h)
-        return self.y_head(h.mean((-2, -1))), z_mean, z_var
+        """``(y_logits, z_mean, z_var)`` of the guide ``q(y | x) q(z | x)``: ``y_logits`` are
+        the mixture's responsibilities at ``z_mean``, ``-1/2 ||z_mean - m_k||^2``."""
+        z_mean, z_var = self.z_head(self.encoder(x))
+        distance = (z_mean.unsqueeze(-4) - self.class_maps).square().sum((-3, -2, -1))
+        return -0.5 * distance, z_mean, z_var
 
     def _check_images(self, x: torch.Tensor) -> None:
         """``x`` must be ``(B, C, H, W)`` with ``(C, H, W) == image_shape``."""
@@ -128,9 +139,8 @@ class ConvClusterVAE(PyroModule):
         batch = x.shape[0]
         with self._plate(x, num_data):
             y = pyro.sample("y", dist.Categorical(logits=self.prior_logits.expand(batch, -1)))
-            zeros = x.new_zeros((batch, *self.latent_shape))
-            z = pyro.sample("z", dist.Normal(zeros, 1.0).to_event(3))
-            logits = self.decode(z, y)
+            z = pyro.sample("z", dist.Normal(self.class_maps[y], 1.0).to_event(3))
+            logits = self.decode(z)
             pyro.sample("x", dist.ContinuousBernoulli(logits=logits).to_event(3), obs=x)
         return logits
 
@@ -148,7 +158,6 @@ class ConvClusterVAE(PyroModule):
     @torch.no_grad()
     @pyro_method
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean image ``E[x | z = E_q[z], y = argmax q(y|x)]`` under the continuous Bernoulli."""
-        y_logits, z_mean, _ = self.encode(x)
-        logits = self.decode(z_mean, y_logits.argmax(-1))
-        return dist.ContinuousBernoulli(logits=logits).mean
+        """Mean image ``E[x | z = E_q[z]]`` under the continuous Bernoulli."""
+        _, z_mean, _ = self.encode(x)
+        return dist.ContinuousBernoulli(logits=self.decode(z_mean)).mean

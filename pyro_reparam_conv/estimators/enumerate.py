@@ -1,0 +1,80 @@
+"""Exact enumeration of a finite support, per plate element.
+
+For a site ``y ~ q_phi`` with a finite support ``{0, ..., K - 1}`` (Bernoulli, Categorical,
+OneHotCategorical), the ELBO's expectation over ``y`` is a sum,
+``E_q[f(y)] = sum_k q_phi(k) f(k)``, and so is its gradient: ``sum_k grad q_phi(k) f(k) +
+q_phi(k) grad f(k)``. The site's ``K`` values are laid out along an evaluation dim left of
+every plate (Pyro's parallel enumeration, as in ``TraceEnum_ELBO``), so the model and the
+rest of the guide run once on all of them side by side; every term that depends on ``y``
+has the dim and is averaged with the (differentiable) weights ``q_phi(k)``. The site's own
+gradient has no variance at all.
+
+Per plate element: inside ``pyro.plate("N", n)`` the values are ``y_i = k`` for every ``i``
+at once, so ``n`` Bernoullis cost 2 evaluations, not ``2^n``; this is exact when each
+element's terms depend on its own ``y_i`` only (the usual case: a latent per data point).
+A term outside the site's plates that depends on it is an error naming both (route the
+site to ``"disarm"`` or ``"score"`` then). Downstream pathwise and score-function sites
+keep their own estimators within each of the ``K`` evaluations.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pyro.distributions.score_parts import ScoreParts
+
+from ..sampling import distribution_name
+from .base import Estimator, RoutingOptions, register
+
+__all__ = ["EnumerateEstimator"]
+
+
+def support_size(fn) -> int:
+    """The number of values of one element of ``fn``'s finite support."""
+    return fn.enumerate_support(expand=False).shape[0]
+
+
+class EnumerateEstimator(Estimator):
+    """The exact sum over the support, ``K`` evaluations side by side."""
+
+    name = "enumerate"
+    priority = 10
+    local_weights = True
+
+    def why_not(self, fn) -> Optional[str]:
+        if getattr(fn, "has_enumerate_support", False):
+            return None
+        return f"{distribution_name(fn)} has no finite support to enumerate"
+
+    def auto_why_not(self, fn, options: RoutingOptions) -> Optional[str]:
+        why_not = self.why_not(fn)
+        if why_not is None and support_size(fn) > options.max_enumerate:
+            why_not = f"support of {support_size(fn)} > max_enumerate={options.max_enumerate}"
+        return why_not
+
+    def because(self, fn) -> str:
+        return f"support of {support_size(fn)} <= max_enumerate"
+
+    def note(self, fn, infer: dict) -> str:
+        return f"exact sum: {support_size(fn)} evaluations, no variance"
+
+    def has_score_function(self, fn) -> bool:
+        return False
+
+    def evaluations(self, fn) -> int:
+        return support_size(fn)
+
+    def draw(self, msg: dict, dim: Optional[int] = None) -> None:
+        fn = msg["fn"]
+        support = fn.enumerate_support(expand=False)
+        shape = (support.shape[0],) + (1,) * (-1 - dim) + tuple(fn.event_shape)
+        msg["value"] = support.reshape(shape)
+
+    def weights(self, site: dict, dim: int):
+        return site["unscaled_log_prob"].exp()  # q(k), per element, differentiable
+
+    def score_parts(self, site: dict) -> ScoreParts:
+        return ScoreParts(site["log_prob"], 0.0, site["log_prob"])
+
+
+register(EnumerateEstimator())

@@ -1,0 +1,188 @@
+"""Evaluation dims: a guide site evaluated at several values side by side.
+
+An estimator that evaluates several values of its site in one particle (the exact sum over
+a finite support, an antithetic pair) gets an *evaluation dim* left of every plate, as
+Pyro's parallel enumeration does (``TraceEnum_ELBO``): the model and the rest of the guide
+run once on all the values, and every term computed from them has the dim. The ELBO then
+averages each term over the evaluation dims it has, with the estimators' weights
+(:class:`Evaluation`): ``E[t] = sum_k w_k t_k``, the weights of a site whose weights
+depend on another evaluated site (``q(k | j)``) bringing that site's weights in too.
+
+Side by side is only right when the code computes each value's terms independently of the
+others (it broadcasts over the extra leading dims, as Pyro's enumeration requires).
+:func:`side_by_side_mismatch` checks it on tracked steps: it replays two of the
+evaluations one at a time and compares every log-density with the side-by-side one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import pyro.poutine as poutine
+import torch
+from pyro.poutine import Trace
+
+from .estimators import base
+
+__all__ = [
+    "Evaluation",
+    "evaluations_of",
+    "expectation",
+    "has",
+    "present",
+    "side_by_side_mismatch",
+    "weight_of",
+    "weighted_terms",
+]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A guide site evaluated at several values side by side along ``dim`` (left of every
+    plate): the ELBO averages every term that has the dim with ``weight`` (a number, or a
+    tensor of the site's batch shape; summing to 1 over ``dim``). ``local``: the weights are
+    per element of the site's plates (``plate_dims``), so a term with the dim must lie in
+    them."""
+
+    site: str
+    dim: int
+    size: int
+    weight: Any
+    local: bool
+    plate_dims: frozenset
+
+
+def evaluations_of(guide_trace: Trace, routes, dims: Mapping[str, int]) -> list[Evaluation]:
+    """The evaluations of a guide trace: ``dims`` maps each evaluated site to its dim."""
+    found = []
+    for name, dim in dims.items():
+        site, estimator = guide_trace.nodes[name], base.get(routes[name].estimator)
+        plates = frozenset(f.dim for f in site["cond_indep_stack"] if f.vectorized)
+        size = site["value"].shape[dim - site["fn"].event_dim]
+        weight = estimator.weights(site, dim)
+        found.append(Evaluation(name, dim, size, weight, estimator.local_weights, plates))
+    return found
+
+
+def has(t: Any, dim: int, size: int) -> bool:
+    return isinstance(t, torch.Tensor) and size > 1 and t.dim() >= -dim and t.shape[dim] == size
+
+
+def present(t: Any, evaluations, exclude=()) -> list[Evaluation]:
+    """The evaluations whose dim ``t`` has, closed under the dims of their own weights (an
+    enumerated site's ``q(k | j)`` brings the site ``j`` it depends on), except ``exclude``."""
+    found = [e for e in evaluations if e.site not in exclude and has(t, e.dim, e.size)]
+    for e in found:  # grows while iterating: the closure
+        found += [
+            f
+            for f in evaluations
+            if f not in found and f.site not in exclude and has(e.weight, f.dim, f.size)
+        ]
+    return found
+
+
+def weight_of(t: torch.Tensor, found, label: str) -> Any:
+    """The product of the evaluations' weights (``found`` by :func:`present`), checked to be
+    local to ``t``."""
+    total: Any = 1.0
+    for e in found:
+        if e.local and isinstance(e.weight, torch.Tensor):
+            for d in e.plate_dims:
+                if has(e.weight, d, e.weight.shape[d]) and not has(t, d, e.weight.shape[d]):
+                    raise ValueError(
+                        f"site {e.site!r} is evaluated per element of its plates ({e.size} "
+                        f"values along dim {e.dim}), but the term of {label} depends on it "
+                        f"outside its plate at dim {d}; route {e.site!r} to 'disarm' "
+                        "(Bernoulli) or 'score' instead"
+                    )
+        total = total * e.weight
+    return total
+
+
+def expectation(t: torch.Tensor, evaluations, label: str, exclude=(), detach=False) -> Any:
+    """``t`` times the weights of the evaluations it has (but ``exclude``), summed over their
+    dims (keepdim): its expectation over them."""
+    found = present(t, evaluations, exclude)
+    if not found:
+        return t
+    weight = weight_of(t, found, label)
+    weight = weight.detach() if detach and isinstance(weight, torch.Tensor) else weight
+    return (t * weight).sum([e.dim for e in found], keepdim=True)
+
+
+def weighted_terms(elbo_t, surrogate_t, evaluations, label: str) -> tuple[Any, Any]:
+    """The row's ELBO term and differentiable surrogate term, summed, with its evaluations
+    averaged: ``sum W elbo`` and ``sum (W - stop W) stop(elbo) + stop(W) surrogate`` (the
+    product rule: weights that depend on parameters, an enumerated site's ``q(k)``, get the
+    gradient of their expectation, the terms their own)."""
+    found = present(elbo_t, evaluations)
+    if not found:
+        return elbo_t.sum(), (surrogate_t.sum() if isinstance(surrogate_t, torch.Tensor) else 0.0)
+    weight = weight_of(elbo_t, found, label)
+    elbo = (weight * elbo_t).sum()
+    surrogate: Any = 0.0
+    if isinstance(weight, torch.Tensor) and weight.requires_grad:
+        surrogate = ((weight - weight.detach()) * elbo_t.detach()).sum()
+        weight = weight.detach()
+    if isinstance(surrogate_t, torch.Tensor):
+        surrogate = surrogate + (weight * surrogate_t).sum()
+    return elbo, surrogate
+
+
+def _branch(value: torch.Tensor, dims, index: int, event_dim: int) -> torch.Tensor:
+    """``value`` at evaluation ``index`` (the last one for ``-1``) of each of ``dims``,
+    without the leading singleton dims this leaves."""
+    for dim in dims:
+        d = dim - event_dim
+        if value.dim() >= -d and value.shape[d] > 1:
+            value = value.narrow(d, index % value.shape[d], 1)
+    while value.dim() > event_dim and value.shape[0] == 1:
+        value = value[0]
+    return value
+
+
+def side_by_side_mismatch(
+    model, guide, args, kwargs, model_trace: Trace, guide_trace: Trace, dims: Mapping[str, int]
+) -> Optional[str]:
+    """Replay the first and the last evaluation of every evaluated site one at a time
+    (``model``, ``guide``: the plain callables, every guide latent replayed from
+    ``guide_trace``) and compare each log-density with its side-by-side value (the traces'
+    ``log_prob``). ``None`` if all agree, else which term differs."""
+    for index in (0, -1):
+        branch = guide_trace.copy()
+        for name, site in guide_trace.nodes.items():
+            if site["type"] == "sample" and not site["is_observed"]:
+                fn, event_dim = site["fn"], site["fn"].event_dim
+                shape = torch.zeros((), device=site["value"].device).expand(fn.shape())
+                shape = _branch(shape, dims.values(), index, event_dim).shape
+                value = _branch(site["value"], dims.values(), index, event_dim)
+                branch.nodes[name] = {**site, "value": value.expand(shape)}
+        try:
+            replayed = poutine.replay(guide, trace=branch)
+            one_guide = poutine.trace(replayed).get_trace(*args, **kwargs)
+            replayed = poutine.replay(model, trace=one_guide)
+            one_model = poutine.trace(replayed).get_trace(*args, **kwargs)
+            one_guide.compute_log_prob()
+            one_model.compute_log_prob()
+        except Exception as e:  # noqa: BLE001 - any failure means: not independent
+            return f"one value at a time fails ({type(e).__name__}: {e})"
+        for role, side, one in (
+            ("guide", guide_trace, one_guide),
+            ("model", model_trace, one_model),
+        ):
+            for name, site in one.nodes.items():
+                if site["type"] != "sample" or name not in side.nodes:
+                    continue
+                expected = _branch(side.nodes[name]["log_prob"], dims.values(), index, 0)
+                got = site["log_prob"]
+                try:
+                    same = torch.allclose(*torch.broadcast_tensors(got, expected), 1e-4, 1e-5)
+                except RuntimeError:
+                    same = False
+                if not same:
+                    return (
+                        f"the log-density of {name!r} ({role}) differs between the values side "
+                        "by side and one at a time"
+                    )
+    return None
