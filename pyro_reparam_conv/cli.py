@@ -257,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--estimators",
         default="pathwise,score,score+avg,score+loo",
-        help="comma-separated (default pathwise,score,score+avg,score+loo)",
+        help="comma-separated names: pathwise, pathwise+kl, score, score+avg, score+loo, auto, "
+        "or any registered estimator (enumerate, disarm, gumbel_st); default "
+        "pathwise,score,score+avg,score+loo",
     )
     compare.add_argument("--num-draws", type=_int_at_least(2), default=200)
     compare.add_argument("--out", type=Path, default=Path("compare_output"))
@@ -420,7 +422,9 @@ def _prepare_out(args: argparse.Namespace, checkpoints: Sequence[Path]) -> None:
     check_writable(args.out)
 
 
-def _fit(args, config: dict, source: dict, images, routes: Mapping[str, str], checkpoint: Path, **options):
+def _fit(
+    args, config: dict, source: dict, images, routes: Mapping[str, str], checkpoint: Path, **options
+):
     """A fresh ConvClusterVAE trained with RoutedELBO from the command-line options;
     returns ``(vae, TrainResult)`` (the ELBO, with its routes, is ``result.elbo``). The model
     configuration and the sites' ``routes`` are settings a resume must match; ``source``
@@ -533,7 +537,11 @@ def run_demo(args: argparse.Namespace) -> dict:
         }
         if name == "default":  # while its parameters are the param store's
             frame, variance = _encoder_variance(
-                vae, images[: args.batch_size].to(device), len(images), args.variance_draws, args.seed
+                vae,
+                images[: args.batch_size].to(device),
+                len(images),
+                args.variance_draws,
+                args.seed,
             )
             plot_posterior(
                 y_logits.softmax(-1).cpu().numpy(),

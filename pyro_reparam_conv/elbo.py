@@ -143,6 +143,7 @@ class RoutedELBO(ELBO):
         self.options = RoutingOptions(max_enumerate=max_enumerate)
         self.routes: dict[str, Route] = {}
         self._avoid: dict[str, dict[str, str]] = {}  # site -> {estimator: why not}
+        self._verified: set[tuple] = set()  # structures whose values side by side are verified
         self._averages = DecayingAverages()
         self._dependencies = DependencyCache(dependency_tracking)
 
@@ -163,18 +164,23 @@ class RoutedELBO(ELBO):
         try:
             return self._site_terms(model, guide, args, kwargs)
         except PlateNestingNeeded:  # a site evaluates several values: dims left of the plates
-            logger = logging.getLogger("pyro.infer.elbo")
-            level, logger.level = logger.level, logging.WARNING  # no "Guessed ..." line
-            try:
-                self._guess_max_plate_nesting(model, guide, args, kwargs)
-            finally:
-                logger.setLevel(level)
+            self._guess_plate_nesting(model, guide, args, kwargs)
             return self._site_terms(model, guide, args, kwargs)
+
+    def _guess_plate_nesting(self, model, guide, args, kwargs) -> None:
+        """Pyro's ``_guess_max_plate_nesting``, without its "Guessed ..." log line."""
+        logger = logging.getLogger("pyro.infer.elbo")
+        level = logger.level
+        logger.setLevel(logging.WARNING)
+        try:
+            self._guess_max_plate_nesting(model, guide, args, kwargs)
+        finally:
+            logger.setLevel(level)
 
     def _site_terms(self, model, guide, args, kwargs) -> list[ParticleTerms]:
         if self.vectorize_particles:
             if self.max_plate_nesting == float("inf"):
-                self._guess_max_plate_nesting(model, guide, args, kwargs)
+                self._guess_plate_nesting(model, guide, args, kwargs)
             model = self._vectorized_num_particles(model)
             guide = self._vectorized_num_particles(guide)
             particles = [self._particle(model, guide, args, kwargs)]
@@ -210,11 +216,13 @@ class RoutedELBO(ELBO):
             if track:
                 terms = term_dependencies(model_trace, guide_trace)
                 self._dependencies.store(key, Dependencies(terms, priors))
-                problem = router.dims and side_by_side_mismatch(
+            if router.dims and (track or key not in self._verified):
+                problem = side_by_side_mismatch(
                     model, guide, args, kwargs, model_trace, guide_trace, router.dims
                 )
                 if problem:
                     raise SideBySideError(problem)
+                self._verified.add(key)
             return particle_terms(
                 model_trace, guide_trace, routes, router.baselines, kl, terms, router.dims
             )
@@ -230,8 +238,9 @@ class RoutedELBO(ELBO):
         """After ``error`` with sites evaluated side by side: route the automatically routed
         ones elsewhere from now on (``True``), or explain a requested one (``ValueError``);
         ``False`` when no such site can be the cause."""
-        problem = str(error) if isinstance(error, SideBySideError) else (
-            f"evaluating them side by side failed ({type(error).__name__}: {error})")  # fmt: skip
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        problem = first_line if isinstance(error, SideBySideError) else (
+            f"evaluating them side by side failed ({type(error).__name__}: {first_line})")  # fmt: skip
         sites = [name for name in router.dims if not router.routes[name].forced]
         if not sites:
             if isinstance(error, SideBySideError):

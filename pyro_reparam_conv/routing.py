@@ -79,7 +79,10 @@ def choose_estimator(
     Raises ``ValueError`` for an unknown estimator name, or for one that does not apply.
     """
     estimator, reason = _choose(name, fn, infer, options)
-    note = estimator.note(fn, infer)
+    try:
+        note = estimator.note(fn, infer)
+    except ValueError as e:  # a bad option of the estimator's in infer
+        raise ValueError(f"site {name!r}: {e}") from None
     return estimator, f"{reason}; {note}" if note else reason
 
 

@@ -103,13 +103,18 @@ def test_train_export_audit_compare_on_user_data(tmp_path, capsys):
         "--out",
         str(compare_out),
         "--estimators",
-        "pathwise,score",
+        "pathwise,score,enumerate",
         *TINY_MODEL,
     ]
     assert main(argv) == 0
     assert {"estimator_comparison.csv", "estimator_comparison.png"} <= {
         p.name for p in compare_out.iterdir()
     }
+    import pandas as pd
+
+    frame = pd.read_csv(compare_out / "estimator_comparison.csv")
+    assert set(frame["estimator"]) == {"pathwise", "score", "enumerate"}
+    assert frame[frame["estimator"] == "enumerate"]["routes"].str.contains("y:enumerate").all()
     assert png_width(compare_out / "estimator_comparison.png") <= 1600
 
 

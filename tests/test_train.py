@@ -70,6 +70,19 @@ def test_resume_gives_bit_identical_parameters(tmp_path):
     assert not different, different
 
 
+def test_resume_is_bit_identical_with_y_summed_exactly(tmp_path):
+    """The default route of y (enumeration): resume as exact as on the score function."""
+    enumerated = dict(y_infer={})
+    straight = fit(fresh_model(**enumerated), 12, tmp_path / "straight.pt", checkpoint_every=6)
+    expected = params()
+    assert straight.elbo.routes["y"].estimator == "enumerate"
+    fit(fresh_model(**enumerated), 6, tmp_path / "resumed.pt", checkpoint_every=6)
+    resumed = fit(fresh_model(init_seed=7, **enumerated), 12, tmp_path / "resumed.pt", resume=True)
+    assert resumed.losses == straight.losses
+    got = params()
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+
+
 def test_resume_without_the_baseline_state_differs(tmp_path):
     """Control for the test above: dropping the ELBO state from the checkpoint changes the
     trajectory, so the bit-identical result does depend on restoring it."""

@@ -8,8 +8,9 @@ hand the model the hard value ``h = one_hot(argmax s)`` and differentiate as if 
 straight-through). The gradient is *biased* (it is the gradient of the relaxed objective,
 evaluated at a hard sample), more so at high temperature ``tau``; it is never chosen
 automatically, and the route's reason says so. The temperature is the site's
-``infer={"temperature": tau}`` (default 1). A ``Categorical`` site has integer values, which
-carry no gradient: use ``OneHotCategorical``.
+``infer={"temperature": tau}`` (default 1). ``-log q`` is differentiated through the value
+only (its direct gradient in the parameters has mean zero: Roeder et al. 2017). A
+``Categorical`` site has integer values, which carry no gradient: use ``OneHotCategorical``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Optional
 import torch
 from pyro.distributions import Bernoulli, OneHotCategorical
 from pyro.distributions.score_parts import ScoreParts
+from pyro.distributions.util import scale_and_mask
 
 from ..kernels import unwrap_independent
 from ..sampling import distribution_name
@@ -41,10 +43,10 @@ class _StraightThrough(torch.autograd.Function):
         return None, grad
 
 
-def _temperature(infer: dict, site: str = "") -> float:
+def _temperature(infer: dict) -> float:
     tau = infer.get("temperature", 1.0)
     if not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"site {site!r}: infer['temperature'] must be a number > 0, got {tau!r}")
+        raise ValueError(f"infer['temperature'] must be a number > 0, got {tau!r}")
     return float(tau)
 
 
@@ -72,7 +74,7 @@ class GumbelStraightThrough(Estimator):
 
     def draw(self, msg: dict, dim: Optional[int] = None) -> None:
         fn = msg["fn"]
-        tau = _temperature(msg["infer"], msg["name"])
+        tau = _temperature(msg["infer"])  # checked (naming the site) when routed
         base, _ = unwrap_independent(fn)
         logits = base.logits.expand(fn.batch_shape + fn.event_shape)
         u = torch.rand(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -86,7 +88,15 @@ class GumbelStraightThrough(Estimator):
         msg["value"] = _StraightThrough.apply(hard, soft)
 
     def score_parts(self, site: dict) -> ScoreParts:
-        return ScoreParts(site["log_prob"], 0.0, site["log_prob"])  # through the value
+        # -log q differentiated through the (straight-through) value only: its direct
+        # gradient in the parameters has mean zero, so it would add variance, no signal
+        fn = site["fn"]
+        base, ndims = unwrap_independent(fn)
+        fixed = type(base)(logits=base.logits.detach())
+        if ndims:
+            fixed = fixed.to_event(ndims)
+        log_q = fixed.log_prob(site["value"]).expand(fn.batch_shape)
+        return ScoreParts(site["log_prob"], 0.0, scale_and_mask(log_q, site["scale"], site["mask"]))
 
 
 register(GumbelStraightThrough())
