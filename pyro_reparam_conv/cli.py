@@ -467,7 +467,8 @@ def _fit(
 
 @torch.no_grad()
 def _evaluate_elbo(vae, images: torch.Tensor, seed: int, num_particles: int = 8) -> float:
-    """ELBO per image on ``images``: a Monte Carlo estimate with ``Trace_ELBO`` (same for both runs)."""
+    """ELBO per image on ``images``: a Monte Carlo estimate with ``Trace_ELBO`` (the same
+    estimator for every run, whatever its training routes)."""
     pyro.set_rng_seed(seed)
     elbo = pyro.infer.Trace_ELBO(num_particles=num_particles)
     return -elbo.loss(vae.model, vae.guide, images) / len(images)

@@ -228,8 +228,8 @@ def audit_gradients(model: Callable, guide: Callable, *args, elbo=None, **kwargs
     site's ``-log q(z)`` times its fixed cost, guide factors and observed guide sites too);
     each site's term is differentiated on its own, and a parameter lists site ``n`` when
     ``n``'s term reaches it in the autograd graph. An observed site listed means the
-    likelihood's gradient (for a guide parameter: through a pathwise sample). Attribution needs a :class:`RoutedELBO`;
-    for another ELBO only the total gradient is reported.
+    likelihood's gradient (for a guide parameter: through a pathwise sample). Attribution
+    needs a :class:`RoutedELBO`; for another ELBO only the total gradient is reported.
 
     Parameter values, ``.grad`` and the global RNG state are left as they were (decaying
     baseline state of a given ``elbo`` too); parameters first created by this call stay in

@@ -239,8 +239,9 @@ class RoutedELBO(ELBO):
         ones elsewhere from now on (``True``), or explain a requested one (``ValueError``);
         ``False`` when no such site can be the cause."""
         first_line = (str(error).strip().splitlines() or [""])[0]
-        problem = first_line if isinstance(error, SideBySideError) else (
-            f"evaluating them side by side failed ({type(error).__name__}: {first_line})")  # fmt: skip
+        problem = first_line
+        if not isinstance(error, SideBySideError):
+            problem = f"evaluating them side by side failed ({type(error).__name__}: {first_line})"
         sites = [name for name in router.dims if not router.routes[name].forced]
         if not sites:
             if isinstance(error, SideBySideError):

@@ -16,7 +16,7 @@ import torch
 from exact import binary_tensors, exact_elbo, param
 from pyro.infer import TraceEnum_ELBO, config_enumerate
 
-from pyro_reparam_conv import RoutedELBO, compare_estimators, force_estimator
+from pyro_reparam_conv import RoutedELBO, compare_estimators
 
 DATA = torch.tensor([0.3, 1.8, 2.4])
 
@@ -214,7 +214,8 @@ def test_disarm_per_plate_element_with_a_term_outside_the_plate_is_unbiased():
     assert_mean_close(samples, exact)
 
 
-# the Bernoulli toy of the RELAX and ARM papers: minimize E_q[(b - t)^2], q = Bernoulli(sigmoid(theta))
+# the Bernoulli toy of the RELAX and ARM papers:
+# minimize E_q[(b - t)^2], q = Bernoulli(sigmoid(theta))
 def toy_model(t):
     theta = pyro.param("theta").detach()
     b = pyro.sample("b", dist.Bernoulli(logits=theta))  # prior = q: log p - log q = 0
@@ -265,11 +266,11 @@ def straight_through_mean(theta: float, t: float, tau: float) -> float:
     """E[d loss / d theta] of straight-through Gumbel-softmax on the toy, by quadrature over
     the logistic noise l: 2 (1[theta + l > 0] - t) s (1 - s) / tau, s = sigmoid((theta + l)
     / tau) (the log p - log q part has mean 0)."""
-    l = torch.linspace(-40, 40, 400001, dtype=torch.float64)
-    density = torch.sigmoid(l) * torch.sigmoid(-l)
-    s = torch.sigmoid((theta + l) / tau)
-    g = 2 * ((theta + l > 0).double() - t) * s * (1 - s) / tau
-    return float((g * density).sum() * (l[1] - l[0]))
+    noise = torch.linspace(-40, 40, 400001, dtype=torch.float64)
+    density = torch.sigmoid(noise) * torch.sigmoid(-noise)
+    s = torch.sigmoid((theta + noise) / tau)
+    g = 2 * ((theta + noise > 0).double() - t) * s * (1 - s) / tau
+    return float((g * density).sum() * (noise[1] - noise[0]))
 
 
 def test_gumbel_st_is_opt_in_biased_and_says_so():
@@ -314,7 +315,7 @@ def test_gumbel_st_values_are_exactly_discrete():
         (dist.OneHotCategorical(logits=torch.zeros(5)), 16, "enumerate", "support of 5"),
         (dist.Categorical(logits=torch.zeros(40)), 16, "score", "support of 40 > max_enumerate=16"),
         (dist.Bernoulli(0.3), 0, "disarm", "support of 2 > max_enumerate=0"),
-        (dist.Bernoulli(torch.full((4,), 0.3)).to_event(1), 16, "disarm", "Bernoulli: an antithetic"),
+        (dist.Bernoulli(torch.full((4,), 0.3)).to_event(1), 16, "disarm", "an antithetic pair"),
         (dist.OneHotCategorical(logits=torch.zeros(5)), 0, "score", "is not a Bernoulli"),
         (dist.Normal(0.0, 1.0), 16, "pathwise", "Normal has rsample"),
         (dist.Poisson(3.0), 16, "score", "Poisson has no finite support"),
