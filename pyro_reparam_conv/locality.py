@@ -1,0 +1,291 @@
+"""Element-level Rao-Blackwellization for score-function sites that are maps.
+
+A score-function term ``grad log q(z) * (c - b)`` needs in its cost ``c`` only the terms
+that depend on ``z`` (Schulman et al. 2015). For a latent map ``z`` (a site whose event is
+``(C, h, w)``) with a factorized guide, the score splits over elements,
+``grad log q(z) = sum_e grad log q(z_e)``, and element ``e`` needs only the terms that
+depend on ``z_e``: its own ``log p(z_e) - log q(z_e)`` and, for a likelihood computed from
+``z`` by convolutions, the per-pixel log-densities inside ``e``'s *footprint* (the pixels
+whose value depends on ``z_e``). Every other pixel adds noise and no signal. This module
+finds the footprints from the model's own computation and gives the per-element costs.
+
+Finding a footprint (:func:`find_footprint`), once per trace structure: the model is
+replayed with ``z`` as a leaf, and for a lattice of output pixels spaced wider than a
+pixel's receptive field, three backward passes with independent random weights on the
+lattice pixels give, for every element of ``z``, a vector of three gradients that is a
+multiple of the weights of the one lattice pixel it feeds (or of none). Shifting the
+lattice over every offset covers every pixel, so the table pixel -> elements is complete;
+elements that feed two lattice pixels make the spacing grow. The probe is *structural*:
+elementwise activations are replaced by the identity and max-pools by average pools while
+probing (a dead ReLU or a saturated tanh would otherwise hide a dependency for this draw
+only), and the parameters of the model's modules and param store are replaced by random
+values (a weight that happens to be zero now may not be later), then restored. A footprint
+that is a superset of the true one keeps the estimator unbiased; a pixel that depends on
+the elements of another image (batch normalization), or on more than half of the map
+(a dense layer, a normalization over space), makes the site fall back to site-level costs,
+and the route says why.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Optional, Union
+
+import pyro
+import pyro.poutine as poutine
+import torch
+import torch.nn.functional as F
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine import Trace
+from torch.overrides import TorchFunctionMode
+
+from .introspect import modules_behind
+from .kernels import unwrap_independent
+
+__all__ = ["Footprint", "element_log_prob", "element_costs", "find_footprint"]
+
+#: the most (element, pixel) pairs a footprint table may hold before the site falls back
+MAX_TABLE = 1 << 26
+
+
+# ----------------------------------------------------------------- per-element densities
+def element_log_prob(fn, value: torch.Tensor) -> Optional[torch.Tensor]:
+    """``fn.log_prob(value)`` before the sum over its event dims (shape batch + event), for an
+    ``Independent`` of a distribution with one log-density per element; ``None`` otherwise."""
+    base, ndims = unwrap_independent(fn)
+    if not ndims or tuple(base.batch_shape)[-ndims:] != tuple(fn.event_shape):
+        return None
+    if base.event_shape != ():
+        return None
+    log_p = base.log_prob(value)
+    full = fn.batch_shape + fn.event_shape
+    return log_p if log_p.shape == full else log_p.expand(torch.broadcast_shapes(log_p.shape, full))
+
+
+def _scaled(site: dict, per_element: torch.Tensor) -> torch.Tensor:
+    """A site's scale and mask (which concern its batch dims) applied to its elements."""
+    event = site["fn"].event_dim
+    mask = site["mask"]
+    if isinstance(mask, torch.Tensor):
+        mask = mask.reshape(mask.shape + (1,) * event)
+    scale = site["scale"]
+    if isinstance(scale, torch.Tensor) and scale.dim():
+        scale = scale.reshape(scale.shape + (1,) * event)
+    return scale_and_mask(per_element, scale, mask)
+
+
+# ------------------------------------------------------------------ structural probing
+_IDENTITY = {
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
+    F.softplus, F.hardtanh, F.hardswish, F.hardsigmoid, F.logsigmoid, F.tanh, F.sigmoid,
+    F.softsign, F.tanhshrink, F.threshold, torch.relu, torch.tanh, torch.sigmoid,
+    torch.clamp, torch.clip, torch.Tensor.relu, torch.Tensor.tanh, torch.Tensor.sigmoid,
+    torch.Tensor.clamp, torch.Tensor.clip,
+}  # fmt: skip
+_POOLS = {F.max_pool1d: F.avg_pool1d, F.max_pool2d: F.avg_pool2d, F.max_pool3d: F.avg_pool3d}
+
+
+class _Structural(TorchFunctionMode):
+    """Elementwise activations become the identity and max-pools average pools: the same
+    dependency structure, without derivatives that vanish for some inputs only."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _IDENTITY:
+            return args[0]
+        if func in _POOLS and not kwargs.get("dilation", 1) not in (1, (1, 1), (1, 1, 1)):
+            names = ("kernel_size", "stride", "padding")
+            options = {n: kwargs[n] for n in names if n in kwargs}
+            options.update(zip(names, args[1:4]))
+            return _POOLS[func](args[0], **options)
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def _random_parameters(fns) -> Iterator[None]:
+    """Replace every parameter of the modules behind ``fns`` and of the param store by random
+    values for the block, and restore them after."""
+    tensors = {id(p): p for m in modules_behind(*fns) for p in m.parameters()}
+    for _, p in pyro.get_param_store().named_parameters():
+        tensors.setdefault(id(p), p)
+    saved = [(p, p.detach().clone()) for p in tensors.values()]
+    generator = torch.Generator().manual_seed(0)
+    try:
+        with torch.no_grad():
+            for p, _ in saved:
+                noise = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+                p.copy_(noise.to(p.device))
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in saved:
+                p.copy_(value)
+
+
+# -------------------------------------------------------------------------- footprints
+@dataclass(frozen=True)
+class Footprint:
+    """Which pixels of each dependent map depend on which position of the site's map.
+
+    ``tables[t]``: a sparse ``(h * w, H_t * W_t)`` 0/1 matrix for model site ``t``
+    (positions of ``z``; pixels of ``t``, channels summed); ``sizes[t]``: the largest number
+    of pixels one position feeds, and ``H_t * W_t``.
+    """
+
+    site: str
+    tables: Mapping[str, torch.Tensor]
+    sizes: Mapping[str, tuple[int, int]]
+
+    def describe(self) -> str:
+        return ", ".join(f"<= {k} of {n} pixels of {t!r}" for t, (k, n) in self.sizes.items())
+
+
+def _grids(trace: Trace, dependents) -> Union[dict[str, torch.Tensor], str]:
+    """Per dependent model site, its per-element log-density summed over channels: shape
+    (batch..., H, W)."""
+    grids = {}
+    for name in dependents:
+        site = trace.nodes[name]
+        per = element_log_prob(site["fn"], site["value"])
+        event = site["fn"].event_dim
+        if per is None or event < 2:
+            return f"{name!r} has no per-pixel log-density over a map (event dims >= 2)"
+        grids[name] = per.sum(list(range(-event, -2))) if event > 2 else per
+    return grids
+
+
+def _probe(grid, z, weights) -> torch.Tensor:
+    return torch.autograd.grad((grid * weights).sum(), z, retain_graph=True)[0]
+
+
+def _footprint_of(grid: torch.Tensor, z: torch.Tensor, name: str):
+    """The sparse position -> pixel table of one dependent map (or why there is none)."""
+    n = grid[..., 0, 0].numel()
+    grid = grid.reshape(n, *grid.shape[-2:])
+    big_h, big_w = grid.shape[-2:]
+    h, w = z.shape[-2:]
+    zs = z.reshape(n, -1, h, w) if z[..., 0, 0, 0].numel() == n else None
+    if zs is None:
+        return f"{name!r} has other batch dims than the site"
+    # one pixel in the middle of the first image: its receptive field
+    center = torch.zeros_like(grid)
+    center[0, big_h // 2, big_w // 2] = 1.0
+    field = _probe(grid, z, center).reshape(n, -1, h, w) != 0
+    if field[1:].any():
+        return f"a pixel of {name!r} depends on other elements of the plate (batch norm?)"
+    positions = field[0].any(0)
+    if positions.sum() * 2 > h * w:
+        return (
+            f"not local: a pixel of {name!r} depends on {int(positions.sum())} of {h * w} "
+            "positions (a dense layer or a normalization over the map?)"
+        )
+    rows, cols = positions.nonzero(as_tuple=True)
+    spacing = [
+        max(1, math.ceil((int(extent.max() - extent.min()) + 2) * big / small))
+        for extent, big, small in ((rows, big_h, h), (cols, big_w, w))
+    ]
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(4):  # grow the spacing until every element feeds one lattice pixel
+        found = _attribute(grid, z, n, h, w, spacing, generator)
+        if found is not None:
+            break
+        spacing = [2 * s for s in spacing]
+    else:
+        return f"could not attribute the pixels of {name!r} to positions of the site"
+    if found.shape[0] * found.shape[1] > MAX_TABLE:
+        return f"footprint table of {found.numel()} entries is too large"
+    sizes = (int(found.sum(1).max()), big_h * big_w)
+    return found.to(grid.dtype).to_sparse_csr(), sizes
+
+
+def _attribute(grid, z, n, h, w, spacing, generator) -> Optional[torch.Tensor]:
+    """Dense (h * w, H * W) bool table from lattice probes; ``None`` when some element
+    feeds two pixels of one lattice (the spacing is too small)."""
+    big_h, big_w = grid.shape[-2:]
+    table = torch.zeros(h * w, big_h * big_w, dtype=torch.bool)
+    for a in range(min(spacing[0], big_h)):
+        for b in range(min(spacing[1], big_w)):
+            lattice = torch.zeros(big_h, big_w, dtype=torch.bool)
+            lattice[a :: spacing[0], b :: spacing[1]] = True
+            pixels = lattice.nonzero().T  # (2, L)
+            weights = torch.rand((3, n, pixels.shape[1]), generator=generator) + 0.5
+            grads = []
+            for k in range(3):
+                u = torch.zeros(n, big_h, big_w, dtype=grid.dtype)
+                u[:, pixels[0], pixels[1]] = weights[k].to(grid.dtype)
+                grads.append(_probe(grid, z, u.to(grid.device)).reshape(n, -1, h * w).cpu())
+            g = torch.stack(grads, -1).double()  # (n, C, h * w, 3)
+            norm = g.norm(dim=-1)
+            hit = norm > 0
+            if not hit.any():
+                continue
+            unit = g / norm.clamp_min(1e-300).unsqueeze(-1)
+            sig = weights.double().permute(1, 2, 0)  # (n, L, 3)
+            sig = sig / sig.norm(dim=-1, keepdim=True)
+            # cosine of each element's gradient vector with each lattice pixel's weights
+            cosine = torch.einsum("ncpk,nlk->ncpl", unit, sig)
+            best, which = cosine.max(-1)
+            if bool((best[hit] < 1 - 1e-6).any()):
+                return None  # a mixture of several lattice pixels
+            _, _, position = hit.nonzero(as_tuple=True)
+            pixel = which[hit]
+            flat = pixels[0][pixel] * big_w + pixels[1][pixel]
+            table[position, flat] = True
+    return table
+
+
+def find_footprint(
+    model, args, kwargs, guide_trace: Trace, site: str, dependents
+) -> Union[Footprint, str]:
+    """The footprints of latent map ``site`` in the model sites ``dependents``, or why they
+    cannot be used (the caller then keeps site-level costs)."""
+    node = guide_trace.nodes[site]
+    if node["fn"].event_dim < 2:
+        return "not a map (fewer than 2 event dims)"
+    if element_log_prob(node["fn"], node["value"]) is None:
+        return "its guide distribution has no per-element log-density"
+    z = node["value"].detach().clone().requires_grad_()
+    branch = guide_trace.copy()
+    branch.nodes[site] = {**node, "value": z}
+    tables, sizes = {}, {}
+    with torch.enable_grad(), pyro.validation_enabled(False), _random_parameters([model]):
+        with _Structural():
+            replayed = poutine.trace(poutine.replay(model, trace=branch)).get_trace(*args, **kwargs)
+            grids = _grids(replayed, dependents)
+            if isinstance(grids, str):
+                return grids
+            for name, grid in grids.items():
+                found = _footprint_of(grid, z, name)
+                if isinstance(found, str):
+                    return found
+                tables[name], sizes[name] = found
+    return Footprint(site, tables, sizes)
+
+
+# ------------------------------------------------------------------------ element costs
+def element_costs(
+    footprint: Footprint, model_trace: Trace, guide_trace: Trace
+) -> Optional[torch.Tensor]:
+    """Per element of the site's map, ``log p(z_e) - log q(z_e)`` plus the dependent maps'
+    log-densities summed over the element's footprint (channels summed): shape
+    batch + event of the site, scaled and masked as the terms are."""
+    name = footprint.site
+    guide_site, model_site = guide_trace.nodes[name], model_trace.nodes[name]
+    own_q = element_log_prob(guide_site["fn"], guide_site["value"])
+    own_p = element_log_prob(model_site["fn"], model_site["value"])
+    if own_q is None or own_p is None:
+        return None
+    cost = _scaled(model_site, own_p) - _scaled(guide_site, own_q)
+    h, w = cost.shape[-2:]
+    for term, table in footprint.tables.items():
+        site = model_trace.nodes[term]
+        per = _scaled(site, element_log_prob(site["fn"], site["value"]))
+        event = site["fn"].event_dim
+        grid = per.sum(list(range(-event, -2))) if event > 2 else per
+        lead = grid.shape[:-2]
+        pixels = grid.reshape(-1, grid.shape[-2] * grid.shape[-1])  # (n, H * W)
+        summed = (table @ pixels.T.to(table.dtype)).T.reshape(*lead, 1, h, w)
+        cost = cost + summed.to(cost.dtype)
+    return cost
