@@ -78,9 +78,9 @@ class CheckpointExistsError(FileExistsError):
 
 class SettingsMismatchError(ValueError):
     """Resuming with settings that differ from the checkpoint's; ``changed`` maps each
-    setting to ``(value in the checkpoint, value now)``."""
+    setting to ``(value in the checkpoint, value now)``; ``note`` (optional) says more."""
 
-    def __init__(self, path: PathLike, changed: Mapping[str, tuple]) -> None:
+    def __init__(self, path: PathLike, changed: Mapping[str, tuple], note: str = "") -> None:
         self.path, self.changed = Path(path), dict(changed)
         listed = "; ".join(
             f"{name}: checkpoint {_shown(old)}, now {_shown(new)}"
@@ -91,6 +91,7 @@ class SettingsMismatchError(ValueError):
             f"{path} was saved with other settings ({listed}); resume with the checkpoint's "
             f"settings, or accept the change with --allow-changed {names} "
             f"(Python: train(..., allow_changed={sorted(self.changed)}))"
+            + (f"; {note}" if note else "")
         )
 
 

@@ -9,7 +9,9 @@
 - ``train`` / ``export``: the same model on the user's ``.npy`` / ``.npz`` images; training
   checkpoints are atomic and checksummed, ``--resume`` continues exactly (and refuses changed
   settings unless ``--allow-changed`` names them); ``export`` turns a checkpoint into ArviZ
-  files, from any folder (the checkpoint records where its data is).
+  files, from any folder (the checkpoint records where its data is). ``train`` runs
+  data-parallel under ``torchrun`` or with ``--nproc N`` (which launches torchrun's agent):
+  see :mod:`pyro_reparam_conv.distributed`; its errors are said once, by the rank concerned.
 - ``audit`` / ``compare``: gradient diagnostics for the built-in model (or a checkpoint of it)
   or for the user's own model and guide given as ``module:function`` (or
   ``path/to/file.py:function``): that imports and runs the user's code, each module once.
@@ -40,6 +42,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import pyro
 import torch
 
+from .distributed import DEFAULT_TIMEOUT, launched_by_torchrun
+
 __all__ = ["build_parser", "main"]
 
 MODEL_OPTIONS = ("latent_channels", "num_classes", "hidden_channels", "num_downsamples")
@@ -57,7 +61,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse with the CLI's one-line errors: ``prog: error: message`` and exit status 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        shown = f"{self.prog}: error: {message} (see {self.prog} --help)\n"
+        self.exit(2, shown if _rank() == 0 else None)  # under torchrun: said once, by rank 0
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
@@ -91,6 +96,16 @@ def _device(text: str) -> str:
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return text
+
+
+def _rank() -> int:
+    """This process's rank under torchrun, else 0."""
+    return int(os.environ["RANK"]) if launched_by_torchrun() else 0
+
+
+def _torchrun_world_size() -> int:
+    """The number of torchrun workers this process is one of (1 outside torchrun)."""
+    return int(os.environ["WORLD_SIZE"]) if launched_by_torchrun() else 1
 
 
 def _setting_names(text: str) -> list[str]:
@@ -234,6 +249,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--out", type=Path, default=Path("train_output"), help="output folder")
     train.add_argument("--checkpoint-every", type=_int_at_least(1), default=100)
+    parallel = train.add_argument_group(
+        "data-parallel (torch.distributed; see docs/distributed.md)",
+        "--batch-size is the global batch, split over the processes. Run under `torchrun "
+        "--nproc-per-node N -m pyro_reparam_conv.cli train ...`, or give --nproc N.",
+    )
+    parallel.add_argument(
+        "--nproc",
+        type=_int_at_least(1),
+        help="train in N processes on this machine: launches torchrun (gloo on the CPU, NCCL "
+        "with one GPU per process); under torchrun, the number of workers it started",
+    )
+    parallel.add_argument(
+        "--noise-shards",
+        type=_int_at_least(1),
+        help="compute each batch as S shards with noise seeded per (seed, step, shard); the "
+        "same S gives the same result on any number of processes (default: the number of "
+        "processes; a multiple of it dividing --batch-size)",
+    )
+    parallel.add_argument(
+        "--dist-timeout",
+        type=_positive_float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help="how long a process waits for the others before it fails (default "
+        f"{DEFAULT_TIMEOUT:g})",
+    )
 
     export = command("export", "checkpoint -> posterior.nc, summary.csv, plots")
     export.add_argument("checkpoint", type=Path, help="checkpoint.pt written by `train`")
@@ -423,16 +464,27 @@ def _prepare_out(args: argparse.Namespace, checkpoints: Sequence[Path]) -> None:
 
 
 def _fit(
-    args, config: dict, source: dict, images, routes: Mapping[str, str], checkpoint: Path, **options
+    args,
+    config: dict,
+    source: dict,
+    images,
+    routes: Mapping[str, str],
+    checkpoint: Path,
+    group: Any = None,
+    **options,
 ):
     """A fresh ConvClusterVAE trained with RoutedELBO from the command-line options;
     returns ``(vae, TrainResult)`` (the ELBO, with its routes, is ``result.elbo``). The model
     configuration and the sites' ``routes`` are settings a resume must match; ``source``
-    (where the images came from) is recorded with the configuration for ``export``/``audit``."""
+    (where the images came from) is recorded with the configuration for ``export``/``audit``.
+    ``group``: the :class:`~pyro_reparam_conv.distributed.Group` to train in (``None``: this
+    process); only its rank 0 prints."""
+    from .distributed import SINGLE
     from .elbo import RoutedELBO
     from .train import train
 
-    if args.resume and not checkpoint.exists():
+    group = group if group is not None else SINGLE
+    if args.resume and not checkpoint.exists() and group.main:
         print(f"{checkpoint}: no checkpoint yet, starting at step 0")
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
@@ -454,9 +506,10 @@ def _fit(
         settings={f"{site}_estimator": route for site, route in routes.items()} | config,
         progress=not args.no_progress,
         metadata={**config, **source},
+        process_group=group,
         **options,
     )
-    if result.start_step:
+    if result.start_step and group.main:
         changes = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in result.changed.items())
         print(
             f"{checkpoint}: resumed at step {result.start_step}"
@@ -611,13 +664,56 @@ def run_demo(args: argparse.Namespace) -> dict:
 
 # ----------------------------------------------------------------------- train / export
 def run_train(args: argparse.Namespace) -> int:
+    """Train the built-in model on the user's images; with ``--nproc N`` outside torchrun,
+    launch torchrun with N workers that run this same command; under torchrun, train
+    data-parallel (rank 0 prints, plots and writes checkpoints)."""
+    from . import distributed
+    from .train import Interrupted, resolve_device
+
+    if args.nproc is not None and not distributed.launched_by_torchrun():
+        status, message = distributed.launch(args.nproc, args.argv)
+        if message:
+            print(f"pyro-reparam-conv train: error: {message}", file=sys.stderr)
+        return status
+    device = resolve_device(args.device)
+    with distributed.joined("auto", device, args.dist_timeout) as group:
+        try:
+            return _train_in(args, group, device)
+        except (distributed.RankFailedError, Interrupted) as err:
+            if not group.distributed or not getattr(err, "agreed", True):
+                raise
+            # every rank stopped at the same point: the one that reports prints its line
+            # before any leaves (torchrun stops the others as soon as one has exited)
+            status = _report(err, "train")
+            distributed.barrier(group, "the end")
+            return status
+
+
+def _check_layout_options(args: argparse.Namespace, group, device: torch.device) -> None:
+    if args.nproc is not None and args.nproc != group.size:
+        raise ValueError(
+            f"--nproc {args.nproc}, but torchrun started {group.size} processes; give the "
+            "same number to both, or leave --nproc out under torchrun"
+        )
+    if group.size > 1 and device.type == "cuda" and device.index is not None:
+        raise ValueError(
+            f"--device {device}: with {group.size} processes each one takes cuda:LOCAL_RANK; "
+            "pass --device cuda (or auto)"
+        )
+
+
+def _train_in(args: argparse.Namespace, group, device: torch.device) -> int:
+    from .distributed import all_or_none
     from .plots import plot_elbo_curves
 
     checkpoint = args.out / "checkpoint.pt"
-    _prepare_out(args, [checkpoint])
-    images = _load_data(args)
-    config = _model_config(args, images.shape[1:])
-    source = _data_source(args, args.out)
+    with all_or_none(group, "set-up"):
+        _check_layout_options(args, group, device)
+        if group.main:
+            _prepare_out(args, [checkpoint])
+        images = _load_data(args)
+        config = _model_config(args, images.shape[1:])
+        source = _data_source(args, args.out)
     _, result = _fit(
         args,
         config,
@@ -625,14 +721,22 @@ def run_train(args: argparse.Namespace) -> int:
         images,
         {"y": args.y_estimator, "z": args.z_estimator},
         checkpoint,
+        group,
         checkpoint_every=args.checkpoint_every,
+        noise_shards=args.noise_shards,
     )
+    if not group.main:
+        return 0
     plot_elbo_curves({"train": result.losses}, args.out / "elbo.png", num_data=len(images))
     for route in result.elbo.routes.values():
         print(route)
+    layout = ""
+    if result.world_size > 1 or result.noise_shards > 1:
+        processes = "process" if result.world_size == 1 else "processes"
+        layout = f" ({result.world_size} {processes}, {result.noise_shards} noise shards)"
     print(
-        f"{result.step} steps, {result.seconds_per_step * 1e3:.1f} ms/step on {result.device}; "
-        f"checkpoint {result.checkpoint_path}"
+        f"{result.step} steps, {result.seconds_per_step * 1e3:.1f} ms/step on {result.device}"
+        f"{layout}; checkpoint {result.checkpoint_path}"
     )
     return 0
 
@@ -831,30 +935,62 @@ def _one_line(err: BaseException) -> str:
     return message if len(message) <= 1000 else message[:1000] + " ..."
 
 
+#: exceptions that are user errors: one line on stderr and exit status 2
+_USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def _report(err: BaseException, command: str) -> int:
+    """Say why a command stopped, in one line on stderr, and return its exit status: 2 for a
+    user error, 1 for another error that a rank raised, 128 + signal for SIGINT/SIGTERM
+    (with a word on the checkpoint for ``demo``/``train``). Under torchrun the line is said
+    once: by the rank that failed (by rank 0 when no single rank did, and for signals); an
+    error of one rank alone is said by it, with its rank."""
+    from .distributed import RankFailedError
+
+    prog, rank = f"pyro-reparam-conv {command}", _rank()
+    if isinstance(err, KeyboardInterrupt):
+        signum = int(getattr(err, "signum", signal.SIGINT))
+        saved = ""
+        if command in ("demo", "train"):
+            saved = "; the last completed step is checkpointed, continue with --resume"
+        if rank == 0:
+            print(f"{prog}: stopped by {signal.Signals(signum).name}{saved}", file=sys.stderr)
+        return 128 + signum
+    if isinstance(err, RankFailedError):
+        if err.rank == rank or (err.rank is None and rank == 0):
+            print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        return 2 if {cls.__name__ for cls in _USER_ERRORS} & set(err.origin) else 1
+    who = f"rank {rank}: " if _torchrun_world_size() > 1 else ""
+    print(f"{prog}: error: {who}{_one_line(err)}", file=sys.stderr)
+    return 2
+
+
 def _run(args: argparse.Namespace) -> int:
+    from .distributed import RankFailedError
+
     prog = f"pyro-reparam-conv {args.command}"
+    if args.command != "train" and _torchrun_world_size() > 1:
+        if _rank() == 0:
+            print(
+                f"{prog}: error: {args.command} runs in one process; under torchrun run "
+                "`train` (or `train --nproc N` without torchrun)",
+                file=sys.stderr,
+            )
+        return 2
     try:
         status = COMMANDS[args.command](args)
-    except (ValueError, OSError, FloatingPointError) as err:
-        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:
-        signum = int(getattr(err, "signum", signal.SIGINT))
-        saved = (
-            "; the last completed step is checkpointed, continue with --resume"
-            if args.command in ("demo", "train")
-            else ""
-        )
-        print(f"{prog}: stopped by {signal.Signals(signum).name}{saved}", file=sys.stderr)
-        return 128 + signum
+    except (RankFailedError, KeyboardInterrupt, *_USER_ERRORS) as err:
+        return _report(err, args.command)
     return status if isinstance(status, int) else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a usage error (2, one line already printed)
         return int(exit_.code or 0)
+    args.argv = argv  # what `train --nproc N` hands to the processes it launches
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

@@ -16,6 +16,13 @@ parameters to an uninterrupted run with the same settings; a changed setting is 
 name unless accepted (``allow_changed``). Files are checksummed and written atomically (see
 :mod:`pyro_reparam_conv.checkpoint`).
 
+Data-parallel (``torchrun``, or a process group; see :mod:`pyro_reparam_conv.distributed` and
+``docs/distributed.md``): every rank draws the same global minibatch, computes the gradient of
+its noise shards, and :func:`_step` sums gradients and averages baseline state over the ranks
+before one identical update; rank 0 shows progress and writes checkpoints, a resume restores
+every rank from rank 0's copy, a failure or a signal on any rank stops all of them after the
+same step. The layout (number of processes, noise shards) is a setting like the others.
+
 Nothing trained is lost silently: an existing checkpoint is not replaced unless
 ``overwrite=True`` (or continued with ``resume=True``); the folder is checked writable, with
 room for a checkpoint, before the first step; SIGINT (Ctrl-C) and SIGTERM (what batch
@@ -30,10 +37,11 @@ import random
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterator, Mapping, Optional, Union
+from types import SimpleNamespace
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import pyro
@@ -42,6 +50,7 @@ import torch
 from pyro.infer.util import zero_grads
 from pyro.poutine.subsample_messenger import _Subsample
 
+from . import distributed
 from .checkpoint import (
     CHECKPOINT_VERSION,
     CheckpointError,
@@ -112,6 +121,13 @@ class TrainResult:
     extra: dict = field(default_factory=dict)
     #: settings that differ from the resumed checkpoint's (accepted): ``{name: (old, new)}``
     changed: dict = field(default_factory=dict)
+    #: processes that trained together, this one's rank, noise shards per step
+    world_size: int = 1
+    rank: int = 0
+    noise_shards: int = 1
+    #: seconds spent in collectives: ``exchange`` (status, loss; it absorbs waiting for the
+    #: slowest rank) and ``all_reduce`` (gradients and baseline state); zeros on one process
+    communication: dict = field(default_factory=dict)
 
 
 def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
@@ -259,24 +275,186 @@ class _NonFiniteStep(Exception):
         self.loss, self.params = loss, params
 
 
-def _step(model, guide, elbo, optim, args: tuple, kwargs: dict) -> float:
-    """One SVI step (as :meth:`pyro.infer.SVI.step`) that refuses to apply a non-finite update."""
-    with poutine.trace(param_only=True) as capture:
-        loss = elbo.loss_and_grads(model, guide, *args, **kwargs)
-    params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
-    loss = float(loss)
+@dataclass(frozen=True)
+class _Run:
+    """What every step of one :func:`train` call uses (fixed for the call)."""
+
+    model: Callable
+    guide: Callable
+    elbo: Any
+    optim: Any
+    kwargs: dict
+    group: distributed.Group
+    noise_shards: int
+    seed: int
+    path: Optional[Path]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether noise shards are re-seeded, scaled by ``1 / S`` and their ELBO states
+        averaged (``S > 1``; ``S = 1`` is the plain single-process step)."""
+        return self.noise_shards > 1
+
+
+@dataclass(frozen=True)
+class _Local:
+    """Noise shards of this rank, one or summed: the loss, the parameters touched, the
+    gradients taken out of ``.grad`` (only when a rank computes several shards, to be summed
+    in a fixed order; else they stay in ``.grad``) and, for a sharded step, the ELBO state
+    after the shard (``[(key path, tensor)]``; ``None``: no state)."""
+
+    loss: float
+    params: frozenset
+    grads: dict
+    state: Optional[list]
+
+
+def _non_finite_gradients(params: Iterable[torch.Tensor]) -> list[str]:
     store = pyro.get_param_store()
-    bad = sorted(
+    return sorted(
         display_name(store.param_name(p) or "?")
         for p in params
         if p.grad is not None and not bool(torch.isfinite(p.grad).all())
     )
-    if bad or not math.isfinite(loss):
-        zero_grads(params)
-        raise _NonFiniteStep(loss, bad)
-    optim(params)
+
+
+def _add_states(a: Optional[list], b: Optional[list]) -> Optional[list]:
+    """Element-wise sum of two flattened ELBO states, which must have the same entries."""
+    if a is None or b is None:
+        return None
+    if [(path, t.shape) for path, t in a] != [(path, t.shape) for path, t in b]:
+        shown = lambda items: [f"{'/'.join(map(str, p))}{tuple(t.shape)}" for p, t in items]  # noqa: E731
+        raise ValueError(
+            f"the ELBO state differs between noise shards ({shown(a)} vs {shown(b)}): every "
+            "shard must have the same score-function sites and plate sizes"
+        )
+    return [(path, x + y) for (path, x), (_, y) in zip(a, b)]
+
+
+def _add_locals(a: _Local, b: _Local) -> _Local:
+    grads = dict(a.grads)
+    for p, grad in b.grads.items():
+        grads[p] = grads[p] + grad if p in grads else grad
+    return _Local(a.loss + b.loss, a.params | b.params, grads, _add_states(a.state, b.state))
+
+
+def _local_step(run: _Run, shards: list[tuple[int, tuple]], step: int, before_elbo) -> _Local:
+    """The ELBO gradients of this rank's noise shards, refusing non-finite values. A sharded
+    step gives shard ``j`` the ELBO state from before the step, re-seeds the RNGs from
+    ``(seed, step, j)`` and scales its sample sites by ``1 / S`` (see
+    :mod:`pyro_reparam_conv.distributed`). Several shards are summed in the fixed order of
+    :func:`~.distributed.tree_sum`, the order one process uses for all of them, so one and
+    two processes give the same bits."""
+    parts: list[_Local] = []
+    several = len(shards) > 1
+    for shard, args in shards:
+        scale = poutine.scale(scale=1.0 / run.noise_shards) if run.sharded else nullcontext()
+        if run.sharded:
+            pyro.set_rng_seed(distributed.shard_seed(run.seed, step, shard))
+            if parts and before_elbo is not None:
+                run.elbo.load_state_dict(before_elbo)
+        with poutine.trace(param_only=True) as capture, scale:
+            loss = float(run.elbo.loss_and_grads(run.model, run.guide, *args, **run.kwargs))
+        touched = frozenset(site["value"].unconstrained() for site in capture.trace.nodes.values())
+        grads = {}
+        if several:  # take this shard's gradients out, so the next one starts from none
+            grads = {p: p.grad for p in touched if p.grad is not None}
+            for p in touched:
+                p.grad = None
+        state = None
+        if run.sharded and before_elbo is not None:
+            state = distributed.flatten_state(run.elbo.state_dict())
+        parts.append(_Local(loss, touched, grads, state))
+    local = distributed.tree_sum(parts, _add_locals)
+    for p, grad in local.grads.items():
+        p.grad = grad
+    bad = _non_finite_gradients(local.params)
+    if bad or not math.isfinite(local.loss):
+        zero_grads(local.params)
+        raise _NonFiniteStep(local.loss, bad)
+    return local
+
+
+def _combine(run: _Run, local: _Local, store: list, where: str, timer: dict) -> set:
+    """Gradients summed over ranks (shards on one rank have summed already in ``.grad``), the
+    ELBO state averaged over all shards and loaded; returns the parameters to update: those
+    this rank touched and those with a gradient on any rank."""
+    params, state = set(local.params), local.state
+    if run.group.distributed:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in store]
+        dtype = grads[0].dtype if grads else torch.get_default_dtype()
+        had = torch.tensor([float(p.grad is not None) for _, p in store], dtype=dtype)
+        states = [t for _, t in state or []]
+        start = time.perf_counter()
+        reduced = distributed.all_reduce_sum(run.group, [*grads, had, *states], where)
+        timer["all_reduce"] += time.perf_counter() - start
+        for (_, p), grad, flag in zip(store, reduced, reduced[len(store)].tolist()):
+            if flag:
+                p.grad = grad
+                params.add(p)
+        if state is not None:
+            state = [(path, t) for (path, _), t in zip(state, reduced[len(store) + 1 :])]
+    if state is not None:
+        mean = [(path, t / run.noise_shards) for path, t in state]
+        run.elbo.load_state_dict(distributed.unflatten_state(mean))
+    return params
+
+
+def _exchange(run: _Run, step: int, failure, local, store: list, received: list, timer: dict):
+    """:func:`~.distributed.exchange` of a step: this rank's failure, loss, the first signal
+    it received and its layout (checked to be every rank's)."""
+    group, where = run.group, f"step {step}"
+    key = ""
+    if local is not None and group.distributed:
+        key = distributed.layout_key(store, local.state or [])
+    start = time.perf_counter()
+    loss = local.loss if local is not None else 0.0
+    signum = _first(received)
+    status = distributed.exchange(group, failure, where=where, loss=loss, signum=signum, key=key)
+    if not status.same_layout:
+        raise distributed.layout_mismatch(group, key, where)
+    timer["exchange"] += time.perf_counter() - start
+    return status
+
+
+def _step(run: _Run, step: int, indices: torch.Tensor, data, before: dict, received: list, timer):
+    """One synchronous SVI step on every rank (as :meth:`pyro.infer.SVI.step` on one): this
+    rank's shards of the global minibatch ``indices``, :func:`~.distributed.exchange` (a failure
+    anywhere stops every rank; the loss is summed), the gradients summed and the baselines
+    averaged over ranks, one identical update. Returns ``(loss, signal every rank stops on)``:
+    the first of ``received`` (the signals this rank got so far) on any rank; a non-finite
+    loss or gradient raises before the update."""
+    group, where = run.group, f"step {step}"
+    mine = distributed.local_shards(run.noise_shards, group.size, group.rank)
+    rows = [distributed.shard_rows(indices, run.noise_shards, j) for j in mine]
+    failure, local = None, None
+    try:
+        try:
+            shards = [(j, (data[r],)) for j, r in zip(mine, rows)]
+            local = _local_step(run, shards, step, before["elbo"])
+        except Exception as exc:
+            probe = (data[torch.cat(rows)],)
+            _raise_if_non_finite(exc, step, run.model, run.guide, probe, run.kwargs, run.path)
+            raise
+    except Exception as exc:
+        failure = exc
+    store = sorted(pyro.get_param_store().named_parameters()) if group.distributed else []
+    try:
+        status = _exchange(run, step, failure, local, store, received, timer)
+    finally:
+        failure = None  # no reference cycle through this frame (it holds the group)
+    params = _combine(run, local, store, where, timer)
+    bad = _non_finite_gradients(params) if group.distributed else []
+    if bad or not math.isfinite(status.loss):  # each rank's part was finite, the sum is not
+        err = NonFiniteTrainingError(
+            step, [], bad, status.loss, "the sum over the ranks overflowed"
+        )
+        raise distributed.RankFailedError(
+            None, where, [c.__name__ for c in type(err).__mro__], str(err)
+        ) from err
+    run.optim(params)
     zero_grads(params)
-    return loss
+    return status.loss, status.signum
 
 
 class Interrupted(KeyboardInterrupt):
@@ -330,12 +508,15 @@ def run_settings(
     batch_size: int,
     seed: int,
     device: torch.device,
+    world_size: int = 1,
+    noise_shards: int = 1,
     extra: Optional[Mapping[str, Any]] = None,
 ) -> dict:
     """The settings a checkpoint records and a resume must match: the optimizer and its
     hyperparameters, the ELBO class and particle count, seed, batch size, number of images,
     a SHA-256 of the data, torch's intra-op thread count (it changes float summation order,
-    so results), the device type, and ``extra`` (the caller's, e.g. the model configuration)."""
+    so results), the device type, the data-parallel layout (number of processes and noise
+    shards), and ``extra`` (the caller's, e.g. the model configuration)."""
     settings = {
         **_optimizer_settings(optim),
         "elbo": f"{type(elbo).__name__}(num_particles={getattr(elbo, 'num_particles', 1)})",
@@ -345,6 +526,8 @@ def run_settings(
         "data": data_fingerprint(data),
         "threads": torch.get_num_threads(),
         "device": device.type,
+        "world_size": world_size,
+        "noise_shards": noise_shards,
     }
     clash = sorted(set(settings) & set(extra or {}))
     if clash:
@@ -369,13 +552,22 @@ def _with_hyperparameters(optim_state: dict, values: Mapping[str, Any]) -> dict:
     return {name: patch(state) for name, state in optim_state.items()} if values else optim_state
 
 
-def _resume(path: Path, settings: dict, allow_changed: Collection[str], live: dict) -> tuple:
-    """Load ``path`` into the live objects (``model``, ``guide``, ``optim``, ``elbo``,
-    ``batches``) after checking its settings; returns ``(state, accepted changes)``.
+#: the layout of checkpoints written before data-parallel training was recorded
+_LAYOUT_OF_OLDER_CHECKPOINTS = {"world_size": 1, "noise_shards": 1}
 
-    Accepted changes take effect: optimizer hyperparameters are written into the restored
-    optimizer state; another optimizer starts without state; other data, number of images or
-    batch size start a new batch order; another seed re-seeds the RNGs from this step on."""
+
+def _layout_note(refused: Mapping[str, tuple]) -> str:
+    if not {"world_size", "noise_shards"} & set(refused):
+        return ""
+    return (
+        "the same noise_shards on another number of processes continues the same computation "
+        "(accept world_size only); another noise_shards draws other noise"
+    )
+
+
+def _checked_checkpoint(path: Path, settings: dict, allow_changed: Collection[str]) -> tuple:
+    """Load ``path`` and check its settings against ``settings``; returns ``(state, accepted
+    changes)`` or raises, naming every refused setting."""
     state = load_checkpoint(path)
     if state.get("settings") is None:
         raise CheckpointError(
@@ -383,10 +575,20 @@ def _resume(path: Path, settings: dict, allow_changed: Collection[str], live: di
             "(learning rate, data, thread count, ...), so it cannot be resumed; export and "
             "audit still read it. Start a new run (overwrite, or another folder)"
         )
-    changed = changed_settings(state["settings"], settings)
+    changed = changed_settings({**_LAYOUT_OF_OLDER_CHECKPOINTS, **state["settings"]}, settings)
     refused = {name: values for name, values in changed.items() if name not in allow_changed}
     if refused:
-        raise SettingsMismatchError(path, refused)
+        raise SettingsMismatchError(path, refused, note=_layout_note(refused))
+    return state, changed
+
+
+def _restore(state: dict, changed: Mapping, settings: dict, live: dict) -> None:
+    """Load a checked checkpoint ``state`` into the live objects (``model``, ``guide``,
+    ``optim``, ``elbo``, ``batches``).
+
+    Accepted changes take effect: optimizer hyperparameters are written into the restored
+    optimizer state; another optimizer starts without state; other data, number of images or
+    batch size start a new batch order; another seed re-seeds the RNGs from this step on."""
     restore_params(state["params"], state["modules"], (live["model"], live["guide"]))
     optim, elbo, batches = live["optim"], live["elbo"], live["batches"]
     if "optimizer" not in changed:
@@ -400,7 +602,6 @@ def _resume(path: Path, settings: dict, allow_changed: Collection[str], live: di
     if "seed" in changed:
         pyro.set_rng_seed(settings["seed"])
         batches.generator.manual_seed(settings["seed"])
-    return state, changed
 
 
 def _history_entry(step: int, event: str, changed: Mapping[str, tuple]) -> dict:
@@ -435,6 +636,9 @@ def train(
     num_data_kwarg: Optional[str] = "num_data",
     desc: str = "svi",
     metadata: Optional[dict] = None,
+    process_group: Any = "auto",
+    noise_shards: Optional[int] = None,
+    timeout: float = distributed.DEFAULT_TIMEOUT,
 ) -> TrainResult:
     """Fit ``guide`` to ``model`` on ``data`` (``N, ...``) by SVI for ``steps`` steps in total.
 
@@ -442,6 +646,7 @@ def train(
         ``num_data_kwarg=N`` unless that is ``None``); ``nn.Module`` s behind them (or behind
         their bound methods) are moved to ``device``.
     :param steps: total number of steps, counting those already in a resumed checkpoint.
+    :param batch_size: images per step in all (the global batch, split over the ranks).
     :param lr: Adam's learning rate when ``optim`` is not given.
     :param elbo: default ``RoutedELBO()``; an infinite ``max_plate_nesting`` is set from a trace.
     :param checkpoint_path: where to save every ``checkpoint_every`` steps, at the end and on
@@ -456,66 +661,122 @@ def train(
         configuration); plain data.
     :param metadata: plain data stored in the checkpoint and not checked (e.g. where the
         data came from).
+    :param process_group: data-parallel training (see :mod:`pyro_reparam_conv.distributed`):
+        ``"auto"`` uses torch's default process group when one is initialized, or makes one
+        from ``torchrun``'s environment (gloo on the CPU, NCCL with ``cuda:LOCAL_RANK``);
+        a ``ProcessGroup`` is used as it is; ``None`` trains in this process alone. Rank 0
+        shows the progress bar and writes the checkpoints; every rank returns the same
+        losses and ends with the same parameters.
+    :param noise_shards: the global batch is computed as this many shards of
+        ``batch_size / noise_shards`` images, each with noise re-seeded from ``(seed, step,
+        shard)`` (default: the world size; a multiple of it that divides ``batch_size``). The
+        same value gives the same noise on any number of processes, and bit-identical
+        parameters on 1 or 2 (on more, equal to float summation order); ``1`` on one process
+        is the plain SVI step.
+    :param timeout: seconds a collective waits for the other ranks of a process group that
+        ``train`` makes itself.
     :raises NonFiniteTrainingError: naming the step and the sites (or parameters) that were
         not finite; the parameters are left as after the last good step.
     :raises SettingsMismatchError: on resume, naming each setting that differs.
     :raises CheckpointExistsError: ``checkpoint_path`` exists and neither ``resume`` nor
         ``overwrite`` is set.
     :raises Interrupted: after SIGINT/SIGTERM, once the checkpoint is written.
+    :raises RankFailedError: in a process group, on every rank, instead of any of the above
+        (it names the rank that failed, and chains the original error there).
     """
+    arguments = dict(locals())  # handed on to _train, with the ones checked below replaced
     if steps < 0 or batch_size < 1 or checkpoint_every < 1:
         raise ValueError("steps must be >= 0, batch_size and checkpoint_every >= 1")
     if not isinstance(data, torch.Tensor) or data.ndim < 1 or len(data) == 0:
         raise ValueError("data must be a non-empty tensor with the images along dim 0")
     checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
-    if checkpoint_path is not None and not resume and not overwrite:
-        refuse_overwrite(
-            checkpoint_path, "pass resume=True to continue it, or overwrite=True to replace it"
-        )
     if elbo is None:
         from .elbo import RoutedELBO
 
         elbo = RoutedELBO()
     optim = optim if optim is not None else pyro.optim.Adam({"lr": lr})
     device = resolve_device(device)
-    num_data = len(data)
-    batches = _Batches(num_data, batch_size, seed)
-    current = run_settings(
-        optim=optim,
-        elbo=elbo,
-        data=data,
-        batch_size=batches.batch_size,
-        seed=seed,
-        device=device,
-        extra=settings,
-    )
-    unknown = sorted(set(allow_changed) - set(current))
-    if unknown:
-        raise ValueError(
-            f"allow_changed names unknown setting(s) {unknown}; the settings are "
-            f"{', '.join(current)}"
-        )
-    for module in modules_behind(model, guide):
-        module.to(device)
-    data = data.to(device)
-    kwargs = {num_data_kwarg: num_data} if num_data_kwarg else {}
+    with distributed.joined(process_group, device, timeout) as group:
+        device = distributed.rank_device(device, group)
+        checked = dict(elbo=elbo, optim=optim, device=device, checkpoint_path=checkpoint_path)
+        return _train(group, **{**arguments, **checked})
 
-    # Set-up identical for fresh and resumed runs: register parameters with one trace.
-    pyro.set_rng_seed(seed)
-    nesting = register_params(model, guide, data[batches.next()], **kwargs)
-    if getattr(elbo, "max_plate_nesting", 0) == float("inf"):
-        elbo.max_plate_nesting = nesting
-    batches = _Batches(num_data, batch_size, seed)
-    pyro.set_rng_seed(seed)
+
+def _parameters(model: Callable, guide: Callable) -> dict:
+    """Copies of the param store's values and the modules' state (buffers included)."""
+    return {
+        "params": {
+            name: p.detach().cpu().clone() for name, p in pyro.get_param_store().named_parameters()
+        },
+        "modules": [m.state_dict() for m in modules_behind(model, guide)],
+    }
+
+
+def _train(group: distributed.Group, **arguments) -> TrainResult:
+    """:func:`train` in ``group``, given its arguments (checked, ``optim`` and ``elbo`` made)."""
+    opts = SimpleNamespace(**arguments)
+    model, guide, data = opts.model, opts.guide, opts.data
+    elbo, optim, device, checkpoint_path = opts.elbo, opts.optim, opts.device, opts.checkpoint_path
+    num_data = len(data)
+    batches = _Batches(num_data, opts.batch_size, opts.seed)
+    with distributed.all_or_none(group, "set-up"):
+        shards = distributed.resolve_noise_shards(opts.noise_shards, group.size, batches.batch_size)
+        if checkpoint_path is not None and not opts.resume and not opts.overwrite and group.main:
+            refuse_overwrite(
+                checkpoint_path, "pass resume=True to continue it, or overwrite=True to replace it"
+            )
+        current = run_settings(
+            optim=optim,
+            elbo=elbo,
+            data=data,
+            batch_size=batches.batch_size,
+            seed=opts.seed,
+            device=device,
+            world_size=group.size,
+            noise_shards=shards,
+            extra=opts.settings,
+        )
+        unknown = sorted(set(opts.allow_changed) - set(current))
+        if unknown:
+            raise ValueError(
+                f"allow_changed names unknown setting(s) {unknown}; the settings are "
+                f"{', '.join(current)}"
+            )
+        for module in modules_behind(model, guide):
+            module.to(device)
+        data = data.to(device)
+        kwargs = {opts.num_data_kwarg: num_data} if opts.num_data_kwarg else {}
+
+        # Set-up identical for fresh and resumed runs: register parameters with one trace.
+        pyro.set_rng_seed(opts.seed)
+        first = distributed.shard_rows(batches.next(), shards, 0)
+        nesting = register_params(model, guide, data[first], **kwargs)
+        if getattr(elbo, "max_plate_nesting", 0) == float("inf"):
+            elbo.max_plate_nesting = nesting
+        batches = _Batches(num_data, opts.batch_size, opts.seed)
+        pyro.set_rng_seed(opts.seed)
 
     losses: list[float] = []
-    start, changed = 0, {}
+    start, changed, found = 0, {}, None
     history = [_history_entry(0, "start", {})]
-    if resume and checkpoint_path is not None and checkpoint_path.exists():
+    if opts.resume and checkpoint_path is not None:
+        with distributed.all_or_none(group, "resume"):  # rank 0 reads and checks the file
+            if group.main and checkpoint_path.exists():
+                found = _checked_checkpoint(checkpoint_path, current, opts.allow_changed)
+        found = distributed.broadcast_object(group, found, "resume")
+    if found is not None:
+        state, changed = found
         live = dict(model=model, guide=guide, optim=optim, elbo=elbo, batches=batches)
-        state, changed = _resume(checkpoint_path, current, allow_changed, live)
+        with distributed.all_or_none(group, "resume"):
+            _restore(state, changed, current, live)
         losses, start = list(state["losses"]), int(state["step"])
         history = [*state.get("history", []), _history_entry(start, "resume", changed)]
+    elif group.distributed:  # every rank starts from rank 0's values
+        values = distributed.broadcast_object(
+            group, _parameters(model, guide) if group.main else None, "set-up"
+        )
+        with distributed.all_or_none(group, "set-up"):
+            restore_params(values["params"], values["modules"], (model, guide))
 
     elbo_state_dict = getattr(elbo, "state_dict", None)
     elbo_load_state = getattr(elbo, "load_state_dict", None)
@@ -529,38 +790,46 @@ def train(
             "rng": _rng_state(device),
         }
 
+    def abandon(before: dict) -> None:
+        """Leave gradients and the ELBO's state (baseline averages) as after the last good
+        step."""
+        zero_grads({p for _, p in pyro.get_param_store().named_parameters()})
+        if before["elbo"] is not None and callable(elbo_load_state):
+            elbo_load_state(before["elbo"])
+
     def snapshot(before_step: Optional[dict] = None) -> dict:
         return {
             "version": CHECKPOINT_VERSION,
             "step": len(losses),
             "losses": list(losses),
-            "params": {
-                name: p.detach().cpu().clone()
-                for name, p in pyro.get_param_store().named_parameters()
-            },
-            "modules": [m.state_dict() for m in modules_behind(model, guide)],
+            **_parameters(model, guide),
             "optim": optim.get_state(),
             **(before_step if before_step is not None else step_state()),
             "num_data": num_data,
             "batch_size": batches.batch_size,
-            "seed": seed,
+            "seed": opts.seed,
             "settings": current,
             "history": history,
-            "metadata": dict(metadata or {}),
+            "metadata": dict(opts.metadata or {}),
         }
 
     def checkpoint(before_step: Optional[dict] = None) -> None:
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and group.main:
             save_checkpoint(checkpoint_path, snapshot(before_step))
 
-    if checkpoint_path is not None:  # fail now, not after checkpoint_every steps of work
-        size = len(encode_checkpoint(snapshot()))
-        check_writable(checkpoint_path.parent, size, checkpoint_path.name)
+    with distributed.all_or_none(group, "set-up"):  # fail now, not after checkpoint_every steps
+        if checkpoint_path is not None and group.main:
+            size = len(encode_checkpoint(snapshot()))
+            check_writable(checkpoint_path.parent, size, checkpoint_path.name)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, initial=min(start, steps), disable=not progress, desc=desc)
+    steps = opts.steps
+    run = _Run(model, guide, elbo, optim, kwargs, group, shards, opts.seed, checkpoint_path)
+    shown = opts.progress and group.main
+    bar = tqdm(total=steps, initial=min(start, steps), disable=not shown, desc=opts.desc)
     running = None
+    timer = {"exchange": 0.0, "all_reduce": 0.0}  # seconds in collectives
     before: Optional[dict] = None  # state before the step in progress; None between steps
     t0 = time.perf_counter()
     try:
@@ -568,17 +837,12 @@ def train(
             try:
                 for step in range(start + 1, steps + 1):
                     before = step_state()
-                    idx = batches.next()
-                    args = (data[idx],)
                     try:
-                        loss = _step(model, guide, elbo, optim, args, kwargs)
-                    except Exception as exc:
-                        # leave gradients and the ELBO's state (baseline averages) as after
-                        # the last good step
-                        zero_grads({p for _, p in pyro.get_param_store().named_parameters()})
-                        if before["elbo"] is not None and callable(elbo_load_state):
-                            elbo_load_state(before["elbo"])
-                        _raise_if_non_finite(exc, step, model, guide, args, kwargs, checkpoint_path)
+                        loss, agreed = _step(
+                            run, step, batches.next(), data, before, received, timer
+                        )
+                    except Exception:
+                        abandon(before)
                         raise
                     before = None
                     losses.append(loss)
@@ -587,10 +851,20 @@ def train(
                     if step % 10 == 0 or step == steps:
                         bar.set_postfix_str(f"elbo/image {running:.4g}", refresh=False)
                     bar.update(1)
-                    if step % checkpoint_every == 0 or step == steps:
-                        checkpoint()
-                    if received:
-                        raise Interrupted(received[0])
+                    if step % opts.checkpoint_every == 0 or step == steps:
+                        with distributed.all_or_none(group, f"the checkpoint of step {step}"):
+                            checkpoint()
+                    # in a process group every rank stops after the same step: the first
+                    # whose exchange saw a signal on any rank
+                    stop = agreed if group.distributed else _first(received)
+                    if stop:
+                        raise Interrupted(stop)
+                # a signal after the last step's exchange: every rank stops with it
+                stop = _first(received)
+                if group.distributed:
+                    stop = distributed.exchange(group, None, where="the end", signum=stop).signum
+                if stop:
+                    raise Interrupted(stop)
             except KeyboardInterrupt:
                 # SIGINT/SIGTERM in the main thread are deferred to the end of a step; a
                 # KeyboardInterrupt raised inside a step (another thread, or by the model
@@ -599,9 +873,7 @@ def train(
                 # interrupt hit the optimizer update itself). Signals stay deferred while
                 # this checkpoint is written.
                 if before is not None:
-                    zero_grads({p for _, p in pyro.get_param_store().named_parameters()})
-                    if before["elbo"] is not None and callable(elbo_load_state):
-                        elbo_load_state(before["elbo"])
+                    abandon(before)
                 checkpoint(before)
                 raise
     finally:
@@ -618,7 +890,15 @@ def train(
         checkpoint_path=checkpoint_path,
         start_step=start,
         changed=changed,
+        world_size=group.size,
+        rank=group.rank,
+        noise_shards=shards,
+        communication=dict(timer),
     )
+
+
+def _first(received: list) -> int:
+    return received[0] if received else 0
 
 
 def _raise_if_non_finite(
