@@ -21,7 +21,7 @@ step whose structure differs from the cached one falls back to :func:`ordered_de
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional
 
 import torch
@@ -133,9 +133,12 @@ def ordered_dependencies(
 
 
 def signature(model_trace: Trace, guide_trace: Trace, routes: Mapping[str, Route]) -> tuple:
-    """The sequence of sample sites (and routes) that a dependency map belongs to."""
+    """The sequence of sample sites (and routes, and how each routed site asks its costs to
+    be Rao-Blackwellized) that a dependency map belongs to."""
     guide = tuple(
-        (name, routes[name].estimator if name in routes else "observed")
+        (name, routes[name].estimator, site["infer"].get("rao_blackwell"))
+        if name in routes
+        else (name, "observed")
         for name, site in guide_trace.nodes.items()
         if site["type"] == "sample"
     )
@@ -147,10 +150,12 @@ def signature(model_trace: Trace, guide_trace: Trace, routes: Mapping[str, Route
 class Dependencies:
     """What a tracked step found: ``terms`` per ``(role, name)`` sample site, the latents
     its log-density depends on; ``priors`` per latent model site, the latents its prior's
-    parameters depend on."""
+    parameters depend on; ``footprints`` per score-function map site, its footprints
+    (:class:`~.locality.Footprint`) or why its costs stay site-level (a string)."""
 
     terms: Mapping[SiteKey, frozenset]
     priors: Mapping[str, frozenset]
+    footprints: Mapping[str, object] = field(default_factory=dict)
 
 
 class DependencyCache:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from typing import Any, ClassVar, Mapping, Optional
 
 import pyro.poutine as poutine
@@ -53,6 +54,7 @@ from .estimators.analytic_kl import plan_kl
 from .estimators.baselines import DecayingAverages, normalize_kind, score_surrogate
 from .evaluations import side_by_side_mismatch
 from .kernels import FAST, REFERENCE, Kernels
+from .locality import Footprint, describe, plan_footprints
 from .routing import PlateNestingNeeded, Route, RouteMessenger, RoutingOptions
 from .terms import ParticleTerms, add_terms, may_need_costs, particle_terms
 
@@ -213,9 +215,25 @@ class RoutedELBO(ELBO):
             skip = frozenset() if keep else frozenset(kl)
             kernels.log_densities(model_trace, guide_trace, skip, nesting)
             terms = cached and cached.terms
+            footprints = cached.footprints if cached else {}
             if track:
                 terms = term_dependencies(model_trace, guide_trace)
-                self._dependencies.store(key, Dependencies(terms, priors))
+                footprints = plan_footprints(model, args, kwargs, guide_trace, routes, terms)
+                self._dependencies.store(key, Dependencies(terms, priors, footprints))
+            elif cached is None:  # no provenance this step: say so where it matters
+                unknown = (
+                    "no dependencies are tracked (dependency_tracking='order')"
+                    if self.dependency_tracking == "order"
+                    else "the trace's structure changed; found again on the next step"
+                )
+                footprints = plan_footprints(
+                    model, args, kwargs, guide_trace, routes, None, unknown
+                )
+            routes = {
+                name: replace(r, reason=f"{r.reason}; {describe(footprints[name])}")
+                if name in footprints else r
+                for name, r in routes.items()
+            }  # fmt: skip
             if router.dims and (track or key not in self._verified):
                 problem = side_by_side_mismatch(
                     model, guide, args, kwargs, model_trace, guide_trace, router.dims
@@ -223,8 +241,9 @@ class RoutedELBO(ELBO):
                 if problem:
                     raise SideBySideError(problem)
                 self._verified.add(key)
+            local = {n: f for n, f in footprints.items() if isinstance(f, Footprint)}
             return particle_terms(
-                model_trace, guide_trace, routes, router.baselines, kl, terms, router.dims
+                model_trace, guide_trace, routes, router.baselines, kl, terms, router.dims, local
             )
         except PlateNestingNeeded:
             raise

@@ -27,8 +27,11 @@ from .estimators import base
 
 __all__ = [
     "Evaluation",
+    "batch_first",
     "evaluations_of",
+    "events_last",
     "expectation",
+    "expectation_per_element",
     "has",
     "present",
     "side_by_side_mismatch",
@@ -109,6 +112,31 @@ def expectation(t: torch.Tensor, evaluations, label: str, exclude=(), detach=Fal
     weight = weight_of(t, found, label)
     weight = weight.detach() if detach and isinstance(weight, torch.Tensor) else weight
     return (t * weight).sum([e.dim for e in found], keepdim=True)
+
+
+def batch_first(t: torch.Tensor, event_dims: int) -> torch.Tensor:
+    """``t`` (batch..., event...) with its event dims moved to the front, so that its batch
+    dims are the rightmost, as the evaluations' dims count them (:func:`events_last` undoes it)."""
+    if not event_dims:
+        return t
+    order = [*range(t.dim() - event_dims, t.dim()), *range(t.dim() - event_dims)]
+    return t.permute(order)
+
+
+def events_last(t: torch.Tensor, event_dims: int) -> torch.Tensor:
+    """The inverse of :func:`batch_first`."""
+    if not event_dims:
+        return t
+    order = [*range(event_dims, t.dim()), *range(event_dims)]
+    return t.permute(order)
+
+
+def expectation_per_element(
+    t: torch.Tensor, event_dims: int, evaluations, label: str, exclude=()
+) -> torch.Tensor:
+    """:func:`expectation` (detached weights) of a per-element tensor (batch..., event...)."""
+    moved = expectation(batch_first(t, event_dims), evaluations, label, exclude, detach=True)
+    return events_last(moved, event_dims)
 
 
 def weighted_terms(elbo_t, surrogate_t, evaluations, label: str) -> tuple[Any, Any]:

@@ -18,8 +18,9 @@ lattice over every offset covers every pixel, so the table pixel -> elements is 
 elements that feed two lattice pixels make the spacing grow. The probe is *structural*:
 elementwise activations are replaced by the identity and max-pools by average pools while
 probing (a dead ReLU or a saturated tanh would otherwise hide a dependency for this draw
-only), and the parameters of the model's modules and param store are replaced by random
-values (a weight that happens to be zero now may not be later), then restored. A footprint
+only), and the parameters the model's terms are computed from (every leaf of their autograd
+graph: modules, the param store, closures) are replaced by random values (a weight that
+happens to be zero now may not be later), then restored. A footprint
 that is a superset of the true one keeps the estimator unbiased; a pixel that depends on
 the elements of another image (batch normalization), or on more than half of the map
 (a dense layer, a normalization over space), makes the site fall back to site-level costs,
@@ -31,7 +32,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Iterator, Mapping, Optional, Union
 
 import pyro
 import pyro.poutine as poutine
@@ -41,10 +42,23 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine import Trace
 from torch.overrides import TorchFunctionMode
 
-from .introspect import modules_behind
+from .estimators import base
 from .kernels import unwrap_independent
 
-__all__ = ["Footprint", "element_log_prob", "element_costs", "find_footprint"]
+__all__ = [
+    "Footprint",
+    "RAO_BLACKWELL",
+    "element_log_prob",
+    "find_footprint",
+    "footprint_sum",
+    "describe",
+    "plan_footprints",
+    "scaled_elements",
+]
+
+#: the values of a site's ``infer["rao_blackwell"]``: per element of its map (the default,
+#: where it applies) or per element of its plates only (``"site"``)
+RAO_BLACKWELL = ("element", "site")
 
 #: the most (element, pixel) pairs a footprint table may hold before the site falls back
 MAX_TABLE = 1 << 26
@@ -64,7 +78,7 @@ def element_log_prob(fn, value: torch.Tensor) -> Optional[torch.Tensor]:
     return log_p if log_p.shape == full else log_p.expand(torch.broadcast_shapes(log_p.shape, full))
 
 
-def _scaled(site: dict, per_element: torch.Tensor) -> torch.Tensor:
+def scaled_elements(site: dict, per_element: torch.Tensor) -> torch.Tensor:
     """A site's scale and mask (which concern its batch dims) applied to its elements."""
     event = site["fn"].event_dim
     mask = site["mask"]
@@ -103,25 +117,37 @@ class _Structural(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _leaves(outputs, exclude: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors that require grad in the autograd graph of ``outputs`` (the
+    parameters a computation used: of modules, the param store or closures), but ``exclude``."""
+    found: dict[int, torch.Tensor] = {}
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.Tensor) and variable is not exclude:
+            found[id(variable)] = variable
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return list(found.values())
+
+
 @contextmanager
-def _random_parameters(fns) -> Iterator[None]:
-    """Replace every parameter of the modules behind ``fns`` and of the param store by random
-    values for the block, and restore them after."""
-    tensors = {id(p): p for m in modules_behind(*fns) for p in m.parameters()}
-    for _, p in pyro.get_param_store().named_parameters():
-        tensors.setdefault(id(p), p)
-    saved = [(p, p.detach().clone()) for p in tensors.values()]
+def _random_parameters(tensors) -> Iterator[None]:
+    """Random values in ``tensors`` (leaf parameters) for the block, through ``.data``: the
+    version counters that autograd checks stay as they are, and the values come back after."""
+    saved = [(p, p.data) for p in tensors]
     generator = torch.Generator().manual_seed(0)
     try:
-        with torch.no_grad():
-            for p, _ in saved:
-                noise = torch.randn(p.shape, generator=generator, dtype=p.dtype)
-                p.copy_(noise.to(p.device))
+        for p, data in saved:
+            p.data = torch.randn(data.shape, generator=generator, dtype=data.dtype).to(data.device)
         yield
     finally:
-        with torch.no_grad():
-            for p, value in saved:
-                p.copy_(value)
+        for p, data in saved:
+            p.data = data
 
 
 # -------------------------------------------------------------------------- footprints
@@ -135,6 +161,7 @@ class Footprint:
     """
 
     site: str
+    map_shape: tuple[int, int]
     tables: Mapping[str, torch.Tensor]
     sizes: Mapping[str, tuple[int, int]]
 
@@ -197,7 +224,7 @@ def _footprint_of(grid: torch.Tensor, z: torch.Tensor, name: str):
     if found.shape[0] * found.shape[1] > MAX_TABLE:
         return f"footprint table of {found.numel()} entries is too large"
     sizes = (int(found.sum(1).max()), big_h * big_w)
-    return found.to(grid.dtype).to_sparse_csr(), sizes
+    return found.to(grid.dtype).to_sparse(), sizes
 
 
 def _attribute(grid, z, n, h, w, spacing, generator) -> Optional[torch.Tensor]:
@@ -224,8 +251,9 @@ def _attribute(grid, z, n, h, w, spacing, generator) -> Optional[torch.Tensor]:
             unit = g / norm.clamp_min(1e-300).unsqueeze(-1)
             sig = weights.double().permute(1, 2, 0)  # (n, L, 3)
             sig = sig / sig.norm(dim=-1, keepdim=True)
-            # cosine of each element's gradient vector with each lattice pixel's weights
-            cosine = torch.einsum("ncpk,nlk->ncpl", unit, sig)
+            # |cosine| of each element's gradient vector with each lattice pixel's weights:
+            # 1 for the one pixel it feeds (the sign is that of the derivative)
+            cosine = torch.einsum("ncpk,nlk->ncpl", unit, sig).abs()
             best, which = cosine.max(-1)
             if bool((best[hit] < 1 - 1e-6).any()):
                 return None  # a mixture of several lattice pixels
@@ -249,43 +277,72 @@ def find_footprint(
     z = node["value"].detach().clone().requires_grad_()
     branch = guide_trace.copy()
     branch.nodes[site] = {**node, "value": z}
+
+    def replayed_grids():
+        replay = poutine.replay(model, trace=branch)
+        return _grids(poutine.trace(replay).get_trace(*args, **kwargs), dependents)
+
     tables, sizes = {}, {}
-    with torch.enable_grad(), pyro.validation_enabled(False), _random_parameters([model]):
+    with torch.enable_grad(), pyro.validation_enabled(False):
         with _Structural():
-            replayed = poutine.trace(poutine.replay(model, trace=branch)).get_trace(*args, **kwargs)
-            grids = _grids(replayed, dependents)
-            if isinstance(grids, str):
-                return grids
+            grids = replayed_grids()  # a first pass finds the parameters the map's terms use
+        if isinstance(grids, str):
+            return grids
+        with _random_parameters(_leaves(list(grids.values()), z)), _Structural():
+            grids = replayed_grids()
             for name, grid in grids.items():
                 found = _footprint_of(grid, z, name)
                 if isinstance(found, str):
                     return found
                 tables[name], sizes[name] = found
-    return Footprint(site, tables, sizes)
+    return Footprint(site, tuple(z.shape[-2:]), tables, sizes)
 
 
 # ------------------------------------------------------------------------ element costs
-def element_costs(
-    footprint: Footprint, model_trace: Trace, guide_trace: Trace
-) -> Optional[torch.Tensor]:
-    """Per element of the site's map, ``log p(z_e) - log q(z_e)`` plus the dependent maps'
-    log-densities summed over the element's footprint (channels summed): shape
-    batch + event of the site, scaled and masked as the terms are."""
-    name = footprint.site
-    guide_site, model_site = guide_trace.nodes[name], model_trace.nodes[name]
-    own_q = element_log_prob(guide_site["fn"], guide_site["value"])
-    own_p = element_log_prob(model_site["fn"], model_site["value"])
-    if own_q is None or own_p is None:
-        return None
-    cost = _scaled(model_site, own_p) - _scaled(guide_site, own_q)
-    h, w = cost.shape[-2:]
-    for term, table in footprint.tables.items():
-        site = model_trace.nodes[term]
-        per = _scaled(site, element_log_prob(site["fn"], site["value"]))
-        event = site["fn"].event_dim
-        grid = per.sum(list(range(-event, -2))) if event > 2 else per
-        lead = grid.shape[:-2]
-        pixels = grid.reshape(-1, grid.shape[-2] * grid.shape[-1])  # (n, H * W)
-        summed = (table @ pixels.T.to(table.dtype)).T.reshape(*lead, 1, h, w)
-        cost = cost + summed.to(cost.dtype)
-    return cost
+def footprint_sum(table: torch.Tensor, grid: torch.Tensor, map_shape) -> torch.Tensor:
+    """Per position of the site's ``(h, w)`` map, the sum of ``grid`` (lead..., H, W) over
+    the position's footprint (``table``: positions x pixels): shape (lead..., 1, h, w)."""
+    lead, (big_h, big_w) = grid.shape[:-2], grid.shape[-2:]
+    pixels = grid.reshape(-1, big_h * big_w).T.to(table.dtype)  # (H * W, n)
+    summed = (table @ pixels).T  # (n, h * w)
+    return summed.reshape(*lead, 1, *map_shape).to(grid.dtype)
+
+
+def plan_footprints(
+    model, args, kwargs, guide_trace: Trace, routes, dependencies, unknown: str = ""
+) -> dict[str, Union[Footprint, str]]:
+    """Per guide map site whose estimator splits its score per element: its
+    :class:`Footprint`, or why its costs stay site-level. ``dependencies``: which latents each
+    ``(role, name)`` term depends on (``None``: unknown, for the reason ``unknown``)."""
+    planned: dict[str, Union[Footprint, str]] = {}
+    for name, route in routes.items():
+        site = guide_trace.nodes[name]
+        if not base.get(route.estimator).element_costs or site["fn"].event_dim < 2:
+            continue
+        option = site["infer"].get("rao_blackwell", "element")
+        if option not in RAO_BLACKWELL:
+            raise ValueError(
+                f"site {name!r}: infer['rao_blackwell'] must be one of {RAO_BLACKWELL}, "
+                f"got {option!r}"
+            )
+        if option == "site":
+            planned[name] = "infer['rao_blackwell']='site' set on the site"
+            continue
+        if dependencies is None:
+            planned[name] = unknown or "its dependencies are unknown"
+            continue
+        dependent = [key for key, deps in dependencies.items() if name in deps]
+        others = [n for role, n in dependent if role == "guide" and n != name]
+        if others:
+            planned[name] = f"guide site {others[0]!r} depends on it"
+            continue
+        model_sites = [n for role, n in dependent if role == "model" and n != name]
+        planned[name] = find_footprint(model, args, kwargs, guide_trace, name, model_sites)
+    return planned
+
+
+def describe(planned: Union[Footprint, str]) -> str:
+    """The part of a route's reason that says which costs the site's score function gets."""
+    if isinstance(planned, Footprint):
+        return f"element-level costs: footprint {planned.describe()}"
+    return f"site-level costs: {planned}"

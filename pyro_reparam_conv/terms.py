@@ -37,7 +37,15 @@ from .dependencies import SiteKey, ordered_dependencies
 from .estimators import base
 from .estimators.baselines import BaselineSpec
 from .estimators.pathwise import partially_reparameterized
-from .evaluations import evaluations_of, expectation, present, weight_of, weighted_terms
+from .evaluations import (
+    evaluations_of,
+    expectation,
+    expectation_per_element,
+    present,
+    weight_of,
+    weighted_terms,
+)
+from .locality import Footprint, element_log_prob, footprint_sum, scaled_elements
 from .routing import Route
 
 __all__ = ["ParticleTerms", "SiteTerm", "add_terms", "may_need_costs", "particle_terms"]
@@ -186,6 +194,36 @@ def _fit_to(cost: Any, like: torch.Tensor) -> torch.Tensor:
     return cost.expand(like.shape)
 
 
+def _per_element(footprint: Footprint, model_trace: Trace, site: dict, evaluations):
+    """Score, cost and score weights per element of a map site: its own ``log p(z_e) -
+    log q(z_e)`` and the dependent maps summed over its footprint, each averaged over the
+    evaluations its own terms do not have (:mod:`.locality`)."""
+    name, event = site["name"], site["fn"].event_dim
+    score = element_log_prob(site["fn"], site["value"])  # unscaled, as a score function is
+    kept = {e.site for e in present(site["log_prob"], evaluations)}
+    label = f"{name!r} (per element)"
+
+    def average(t: torch.Tensor, event_dims: int) -> torch.Tensor:
+        return expectation_per_element(t, event_dims, evaluations, label, kept)
+
+    model_site = model_trace.nodes[name]
+    own_p = scaled_elements(model_site, element_log_prob(model_site["fn"], model_site["value"]))
+    cost = average(own_p, event) - average(scaled_elements(site, score), event)
+    for term, table in footprint.tables.items():
+        node = model_trace.nodes[term]
+        per = scaled_elements(node, element_log_prob(node["fn"], node["value"]))
+        t_event = node["fn"].event_dim
+        grid = per.sum(list(range(-t_event, -2))) if t_event > 2 else per
+        cost = cost + footprint_sum(table, average(grid, 2), footprint.map_shape)
+    weight: Any = 1.0
+    found = present(site["log_prob"], evaluations)
+    if found:
+        weight = weight_of(site["log_prob"], found, label)
+        if isinstance(weight, torch.Tensor):
+            weight = weight.detach().reshape(weight.shape + (1,) * event)
+    return score, _fit_to(cost, score), weight
+
+
 def particle_terms(
     model_trace: Trace,
     guide_trace: Trace,
@@ -194,13 +232,15 @@ def particle_terms(
     kl: Mapping[str, torch.Tensor],
     dependencies: Optional[Mapping[SiteKey, frozenset]],
     dims: Mapping[str, int] = {},
+    footprints: Mapping[str, Footprint] = {},
 ) -> ParticleTerms:
     """The table of one particle whose traces hold their log-densities and score parts.
 
     ``kl``: the analytic-KL sites and their ``KL(q || p)``; ``dependencies``: which latent
     sites each ``(role, name)`` term depends on (``None``: unknown, then the sampling order
     stands in for latent sites); ``dims``: the evaluation dim of each site evaluated at
-    several values.
+    several values; ``footprints``: the score-function sites whose costs are per element
+    of their map (:mod:`.locality`).
     """
     evaluations = evaluations_of(guide_trace, routes, dims)
     rows: list[SiteTerm] = []
@@ -239,7 +279,11 @@ def particle_terms(
             surrogate = surrogate_t.sum() if isinstance(surrogate_t, torch.Tensor) else 0.0
         score = cost = None
         score_weight: Any = 1.0
-        if name in targets:
+        if name in footprints and not is_identically_zero(parts.score_function):
+            score, cost, score_weight = _per_element(
+                footprints[name], model_trace, site, evaluations
+            )
+        elif name in targets:
             cost = _fit_to(costs[name], site["log_prob"])
             if not is_identically_zero(parts.score_function):
                 score = parts.score_function

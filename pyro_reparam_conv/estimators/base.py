@@ -85,6 +85,9 @@ class Estimator:
     priority: ClassVar[int] = 50
     #: whether its score-function part takes a baseline (``infer={"baseline": ...}``)
     uses_baseline: ClassVar[bool] = False
+    #: whether a map site's score function may be split per element, each element charged
+    #: with the terms in its footprint only (:mod:`pyro_reparam_conv.locality`)
+    element_costs: ClassVar[bool] = False
 
     #: whether :meth:`weights` are per element of the site's plates (enumeration): then
     #: every term that depends on the site must lie inside the site's plates

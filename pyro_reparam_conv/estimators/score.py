@@ -25,6 +25,7 @@ class ScoreEstimator(Estimator):
     name = "score"
     priority = 100
     uses_baseline = True
+    element_costs = True
 
     def draw(self, msg: dict, dim=None) -> None:
         if msg["value"] is None:
