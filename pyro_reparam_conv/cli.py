@@ -588,6 +588,7 @@ def run_demo(args: argparse.Namespace) -> dict:
             "elbo": _evaluate_elbo(vae, images.to(device), args.seed),
             "nmi": normalized_mutual_information(y_logits.argmax(-1).cpu(), labels),
             "routes": {site: r.estimator for site, r in result.elbo.routes.items()},
+            "reasons": {site: r.reason for site, r in result.elbo.routes.items()},
         }
         if name == "default":  # while its parameters are the param store's
             frame, variance = _encoder_variance(
@@ -644,6 +645,9 @@ def run_demo(args: argparse.Namespace) -> dict:
         f"against the digit labels. Encoder gradient variance: {args.variance_draws} "
         "single-particle draws of each run's routes at the default run's final parameters."
     )
+    costs = runs["z_score"]["reasons"].get("z", "").rpartition("; ")[2]
+    if "costs" in costs:  # element- or site-level costs of z on the score function, and why
+        report += f"\nz_score: {costs}."
     (out / "results.txt").write_text(report + "\n")
     summary = {
         name: {
@@ -653,6 +657,7 @@ def run_demo(args: argparse.Namespace) -> dict:
             "seconds_per_step": run["result"].seconds_per_step,
             "threads": torch.get_num_threads(),
             "routes": run["routes"],
+            "reasons": run["reasons"],
         }
         for name, run in runs.items()
     }

@@ -54,7 +54,7 @@ from .estimators.analytic_kl import plan_kl
 from .estimators.baselines import DecayingAverages, normalize_kind, score_surrogate
 from .evaluations import side_by_side_mismatch
 from .kernels import FAST, REFERENCE, Kernels
-from .locality import Footprint, describe, plan_footprints
+from .locality import Footprint, describe, plan_footprints, precompute
 from .routing import PlateNestingNeeded, Route, RouteMessenger, RoutingOptions
 from .terms import ParticleTerms, add_terms, may_need_costs, particle_terms
 
@@ -213,6 +213,9 @@ class RoutedELBO(ELBO):
                 kl, routes = plan_kl(model_trace, guide_trace, routes, priors, kernels, router.dims)
             keep = track or may_need_costs(guide_trace, routes)
             skip = frozenset() if keep else frozenset(kl)
+            if cached is not None:  # element-level costs: their per-element terms, once
+                local = {n: f for n, f in cached.footprints.items() if isinstance(f, Footprint)}
+                precompute(model_trace, guide_trace, local)
             kernels.log_densities(model_trace, guide_trace, skip, nesting)
             terms = cached and cached.terms
             footprints = cached.footprints if cached else {}

@@ -16,9 +16,9 @@ lattice pixels give, for every element of ``z``, a vector of three gradients tha
 multiple of the weights of the one lattice pixel it feeds (or of none). Shifting the
 lattice over every offset covers every pixel, so the table pixel -> elements is complete;
 elements that feed two lattice pixels make the spacing grow. The probe is *structural*:
-elementwise activations are replaced by the identity and max-pools by average pools while
-probing (a dead ReLU or a saturated tanh would otherwise hide a dependency for this draw
-only), and the parameters the model's terms are computed from (every leaf of their autograd
+the networks' activation functions (ReLU, SiLU, GELU, ...) are replaced by the identity and
+max-pools by average pools while probing (a dead ReLU would otherwise hide a dependency for
+this draw only), and the parameters the model's terms are computed from (every leaf of their autograd
 graph: modules, the param store, closures) are replaced by random values (a weight that
 happens to be zero now may not be later), then restored. A footprint
 that is a superset of the true one keeps the estimator unbiased; a pixel that depends on
@@ -38,16 +38,21 @@ import pyro
 import pyro.poutine as poutine
 import torch
 import torch.nn.functional as F
+from pyro.distributions.score_parts import ScoreParts
 from pyro.distributions.util import scale_and_mask
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine import Trace
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 from .estimators import base
-from .kernels import unwrap_independent
+from .kernels import compact_normal_log_prob, unwrap_independent
 
 __all__ = [
     "Footprint",
     "RAO_BLACKWELL",
+    "per_element",
+    "precompute",
     "element_log_prob",
     "find_footprint",
     "footprint_sum",
@@ -73,7 +78,9 @@ def element_log_prob(fn, value: torch.Tensor) -> Optional[torch.Tensor]:
         return None
     if base.event_shape != ():
         return None
-    log_p = base.log_prob(value)
+    log_p = None if is_validation_enabled() else compact_normal_log_prob(base, value)
+    if log_p is None:  # validated (or not a Normal with broadcast parameters): as it is
+        log_p = base.log_prob(value)
     full = fn.batch_shape + fn.event_shape
     return log_p if log_p.shape == full else log_p.expand(torch.broadcast_shapes(log_p.shape, full))
 
@@ -91,22 +98,32 @@ def scaled_elements(site: dict, per_element: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ structural probing
+# the activation functions of networks (not sigmoid, tanh, softplus or clamp, which also
+# compute distributions' parameters and must keep their ranges)
 _IDENTITY = {
     F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
-    F.softplus, F.hardtanh, F.hardswish, F.hardsigmoid, F.logsigmoid, F.tanh, F.sigmoid,
-    F.softsign, F.tanhshrink, F.threshold, torch.relu, torch.tanh, torch.sigmoid,
-    torch.clamp, torch.clip, torch.Tensor.relu, torch.Tensor.tanh, torch.Tensor.sigmoid,
-    torch.Tensor.clamp, torch.Tensor.clip,
+    F.hardtanh, F.hardswish, F.hardsigmoid, F.softsign, F.tanhshrink, F.threshold,
+    torch.relu, torch.Tensor.relu,
 }  # fmt: skip
 _POOLS = {F.max_pool1d: F.avg_pool1d, F.max_pool2d: F.avg_pool2d, F.max_pool3d: F.avg_pool3d}
 
 
+def _to_double(value):
+    if isinstance(value, torch.Tensor) and value.dtype in (torch.float32, torch.float16,
+                                                           torch.bfloat16):  # fmt: skip
+        return value.double()
+    return value
+
+
 class _Structural(TorchFunctionMode):
-    """Elementwise activations become the identity and max-pools average pools: the same
-    dependency structure, without derivatives that vanish for some inputs only."""
+    """Activation functions become the identity and max-pools average pools: the same
+    dependency structure, without derivatives that vanish for some inputs only. Every op
+    computes in float64, so that no sum that nearly cancels blurs which pixel a gradient
+    comes from (the gradient reaching the float32 leaf is rounded once, at the end)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        args, kwargs = tree_map(_to_double, (args, kwargs))
         if func in _IDENTITY:
             return args[0]
         if func in _POOLS and not kwargs.get("dilation", 1) not in (1, (1, 1), (1, 1, 1)):
@@ -183,8 +200,15 @@ def _grids(trace: Trace, dependents) -> Union[dict[str, torch.Tensor], str]:
     return grids
 
 
+class _NotFinite(ValueError):
+    """A probe's gradient was NaN or infinite: nothing can be read from it."""
+
+
 def _probe(grid, z, weights) -> torch.Tensor:
-    return torch.autograd.grad((grid * weights).sum(), z, retain_graph=True)[0]
+    grad = torch.autograd.grad((grid * weights).sum(), z, retain_graph=True)[0]
+    if not bool(torch.isfinite(grad).all()):
+        raise _NotFinite
+    return grad
 
 
 def _footprint_of(grid: torch.Tensor, z: torch.Tensor, name: str):
@@ -288,10 +312,14 @@ def find_footprint(
             grids = replayed_grids()  # a first pass finds the parameters the map's terms use
         if isinstance(grids, str):
             return grids
-        with _random_parameters(_leaves(list(grids.values()), z)), _Structural():
-            grids = replayed_grids()
-            for name, grid in grids.items():
-                found = _footprint_of(grid, z, name)
+        with _random_parameters(_leaves(list(grids.values()), z)):
+            with _Structural():
+                grids = replayed_grids()
+            for name, grid in grids.items():  # probed outside the mode, on the same graph
+                try:
+                    found = _footprint_of(grid, z, name)
+                except _NotFinite:
+                    return f"the probe of {name!r} was not finite"
                 if isinstance(found, str):
                     return found
                 tables[name], sizes[name] = found
@@ -346,3 +374,34 @@ def describe(planned: Union[Footprint, str]) -> str:
     if isinstance(planned, Footprint):
         return f"element-level costs: footprint {planned.describe()}"
     return f"site-level costs: {planned}"
+
+
+def per_element(site: dict) -> Optional[torch.Tensor]:
+    """A traced site's unscaled per-element log-density: the one :func:`precompute` stored,
+    else computed now (``None`` for a distribution without one)."""
+    found = site.get("per_element")
+    return found if found is not None else element_log_prob(site["fn"], site["value"])
+
+
+def precompute(model_trace: Trace, guide_trace: Trace, footprints) -> None:
+    """Compute once the per-element log-densities that element-level costs need (each
+    footprint's site in the model and the guide, and its dependent maps) and fill in the
+    traces' log-densities from them: Pyro's ``compute_log_prob`` / ``compute_score_parts``
+    skip sites that have them, so nothing is computed twice."""
+    for footprint in footprints.values():
+        for trace, names in ((model_trace, [footprint.site, *footprint.tables]),
+                             (guide_trace, [footprint.site])):  # fmt: skip
+            for name in names:
+                site = trace.nodes[name]
+                if "log_prob" in site:
+                    continue
+                per = element_log_prob(site["fn"], site["value"])
+                if per is None:
+                    continue
+                event = site["fn"].event_dim
+                unscaled = per.sum(list(range(-event, 0)))
+                log_prob = scale_and_mask(unscaled, site["scale"], site["mask"])
+                site.update(per_element=per, unscaled_log_prob=unscaled, log_prob=log_prob,
+                            log_prob_sum=log_prob.sum())  # fmt: skip
+                if trace is guide_trace:
+                    site["score_parts"] = ScoreParts(log_prob, 0.0, log_prob)

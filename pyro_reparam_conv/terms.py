@@ -31,6 +31,7 @@ from typing import Any, Mapping, Optional
 import torch
 from pyro.distributions.util import is_identically_zero
 from pyro.infer.util import MultiFrameTensor
+from pyro.ops.provenance import extract_provenance
 from pyro.poutine import Trace
 
 from .dependencies import SiteKey, ordered_dependencies
@@ -45,7 +46,7 @@ from .evaluations import (
     weight_of,
     weighted_terms,
 )
-from .locality import Footprint, element_log_prob, footprint_sum, scaled_elements
+from .locality import Footprint, footprint_sum, per_element, scaled_elements
 from .routing import Route
 
 __all__ = ["ParticleTerms", "SiteTerm", "add_terms", "may_need_costs", "particle_terms"]
@@ -199,7 +200,7 @@ def _per_element(footprint: Footprint, model_trace: Trace, site: dict, evaluatio
     log q(z_e)`` and the dependent maps summed over its footprint, each averaged over the
     evaluations its own terms do not have (:mod:`.locality`)."""
     name, event = site["name"], site["fn"].event_dim
-    score = element_log_prob(site["fn"], site["value"])  # unscaled, as a score function is
+    score = per_element(site)  # unscaled, as a score function is
     kept = {e.site for e in present(site["log_prob"], evaluations)}
     label = f"{name!r} (per element)"
 
@@ -207,11 +208,11 @@ def _per_element(footprint: Footprint, model_trace: Trace, site: dict, evaluatio
         return expectation_per_element(t, event_dims, evaluations, label, kept)
 
     model_site = model_trace.nodes[name]
-    own_p = scaled_elements(model_site, element_log_prob(model_site["fn"], model_site["value"]))
+    own_p = scaled_elements(model_site, per_element(model_site))
     cost = average(own_p, event) - average(scaled_elements(site, score), event)
     for term, table in footprint.tables.items():
         node = model_trace.nodes[term]
-        per = scaled_elements(node, element_log_prob(node["fn"], node["value"]))
+        per = scaled_elements(node, per_element(node))
         t_event = node["fn"].event_dim
         grid = per.sum(list(range(-t_event, -2))) if t_event > 2 else per
         cost = cost + footprint_sum(table, average(grid, 2), footprint.map_shape)
@@ -221,6 +222,8 @@ def _per_element(footprint: Footprint, model_trace: Trace, site: dict, evaluatio
         weight = weight_of(site["log_prob"], found, label)
         if isinstance(weight, torch.Tensor):
             weight = weight.detach().reshape(weight.shape + (1,) * event)
+    # on a tracked step the distributions' parameters carry provenance: plain tensors here
+    score, cost = extract_provenance(score)[0], extract_provenance(cost)[0]
     return score, _fit_to(cost, score), weight
 
 
