@@ -15,6 +15,9 @@
 - ``audit`` / ``compare``: gradient diagnostics for the built-in model (or a checkpoint of it)
   or for the user's own model and guide given as ``module:function`` (or
   ``path/to/file.py:function``): that imports and runs the user's code, each module once.
+  ``audit --check-bias`` also compares each pathwise site's mean gradient with an unbiased
+  estimator (``docs/biased_pathwise.md``); a biased site, like a parameter without gradient,
+  makes it exit with status 1.
 
 Every user error (bad option, unreadable or corrupt file, changed settings on resume, a
 checkpoint in the way) is one line on stderr, ``pyro-reparam-conv <command>: error: ...``, and
@@ -290,6 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(audit)
     _add_data_options(audit)
     audit.add_argument("--seed", type=int, default=0)
+    audit.add_argument(
+        "--check-bias",
+        action="store_true",
+        help="also compare each pathwise site's mean gradient with an unbiased estimator "
+        "(measure-valued or score function): a cost that is not differentiable in the site "
+        "(a step, a threshold, an argmax) biases it; exit status 1 if one is",
+    )
+    audit.add_argument(
+        "--num-draws",
+        type=_int_at_least(2),
+        default=200,
+        help="gradient draws per estimator of --check-bias (default 200)",
+    )
 
     compare = command("compare", "gradient variance / SNR / cost per estimator")
     _add_user_model_options(compare)
@@ -299,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--estimators",
         default="pathwise,score,score+avg,score+loo",
         help="comma-separated names: pathwise, pathwise+kl, score, score+avg, score+loo, auto, "
-        "or any registered estimator (enumerate, disarm, gumbel_st); default "
+        "or any registered estimator (enumerate, disarm, gumbel_st, measure_valued); default "
         "pathwise,score,score+avg,score+loo",
     )
     compare.add_argument("--num-draws", type=_int_at_least(2), default=200)
@@ -888,9 +904,16 @@ def run_audit(args: argparse.Namespace) -> int:
 
     pyro.set_rng_seed(args.seed)
     model, guide, model_args, model_kwargs = _diagnostic_target(args)
-    report = audit_gradients(model, guide, *model_args, **model_kwargs)
+    report = audit_gradients(
+        model,
+        guide,
+        *model_args,
+        check_bias=args.check_bias,
+        num_draws=args.num_draws,
+        **model_kwargs,
+    )
     print(report)
-    return 1 if report.no_gradient or report.unmatched_sites else 0
+    return 1 if report.no_gradient or report.unmatched_sites or report.pathwise_bias else 0
 
 
 def run_compare(args: argparse.Namespace) -> int:

@@ -150,6 +150,32 @@ def test_audit_user_model_from_file(tmp_path, capsys):
     assert "loc" in capsys.readouterr().out
 
 
+def test_audit_check_bias_flags_a_step_cost_and_exits_1(tmp_path, capsys):
+    """The step cost of docs/biased_pathwise.md: without --check-bias the audit finds nothing
+    (exit 0); with it, the loud line says what to do and the exit status is 1."""
+    source = tmp_path / "step_model.py"
+    source.write_text(
+        textwrap.dedent("""
+        import pyro, pyro.distributions as dist, torch
+
+        def model():
+            x = pyro.sample("x", dist.Normal(0.0, 1.0))
+            pyro.factor("cost", -(x > 0).to(x.dtype))
+
+        def guide():
+            pyro.sample("x", dist.Normal(pyro.param("mu", torch.tensor(0.3)), 1.0))
+    """)
+    )
+    argv = ["audit", "--model", f"{source}:model", "--guide", f"{source}:guide"]
+    assert main(argv) == 0
+    assert "bias" not in capsys.readouterr().out.lower()
+    assert main([*argv, "--check-bias", "--num-draws", "100"]) == 1
+    out = capsys.readouterr().out
+    assert "Pathwise bias check (100 gradient draws per estimator)" in out
+    assert "!! BIASED PATHWISE GRADIENT: site 'x'" in out
+    assert "infer={'estimator': 'measure_valued'}" in out
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -6,6 +6,8 @@
 - :mod:`.disarm`: an antithetic pair for Bernoulli sites (DisARM).
 - :mod:`.gumbel`: straight-through Gumbel-softmax (biased; opt-in only).
 - :mod:`.score`: score-function (REINFORCE) terms.
+- :mod:`.measure_valued`: Weibull / double-sided Maxwell differences for Normal sites
+  (unbiased for costs that are not differentiable; opt-in only).
 - :mod:`.baselines`: control variates for score-function terms.
 - :mod:`.analytic_kl`: where ``-KL(q || p)`` replaces a pathwise site's ``log p - log q``.
 
@@ -18,6 +20,9 @@ from . import pathwise, score  # noqa: F401
 
 # isort: split
 from . import disarm, enumerate, gumbel  # noqa: F401
+
+# isort: split
+from . import measure_valued  # noqa: F401
 from .base import ESTIMATORS, Estimator, get, register, unregister
 
 __all__ = ["ESTIMATORS", "Estimator", "get", "register", "unregister"]
