@@ -2,7 +2,8 @@
 
 Run (defaults take about a minute on a 2-core CPU)::
 
-    .venv/bin/python benchmarks/routing_overhead.py [--device cpu|cuda] [--repeats 100] [--draws 400]
+    .venv/bin/python benchmarks/routing_overhead.py [--device cpu|cuda] [--repeats 100]
+        [--draws 400]
 
 1. Time per SVI-like step (``loss_and_grads`` then zeroing the grads; no parameter update),
    median over ``--repeats`` interleaved rounds after a warm-up, of ``RoutedELBO`` vs Pyro's

@@ -75,7 +75,7 @@ def z_threshold(numel: int, num_draws: Optional[int] = None, false_alarm: float 
     if num_draws is None:
         z = NormalDist().inv_cdf(1 - tail)
     else:
-        from scipy.stats import t  # a dependency of ArviZ's, so always installed
+        from scipy.stats import t
 
         z = float(t.isf(tail, max(int(num_draws) - 1, 1)))
     return max(4.0, z)

@@ -251,10 +251,15 @@ class RoutedELBO(ELBO):
         except PlateNestingNeeded:
             raise
         except Exception as error:
+            before = {site: dict(reasons) for site, reasons in self._avoid.items()}
             if not router.dims or not self._avoid_side_by_side(router, error):
                 raise
             self._dependencies.clear()  # the routes change: track the retried particle
-            return self._particle(model, guide, args, kwargs)
+            try:
+                return self._particle(model, guide, args, kwargs)
+            except Exception:  # not the sites' values side by side after all: as it was
+                self._avoid = before
+                raise
 
     def _avoid_side_by_side(self, router: RouteMessenger, error: Exception) -> bool:
         """After ``error`` with sites evaluated side by side: route the automatically routed

@@ -44,6 +44,7 @@ __all__ = [
     "analytic_kl",
     "compact_normal_log_prob",
     "fast_log_densities",
+    "is_plain_normal",
     "normal_kl_sum",
     "reference_kl",
     "reference_log_densities",
@@ -62,7 +63,7 @@ def unwrap_independent(d: Distribution) -> tuple[Distribution, int]:
     return d, ndims
 
 
-def _is_plain_normal(d: Distribution) -> bool:
+def is_plain_normal(d: Distribution) -> bool:
     """A torch/Pyro ``Normal`` whose density is ``Normal``'s own (not a subclass's)."""
     return isinstance(d, Normal) and (
         type(d).log_prob is Normal.log_prob or getattr(type(d), "exact_normal_density", False)
@@ -132,7 +133,7 @@ def compact_normal_log_prob(fn: Distribution, value: torch.Tensor) -> Optional[t
     other distribution (the caller then uses ``fn.log_prob``). No argument validation.
     """
     base, ndims = unwrap_independent(fn)
-    if not _is_plain_normal(base):
+    if not is_plain_normal(base):
         return None
     if isinstance(base.loc, (int, float)) or isinstance(base.scale, (int, float)):
         return None
@@ -189,7 +190,7 @@ def analytic_kl(q: Distribution, p: Distribution) -> torch.Tensor:
     _check_kl_shapes(q, p)
     q_base, q_nd = unwrap_independent(q)
     p_base, p_nd = unwrap_independent(p)
-    if _is_plain_normal(q_base) and _is_plain_normal(p_base) and q_nd == p_nd:
+    if is_plain_normal(q_base) and is_plain_normal(p_base) and q_nd == p_nd:
         kl = normal_kl(q_base.loc, q_base.scale, p_base.loc, p_base.scale)
         full = q.batch_shape + q.event_shape
         if kl.shape != full:
@@ -216,7 +217,7 @@ def normal_kl_sum(q: Distribution, p: Distribution) -> Optional[torch.Tensor]:
     """
     q_base, q_nd = unwrap_independent(q)
     p_base, p_nd = unwrap_independent(p)
-    if q_nd != p_nd or not (_is_plain_normal(q_base) and _is_plain_normal(p_base)):
+    if q_nd != p_nd or not (is_plain_normal(q_base) and is_plain_normal(p_base)):
         return None
     if q.event_shape != p.event_shape:
         return None  # analytic_kl raises the error

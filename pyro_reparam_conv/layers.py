@@ -164,7 +164,8 @@ class ConvBlock(nn.Sequential):
 
 
 class ConvEncoder(nn.Sequential):
-    """Images ``(B, C, H, W)`` -> features ``(B, hidden, H / 2^d, W / 2^d)``, ``d = num_downsamples``.
+    """Images ``(B, C, H, W)`` -> features ``(B, hidden, H / 2^d, W / 2^d)``
+    (``d = num_downsamples``).
 
     One stride-1 :class:`ConvBlock`, then ``d`` stride-2 blocks. The body of an amortized
     guide: heads such as :class:`GaussianConvHead` turn the features into ``(mean, var)``.

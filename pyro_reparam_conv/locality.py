@@ -18,9 +18,9 @@ lattice over every offset covers every pixel, so the table pixel -> elements is 
 elements that feed two lattice pixels make the spacing grow. The probe is *structural*:
 the networks' activation functions (ReLU, SiLU, GELU, ...) are replaced by the identity and
 max-pools by average pools while probing (a dead ReLU would otherwise hide a dependency for
-this draw only), and the parameters the model's terms are computed from (every leaf of their autograd
-graph: modules, the param store, closures) are replaced by random values (a weight that
-happens to be zero now may not be later), then restored. A footprint
+this draw only), and the parameters the model's terms are computed from (every leaf of
+their autograd graph: modules, the param store, closures) are replaced by random values (a
+weight that happens to be zero now may not be later), then restored. A footprint
 that is a superset of the true one keeps the estimator unbiased; a pixel that depends on
 the elements of another image (batch normalization), or on more than half of the map
 (a dense layer, a normalization over space), makes the site fall back to site-level costs,

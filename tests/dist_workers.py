@@ -7,10 +7,10 @@ then are killed (and reported as such), so no test can hang.
 """
 
 import datetime
-import sys
 import os
 import shutil
 import signal
+import sys
 import time
 import traceback
 from pathlib import Path

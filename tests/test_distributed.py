@@ -16,7 +16,6 @@ import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
-
 from dist_workers import (
     DATA,
     PROCESS_GROUP_TIMEOUT,
@@ -30,6 +29,7 @@ from dist_workers import (
     run_ranks,
     two_routes,
 )
+
 from pyro_reparam_conv import RoutedELBO
 from pyro_reparam_conv.checkpoint import SettingsMismatchError, load_checkpoint, save_checkpoint
 from pyro_reparam_conv.distributed import (

@@ -42,7 +42,8 @@ def make_model(decoder):
 
 
 def guide(x, rao_blackwell="element", estimator="score"):
-    m = pyro.param("m", lambda: 0.3 * torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(1)))
+    g = torch.Generator().manual_seed(1)
+    m = pyro.param("m", lambda: 0.3 * torch.randn(B, C, H, W, generator=g))
     log_s = pyro.param("log_s", torch.full((B, C, H, W), -0.4))
     with pyro.plate("images", B):
         infer = {"estimator": estimator, "rao_blackwell": rao_blackwell}

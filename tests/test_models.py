@@ -34,7 +34,10 @@ def test_guide_and_model_sites():
     x = images()
     guide_trace, model_trace = traces(vae, x)
     y, z = guide_trace.nodes["y"], guide_trace.nodes["z"]
-    base = lambda fn: fn.base_dist if isinstance(fn, dist.Independent) else fn
+
+    def base(fn):
+        return fn.base_dist if isinstance(fn, dist.Independent) else fn
+
     assert isinstance(y["fn"], dist.Categorical) and not y["fn"].has_rsample
     assert y["value"].shape == (6,) and y["fn"].event_shape == ()
     assert z["fn"].has_rsample and isinstance(base(z["fn"]), dist.Normal)

@@ -61,7 +61,7 @@ from pyro.distributions import Independent
 from pyro.distributions.score_parts import ScoreParts
 from pyro.distributions.torch_distribution import ExpandedDistribution
 
-from ..kernels import _is_plain_normal
+from ..kernels import is_plain_normal
 from ..sampling import distribution_name
 from .base import Estimator, register
 
@@ -82,7 +82,7 @@ def _normal(fn):
     """The Normal inside ``fn`` (through ``Independent`` and ``.expand``), or ``None``."""
     while isinstance(fn, (Independent, ExpandedDistribution)):
         fn = fn.base_dist
-    return fn if _is_plain_normal(fn) else None
+    return fn if is_plain_normal(fn) else None
 
 
 def rayleigh(shape, like: torch.Tensor) -> torch.Tensor:
