@@ -23,7 +23,7 @@ fast kernels of ``pyro_reparam_conv.kernels``); (f') the same with the reference
 Time per step is the median (and the minimum) over ``--repeats`` interleaved rounds after
 ``--warmup`` calls (``perf_counter`` on CPU; CUDA events, synchronized, on GPU); on a shared
 machine the minimum is the less noisy of the two. ``--threads N`` sets
-``torch.set_num_threads`` (default: torch's own). Peak memory is
+``torch.set_num_threads`` (default 1, as the other benchmarks here; 0: torch's own). Peak memory is
 ``torch.cuda.max_memory_allocated`` per method on GPU, "n/a" on CPU. Pyro's and this
 package's argument validation is switched off for the timings (it is a debugging aid).
 The Python overhead is the same step at a tiny size (1 x 16 x 8 x 8), where the arithmetic
@@ -248,9 +248,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="default 50 cuda, 15 cpu")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="run (b) eagerly")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch.set_num_threads (default 1; 0: torch's own)"
+    )
     args = parser.parse_args(argv)
-    if args.threads is not None:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

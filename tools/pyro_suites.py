@@ -21,6 +21,7 @@ in :data:`EXPECTED` with the reason and reported separately.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -94,7 +95,8 @@ def main(argv: list[str]) -> int:
         select = ["-k", INFERENCE_SELECTION] if suite.endswith("test_inference.py") else []
         cmd = [sys.executable, "-m", "pytest", "-p", "pyro_suites", "-q", "-rfE", "-p",
                "no:cacheprovider", suite, *select, *rest]  # fmt: skip
-        print(f"\n$ (cd {checkout} && {' '.join(cmd[1:])})  # fast_path={fast_path}", flush=True)
+        shown = " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
+        print(f"\n$ (cd {checkout} && {shown})  # fast_path={fast_path}", flush=True)
         result = subprocess.run(cmd, cwd=checkout, env=env)
         total = total or (result.returncode not in (0, 5))
     print("\nexpected differences (by design):")
