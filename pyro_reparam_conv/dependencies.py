@@ -185,6 +185,13 @@ class DependencyCache:
         self._entry = None
         return None
 
+    @property
+    def why_unknown(self) -> str:
+        """Why a step that neither tracks nor finds its structure cached has no dependencies."""
+        if self.mode == "order":
+            return "no dependencies are tracked (dependency_tracking='order')"
+        return "the trace's structure changed; found again on the next step"
+
     def clear(self) -> None:
         """Forget what is cached: the next step tracks (in ``"cached"`` mode)."""
         self._entry = None

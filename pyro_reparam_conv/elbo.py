@@ -52,7 +52,7 @@ from .dependencies import (
 )
 from .estimators.analytic_kl import plan_kl
 from .estimators.baselines import DecayingAverages, normalize_kind, score_surrogate
-from .evaluations import side_by_side_mismatch
+from .evaluations import SideBySideError, avoid_after_failure, side_by_side_mismatch
 from .kernels import FAST, REFERENCE, Kernels
 from .locality import Footprint, describe, plan_footprints, precompute
 from .routing import PlateNestingNeeded, Route, RouteMessenger, RoutingOptions
@@ -71,10 +71,6 @@ class NonFiniteLossError(ValueError):
         super().__init__(f"ELBO loss is {loss}; non-finite log-density at: {where}")
 
 
-class SideBySideError(ValueError):
-    """The terms of a site's values evaluated side by side differ from one at a time."""
-
-
 def _traces(model, guide, args, kwargs, max_plate_nesting) -> tuple[Trace, Trace]:
     """The first half of Pyro's ``get_importance_trace("flat", ...)``: guide and replayed
     model traced, checked against each other, subsample sites pruned (no log-densities yet)."""
@@ -85,6 +81,68 @@ def _traces(model, guide, args, kwargs, max_plate_nesting) -> tuple[Trace, Trace
         check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
         check_if_enumerated(guide_trace)
     return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+
+
+def _checked(loss: Any, particles: list[ParticleTerms]) -> float:
+    """``loss`` as a float; :class:`NonFiniteLossError` naming the sites if it is not finite."""
+    value = torch_item(loss)
+    if not math.isfinite(value):
+        sites = [label for p in particles for label in p.non_finite()]
+        raise NonFiniteLossError(value, list(dict.fromkeys(sites)))
+    return value
+
+
+def _local(footprints: Mapping[str, Any]) -> dict[str, Footprint]:
+    return {name: f for name, f in footprints.items() if isinstance(f, Footprint)}
+
+
+def _particle_terms(
+    program, model_trace, guide_trace, router, cached, track, *, kernels, fast_path, nesting,
+    verify, untracked,
+) -> tuple[ParticleTerms, Optional[Dependencies]]:  # fmt: skip
+    """One particle's site-term table from its traces (their log-densities computed here),
+    and the dependencies found on a tracked step (``None`` otherwise).
+
+    ``program`` is ``(model, guide, args, kwargs)`` (the plain callables, for the footprint
+    probe and the side-by-side check); ``router`` the guide's routing; ``cached`` the
+    dependencies of this trace structure from an earlier tracked step, if any; ``untracked``
+    what a route says when neither is available."""
+    model, guide, args, kwargs = program
+    routes = router.routes
+    priors = prior_dependencies(model_trace) if track else cached and cached.priors
+    kl: Mapping[str, Any] = {}
+    if fast_path:
+        kl, routes = plan_kl(model_trace, guide_trace, routes, priors, kernels, router.dims)
+    keep = track or may_need_costs(guide_trace, routes)
+    if cached is not None:  # element-level costs: their per-element terms, once
+        precompute(model_trace, guide_trace, _local(cached.footprints))
+    kernels.log_densities(model_trace, guide_trace, frozenset() if keep else frozenset(kl), nesting)
+    found = None
+    if track:
+        terms = term_dependencies(model_trace, guide_trace)
+        footprints = plan_footprints(model, args, kwargs, guide_trace, routes, terms)
+        found = Dependencies(terms, priors, footprints)
+    elif cached is not None:
+        terms, footprints = cached.terms, cached.footprints
+    else:  # no provenance this step: say so where it matters
+        terms = None
+        footprints = plan_footprints(model, args, kwargs, guide_trace, routes, None, untracked)
+    routes = {
+        name: replace(r, reason=f"{r.reason}; {describe(footprints[name])}")
+        if name in footprints else r
+        for name, r in routes.items()
+    }  # fmt: skip
+    if verify:
+        problem = side_by_side_mismatch(
+            model, guide, args, kwargs, model_trace, guide_trace, router.dims
+        )
+        if problem:
+            raise SideBySideError(problem)
+    particle = particle_terms(
+        model_trace, guide_trace, routes, router.baselines, kl, terms, router.dims,
+        _local(footprints),
+    )  # fmt: skip
+    return particle, found
 
 
 class RoutedELBO(ELBO):
@@ -204,87 +262,34 @@ class RoutedELBO(ELBO):
             traced_model, traced_guide = TagLatents()(model), TagLatents()(traced_guide)
         try:
             model_trace, guide_trace = _traces(traced_model, traced_guide, args, kwargs, nesting)
-            routes, key = router.routes, signature(model_trace, guide_trace, router.routes)
+            key = signature(model_trace, guide_trace, router.routes)
             cached = None if track else self._dependencies.lookup(key)
-            priors = prior_dependencies(model_trace) if track else cached and cached.priors
-            kernels = self.kernels if self.fast_path else REFERENCE
-            kl: Mapping[str, Any] = {}
-            if self.fast_path:
-                kl, routes = plan_kl(model_trace, guide_trace, routes, priors, kernels, router.dims)
-            keep = track or may_need_costs(guide_trace, routes)
-            skip = frozenset() if keep else frozenset(kl)
-            if cached is not None:  # element-level costs: their per-element terms, once
-                local = {n: f for n, f in cached.footprints.items() if isinstance(f, Footprint)}
-                precompute(model_trace, guide_trace, local)
-            kernels.log_densities(model_trace, guide_trace, skip, nesting)
-            terms = cached and cached.terms
-            footprints = cached.footprints if cached else {}
-            if track:
-                terms = term_dependencies(model_trace, guide_trace)
-                footprints = plan_footprints(model, args, kwargs, guide_trace, routes, terms)
-                self._dependencies.store(key, Dependencies(terms, priors, footprints))
-            elif cached is None:  # no provenance this step: say so where it matters
-                unknown = (
-                    "no dependencies are tracked (dependency_tracking='order')"
-                    if self.dependency_tracking == "order"
-                    else "the trace's structure changed; found again on the next step"
-                )
-                footprints = plan_footprints(
-                    model, args, kwargs, guide_trace, routes, None, unknown
-                )
-            routes = {
-                name: replace(r, reason=f"{r.reason}; {describe(footprints[name])}")
-                if name in footprints else r
-                for name, r in routes.items()
-            }  # fmt: skip
-            if router.dims and (track or key not in self._verified):
-                problem = side_by_side_mismatch(
-                    model, guide, args, kwargs, model_trace, guide_trace, router.dims
-                )
-                if problem:
-                    raise SideBySideError(problem)
+            verify = bool(router.dims) and (track or key not in self._verified)
+            particle, found = _particle_terms(
+                (model, guide, args, kwargs), model_trace, guide_trace, router, cached, track,
+                kernels=self.kernels if self.fast_path else REFERENCE, fast_path=self.fast_path,
+                nesting=nesting, verify=verify, untracked=self._dependencies.why_unknown,
+            )  # fmt: skip
+            if found is not None:
+                self._dependencies.store(key, found)
+            if verify:
                 self._verified.add(key)
-            local = {n: f for n, f in footprints.items() if isinstance(f, Footprint)}
-            return particle_terms(
-                model_trace, guide_trace, routes, router.baselines, kl, terms, router.dims, local
-            )
+            return particle
         except PlateNestingNeeded:
             raise
         except Exception as error:
-            before = {site: dict(reasons) for site, reasons in self._avoid.items()}
-            if not router.dims or not self._avoid_side_by_side(router, error):
+            avoid = router.dims and avoid_after_failure(router.routes, router.dims, error)
+            if not avoid:
                 raise
+            before = self._avoid
+            self._avoid = {site: {**before.get(site, {}), **avoid.get(site, {})}
+                           for site in {*before, *avoid}}  # fmt: skip
             self._dependencies.clear()  # the routes change: track the retried particle
             try:
                 return self._particle(model, guide, args, kwargs)
             except Exception:  # not the sites' values side by side after all: as it was
                 self._avoid = before
                 raise
-
-    def _avoid_side_by_side(self, router: RouteMessenger, error: Exception) -> bool:
-        """After ``error`` with sites evaluated side by side: route the automatically routed
-        ones elsewhere from now on (``True``), or explain a requested one (``ValueError``);
-        ``False`` when no such site can be the cause."""
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        problem = first_line
-        if not isinstance(error, SideBySideError):
-            problem = f"evaluating them side by side failed ({type(error).__name__}: {first_line})"
-        sites = [name for name in router.dims if not router.routes[name].forced]
-        if not sites:
-            if isinstance(error, SideBySideError):
-                name = next(iter(router.dims))
-                raise ValueError(
-                    f"site {name!r}: infer['estimator']={router.routes[name].estimator!r} "
-                    f"evaluates its values side by side, but {problem}; write the model and "
-                    "guide to broadcast over extra leading dims (as Pyro's parallel enumeration "
-                    "needs) or route the site to 'score'"
-                ) from None
-            return False
-        for name in sites:
-            estimator = router.routes[name].estimator
-            reason = f"{estimator} needs values side by side, and here {problem}"
-            self._avoid.setdefault(name, {})[estimator] = reason
-        return True
 
     def _get_trace(self, model, guide, args, kwargs) -> tuple[Trace, Trace]:
         """Pyro's per-particle hook (for code that walks an ELBO's traces): one particle's
@@ -310,25 +315,18 @@ class RoutedELBO(ELBO):
             elbo, surrogate_loss = elbo * scale, surrogate_loss * scale
         return -elbo, surrogate_loss
 
-    def _checked(self, loss: Any, particles: list[ParticleTerms]) -> float:
-        value = torch_item(loss)
-        if not math.isfinite(value):
-            sites = [label for p in particles for label in p.non_finite()]
-            raise NonFiniteLossError(value, list(dict.fromkeys(sites)))
-        return value
-
     def loss(self, model, guide, *args, **kwargs) -> float:
         """The ELBO loss ``-(log p - log q)`` averaged over particles (no gradients, no state)."""
         with torch.no_grad():
             particles = self.site_terms(model, guide, *args, **kwargs)
             elbo = add_terms(p.elbo() for p in particles)
-        return self._checked(-elbo / self.num_particles, particles)
+        return _checked(-elbo / self.num_particles, particles)
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
         """The ELBO loss; the routed surrogate's gradients are accumulated into ``.grad``."""
         particles = self.site_terms(model, guide, *args, **kwargs)
         loss, surrogate_loss = self.loss_and_surrogate(particles)
-        loss = self._checked(loss, particles)
+        loss = _checked(loss, particles)
         torch_backward(surrogate_loss, retain_graph=self.retain_graph)
         return loss
 
@@ -337,7 +335,7 @@ class RoutedELBO(ELBO):
         particles = self.site_terms(model, guide, *args, **kwargs)
         loss, surrogate_loss = self.loss_and_surrogate(particles)
         if is_validation_enabled():
-            self._checked(loss, particles)
+            _checked(loss, particles)
         if not isinstance(surrogate_loss, torch.Tensor):  # no sites: 0.0, as Trace_ELBO's
             return loss
         return loss.detach() + (surrogate_loss - surrogate_loss.detach())

@@ -11,7 +11,9 @@ depend on another evaluated site (``q(k | j)``) bringing that site's weights in 
 Side by side is only right when the code computes each value's terms independently of the
 others (it broadcasts over the extra leading dims, as Pyro's enumeration requires).
 :func:`side_by_side_mismatch` checks it on tracked steps: it replays two of the
-evaluations one at a time and compares every log-density with the side-by-side one.
+evaluations one at a time and compares every log-density with the side-by-side one, and
+:func:`avoid_after_failure` says which automatically routed sites to route elsewhere when
+the values side by side fail.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from .estimators import base
 
 __all__ = [
     "Evaluation",
+    "SideBySideError",
+    "avoid_after_failure",
     "batch_first",
     "evaluations_of",
     "events_last",
@@ -158,6 +162,10 @@ def weighted_terms(elbo_t, surrogate_t, evaluations, label: str) -> tuple[Any, A
     return elbo, surrogate
 
 
+class SideBySideError(ValueError):
+    """The terms of a site's values evaluated side by side differ from one at a time."""
+
+
 def _branch(value: torch.Tensor, dims, index: int, event_dim: int) -> torch.Tensor:
     """``value`` at evaluation ``index`` (the last one for ``-1``) of each of ``dims``,
     without the leading singleton dims this leaves."""
@@ -214,3 +222,31 @@ def side_by_side_mismatch(
                         "by side and one at a time"
                     )
     return None
+
+
+def avoid_after_failure(routes, dims: Mapping[str, int], error: Exception):
+    """After ``error`` in a particle that evaluated the sites of ``dims`` side by side: the
+    estimators to avoid from now on, ``{site: {estimator: why}}`` for the automatically
+    routed ones; ``None`` when no such site can be the cause. A site whose estimator was
+    requested (``infer["estimator"]``) and fails the side-by-side check is a ``ValueError``
+    that says how to fix it."""
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    problem = first_line
+    if not isinstance(error, SideBySideError):
+        problem = f"evaluating them side by side failed ({type(error).__name__}: {first_line})"
+    sites = [name for name in dims if not routes[name].forced]
+    if not sites:
+        if isinstance(error, SideBySideError):
+            name = next(iter(dims))
+            raise ValueError(
+                f"site {name!r}: infer['estimator']={routes[name].estimator!r} evaluates its "
+                f"values side by side, but {problem}; write the model and guide to broadcast "
+                "over extra leading dims (as Pyro's parallel enumeration needs) or route the "
+                "site to 'score'"
+            ) from None
+        return None
+    return {
+        name: {routes[name].estimator: f"{routes[name].estimator} needs values side by side, "
+               f"and here {problem}"}
+        for name in sites
+    }  # fmt: skip
