@@ -195,6 +195,15 @@ def _fit_to(cost: Any, like: torch.Tensor) -> torch.Tensor:
     return cost.expand(like.shape)
 
 
+def _score_weight(t: torch.Tensor, evaluations, label: str) -> Any:
+    """The (detached) weights of the evaluations ``t`` has, or ``1.0`` if it has none."""
+    found = present(t, evaluations)
+    if not found:
+        return 1.0
+    weight = weight_of(t, found, label)
+    return weight.detach() if isinstance(weight, torch.Tensor) else weight
+
+
 def _per_element(footprint: Footprint, model_trace: Trace, site: dict, evaluations):
     """Score, cost and score weights per element of a map site: its own ``log p(z_e) -
     log q(z_e)`` and the dependent maps summed over its footprint, each averaged over the
@@ -216,12 +225,9 @@ def _per_element(footprint: Footprint, model_trace: Trace, site: dict, evaluatio
         t_event = node["fn"].event_dim
         grid = per.sum(list(range(-t_event, -2))) if t_event > 2 else per
         cost = cost + footprint_sum(table, average(grid, 2), footprint.map_shape)
-    weight: Any = 1.0
-    found = present(site["log_prob"], evaluations)
-    if found:
-        weight = weight_of(site["log_prob"], found, label)
-        if isinstance(weight, torch.Tensor):
-            weight = weight.detach().reshape(weight.shape + (1,) * event)
+    weight = _score_weight(site["log_prob"], evaluations, label)
+    if isinstance(weight, torch.Tensor):
+        weight = weight.reshape(weight.shape + (1,) * event)
     # on a tracked step the distributions' parameters carry provenance: plain tensors here
     score, cost = extract_provenance(score)[0], extract_provenance(cost)[0]
     return score, _fit_to(cost, score), weight
@@ -287,15 +293,10 @@ def particle_terms(
                 footprints[name], model_trace, site, evaluations
             )
         elif name in targets:
-            cost = _fit_to(costs[name], site["log_prob"])
             if not is_identically_zero(parts.score_function):
                 score = parts.score_function
-                cost = _fit_to(costs[name], score)
-                found = present(score, evaluations)
-                if found:
-                    score_weight = weight_of(score, found, f"{name!r} (guide)")
-                    if isinstance(score_weight, torch.Tensor):
-                        score_weight = score_weight.detach()
+                score_weight = _score_weight(score, evaluations, f"{name!r} (guide)")
+            cost = _fit_to(costs[name], site["log_prob"] if score is None else score)
             if estimator is not None:
                 own = estimator.surrogate(site, cost, dims.get(name))
                 if isinstance(own, torch.Tensor):

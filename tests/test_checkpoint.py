@@ -6,6 +6,8 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pyro
 import pytest
@@ -172,11 +174,19 @@ def test_an_unwritable_folder_fails_before_the_first_step(tmp_path, monkeypatch)
     assert model.calls == 1  # the trace that registers the parameters; no step
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_a_read_only_folder_fails_before_the_first_step(tmp_path):
+def test_a_read_only_folder_fails_before_the_first_step(tmp_path, monkeypatch):
     folder = tmp_path / "ro"
     folder.mkdir()
     folder.chmod(0o500)
+    if os.geteuid() == 0:  # root writes into read-only folders: refuse as the kernel would
+
+        def refuse(*args, dir=None, **kwargs):
+            if Path(dir) == folder:
+                raise PermissionError(13, "Permission denied", str(dir))
+            return real_mkstemp(*args, dir=dir, **kwargs)
+
+        real_mkstemp = tempfile.mkstemp
+        monkeypatch.setattr("pyro_reparam_conv.checkpoint.tempfile.mkstemp", refuse)
     vae = fresh_model()
     try:
         with pytest.raises(PermissionError):
