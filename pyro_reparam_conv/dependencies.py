@@ -22,17 +22,16 @@ step whose structure differs from the cached one falls back to :func:`ordered_de
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from pyro.distributions.score_parts import ScoreParts
 from pyro.ops.provenance import extract_provenance, track_provenance
 from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
-from torch.distributions import Distribution
-from torch.distributions.transforms import Transform
 
 from .routing import Route, is_latent
+from .sparsity import distribution_tensors
 
 __all__ = [
     "DEPENDENCY_TRACKING",
@@ -40,10 +39,12 @@ __all__ = [
     "DependencyCache",
     "SiteKey",
     "TagLatents",
+    "fingerprint",
     "ordered_dependencies",
     "prior_dependencies",
     "signature",
     "term_dependencies",
+    "with_escapes",
 ]
 
 DEPENDENCY_TRACKING = ("cached", "always", "order")
@@ -53,11 +54,59 @@ SiteKey = tuple  # ("model" | "guide", site name)
 
 class TagLatents(Messenger):
     """Hands the code a provenance-tagged copy of every latent value (after the trace has
-    recorded the untagged value)."""
+    recorded the untagged value). With an ``analysis`` (:class:`~.sparsity.Analysis`), also
+    records the sampling order of ``role``'s program and, in the model, starts following
+    the elements of the latent maps that ``sources()`` names."""
+
+    def __init__(self, analysis=None, role: str = "guide", sources=lambda: ()) -> None:
+        super().__init__()
+        self.analysis, self.role, self.sources = analysis, role, sources
+
+    def __enter__(self):
+        if self.analysis is not None:
+            self.analysis.role = self.role
+        return super().__enter__()
 
     def _pyro_post_sample(self, msg: dict) -> None:
+        analysis = self.analysis
+        if analysis is not None:
+            analysis.order[self.role].append(msg["name"])
+            analysis.positions[self.role] += 1
         if is_latent(msg):
             msg["value"] = track_provenance(msg["value"], frozenset({msg["name"]}))
+            if analysis is not None and self.role == "model" and msg["name"] in self.sources():
+                analysis.add_source(msg["name"], msg["value"])
+
+
+def with_escapes(found: dict, escapes, order: Mapping[str, list], role_of=None) -> dict:
+    """``found`` (per ``(role, name)`` key, or per model site name for ``role_of="model"``)
+    with the sampling-order rule applied after each escape (:class:`~.sparsity.Escape`):
+    every site sampled after it in its program, and every model site after a guide escape,
+    depends on the escaped latents."""
+    found = dict(found)
+    for escape in escapes:
+        later = [(escape.role, n) for n in order[escape.role][escape.position :]]
+        if escape.role == "guide":
+            later += [("model", n) for n in order["model"]]
+        for role, name in later:
+            key = name if role_of is not None else (role, name)
+            if (role_of is None or role == role_of) and key in found:
+                found[key] = frozenset(found[key]) | escape.provenance
+    return found
+
+
+def fingerprint(value: Any) -> Any:
+    """What a model's data flow may depend on in its arguments besides tensor values:
+    shapes, dtypes and devices of tensors, and every other value (objects by identity)."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device.type)
+    if isinstance(value, (str, bytes, int, float, bool, complex, type(None))):
+        return value
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(fingerprint(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, fingerprint(v)) for k, v in sorted(value.items(), key=str)))
+    return ("object", id(value))
 
 
 def _latents(trace: Trace) -> set[str]:
@@ -88,21 +137,8 @@ def term_dependencies(model_trace: Trace, guide_trace: Trace) -> dict[SiteKey, f
 def _provenance(fn) -> frozenset:
     """The provenance carried by any tensor parameter of distribution ``fn`` (wrapped
     distributions and transforms included; the value is not)."""
-    provenance: frozenset = frozenset()
-    stack, seen = [fn], set()
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        for value in vars(obj).values():
-            if isinstance(value, torch.Tensor):
-                provenance = provenance | extract_provenance(value)[1]
-            elif isinstance(value, (Distribution, Transform)):
-                stack.append(value)
-            elif isinstance(value, (list, tuple)):
-                stack.extend(v for v in value if isinstance(v, (Distribution, Transform)))
-    return provenance
+    found = (extract_provenance(t)[1] for t in distribution_tensors(fn))
+    return frozenset().union(*found)
 
 
 def prior_dependencies(model_trace: Trace) -> dict[str, frozenset]:
@@ -151,20 +187,27 @@ class Dependencies:
     """What a tracked step found: ``terms`` per ``(role, name)`` sample site, the latents
     its log-density depends on; ``priors`` per latent model site, the latents its prior's
     parameters depend on; ``footprints`` per score-function map site, its footprints
-    (:class:`~.locality.Footprint`) or why its costs stay site-level (a string)."""
+    (:class:`~.locality.Footprint`) or why its costs stay site-level (a string);
+    ``escapes``: where latent values left the tensor graph (:class:`~.sparsity.Escape`)."""
 
     terms: Mapping[SiteKey, frozenset]
     priors: Mapping[str, frozenset]
     footprints: Mapping[str, object] = field(default_factory=dict)
+    escapes: tuple = ()
 
 
 class DependencyCache:
-    """The :class:`Dependencies` of the last tracked step, kept while the structure holds.
+    """The :class:`Dependencies` of tracked steps, per structure key (the sample sites, their
+    routes, and the fingerprint of the model's arguments: :func:`fingerprint`), the last
+    :attr:`SIZE` kept. A step whose key is not cached gets the sampling-order rule and the
+    next step tracks.
 
-    ``mode``: ``"cached"`` (track when nothing valid is cached), ``"always"`` (track every
-    step; for models whose data flow changes while their sites stay the same) or
+    ``mode``: ``"cached"`` (track when the next key may be unknown), ``"always"`` (track every
+    step; for models whose data flow changes with something their arguments do not show) or
     ``"order"`` (never track: sampling order only, and no analytic KL).
     """
+
+    SIZE = 8
 
     def __init__(self, mode: str = "cached") -> None:
         if mode not in DEPENDENCY_TRACKING:
@@ -172,18 +215,21 @@ class DependencyCache:
                 f"dependency_tracking must be one of {DEPENDENCY_TRACKING}, got {mode!r}"
             )
         self.mode = mode
-        self._entry: Optional[tuple[tuple, Dependencies]] = None
+        self._entries: dict[tuple, Dependencies] = {}
+        self._missed = True
 
-    def should_track(self) -> bool:
-        return self.mode == "always" or (self.mode == "cached" and self._entry is None)
+    def should_track(self, arguments: Any = None) -> bool:
+        """Whether the next step tracks: always, after a miss, or when no cached structure
+        has the ``arguments``' fingerprint."""
+        if self.mode != "cached":
+            return self.mode == "always"
+        return self._missed or all(key[-1] != arguments for key in self._entries)
 
     def lookup(self, key: tuple) -> Optional[Dependencies]:
-        """The cached dependencies for structure ``key``; on a mismatch the cache is
-        dropped, so that the next step tracks again."""
-        if self._entry is not None and self._entry[0] == key:
-            return self._entry[1]
-        self._entry = None
-        return None
+        """The cached dependencies for structure ``key``; on a miss the next step tracks."""
+        found = self._entries.get(key)
+        self._missed = found is None
+        return found
 
     @property
     def why_unknown(self) -> str:
@@ -194,8 +240,16 @@ class DependencyCache:
 
     def clear(self) -> None:
         """Forget what is cached: the next step tracks (in ``"cached"`` mode)."""
-        self._entry = None
+        self._entries.clear()
+        self._missed = True
 
-    def store(self, key: tuple, dependencies: Dependencies) -> None:
-        if self.mode == "cached":
-            self._entry = (key, dependencies)
+    def store(self, key: tuple, dependencies: Optional[Dependencies]) -> None:
+        """Keep what a tracked step found (``None``: it may not be reused; track again)."""
+        if self.mode != "cached":
+            return
+        self._missed = dependencies is None
+        if dependencies is not None:
+            self._entries.pop(key, None)
+            self._entries[key] = dependencies
+            while len(self._entries) > self.SIZE:
+                self._entries.pop(next(iter(self._entries)))

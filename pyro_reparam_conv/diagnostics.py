@@ -493,20 +493,30 @@ class _BiasCheckRun:
             checks[name] = self.compare(name, reference, note, params, pairs, threshold)
         return checks
 
+    def forced(self, estimator: str, name: str):
+        """The guide with site ``name`` on ``estimator`` and site-level costs: a reference
+        that shares no footprint or dependency found for the estimate it checks."""
+        messenger = ForceEstimatorMessenger(estimator, [name])
+        messenger.extra = {"rao_blackwell": "site"}
+        return messenger(self.guide)
+
     def reference(self, name: str, site: dict, params: list[_Param]):
         """``(reference, note, moments)``: measure-valued where it applies and works, else
-        the score function with a leave-one-out baseline."""
+        the score function with a leave-one-out baseline; both with site-level costs by
+        sampling order (``dependency_tracking="order"``), so that the reference assumes
+        no dependency the checked estimate may have missed."""
         tensors = [p.tensor for p in params]
         note = _measure_valued_why_not(site)
+        order = {"dependency_tracking": "order"}
         if note is None:
-            forced = ForceEstimatorMessenger("measure_valued", [name])(self.guide)
+            forced = self.forced("measure_valued", name)
             try:
-                return "measure_valued", "", self.moments(forced, tensors)
+                return "measure_valued", "", self.moments(forced, tensors, **order)
             except Exception as error:  # noqa: BLE001 - any failure: use the score function
                 first = (str(error).strip().splitlines() or [type(error).__name__])[0]
                 note = f"measure_valued failed here ({type(error).__name__}: {first})"
-        forced = ForceEstimatorMessenger("score", [name])(self.guide)
-        found = self.moments(forced, tensors, num_particles=2, baseline="leave_one_out")
+        forced = self.forced("score", name)
+        found = self.moments(forced, tensors, num_particles=2, baseline="leave_one_out", **order)
         return "score", note, found
 
     def compare(self, name, reference, note, params, pairs, threshold) -> BiasCheck:

@@ -29,6 +29,7 @@ step, so not saved).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import replace
@@ -46,16 +47,21 @@ from .dependencies import (
     Dependencies,
     DependencyCache,
     TagLatents,
+    fingerprint,
     prior_dependencies,
     signature,
     term_dependencies,
+    with_escapes,
 )
 from .estimators.analytic_kl import plan_kl
 from .estimators.baselines import DecayingAverages, normalize_kind, score_surrogate
 from .evaluations import SideBySideError, avoid_after_failure, side_by_side_mismatch
 from .kernels import FAST, REFERENCE, Kernels
+from .estimators.base import get
+from .folding import FoldLeadingDims
 from .locality import Footprint, describe, plan_footprints, precompute
 from .routing import PlateNestingNeeded, Route, RouteMessenger, RoutingOptions
+from .sparsity import Analysis
 from .terms import ParticleTerms, add_terms, may_need_costs, particle_terms
 
 __all__ = ["NonFiniteLossError", "RoutedELBO", "SideBySideError"]
@@ -71,16 +77,21 @@ class NonFiniteLossError(ValueError):
         super().__init__(f"ELBO loss is {loss}; non-finite log-density at: {where}")
 
 
-def _traces(model, guide, args, kwargs, max_plate_nesting) -> tuple[Trace, Trace]:
+def _traces(model, guide, args, kwargs, max_plate_nesting) -> tuple[Trace, Trace, Trace]:
     """The first half of Pyro's ``get_importance_trace("flat", ...)``: guide and replayed
-    model traced, checked against each other, subsample sites pruned (no log-densities yet)."""
+    model traced, checked against each other, subsample sites pruned (no log-densities yet);
+    and the guide's subsample sites alone (the indices its plates drew)."""
     guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
     replayed = poutine.replay(model, trace=guide_trace)
     model_trace = poutine.trace(replayed, graph_type="flat").get_trace(*args, **kwargs)
     if is_validation_enabled():
         check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
         check_if_enumerated(guide_trace)
-    return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+    pruned = prune_subsample_sites(guide_trace)
+    subsamples = guide_trace.copy()
+    for name in pruned.nodes:
+        subsamples.remove_node(name)
+    return prune_subsample_sites(model_trace), pruned, subsamples
 
 
 def _checked(loss: Any, particles: list[ParticleTerms]) -> float:
@@ -96,8 +107,33 @@ def _local(footprints: Mapping[str, Any]) -> dict[str, Footprint]:
     return {name: f for name, f in footprints.items() if isinstance(f, Footprint)}
 
 
+def _escaped(routes: Mapping[str, Route], escapes) -> dict[str, Route]:
+    """Routes whose site's value left the tensor graph say that its cost counts every term
+    after that point in sampling order."""
+    how: dict[str, str] = {}
+    for escape in escapes:
+        for name in escape.provenance:
+            how.setdefault(name, escape.how)
+    return {
+        name: replace(r, reason=f"{r.reason}; its value leaves the tensor graph ({how[name]}): "
+                      "its cost counts every term after that point in sampling order")
+        if name in how else r
+        for name, r in routes.items()
+    }  # fmt: skip
+
+
+def _tracked(analysis, model_trace, guide_trace=None) -> dict:
+    """The prior dependencies of a tracked step (with ``guide_trace``: the term
+    dependencies, once log-densities are computed): provenance, and the sampling-order rule
+    after each escape the analysis recorded."""
+    order, escapes = analysis.order, analysis.escapes
+    if guide_trace is None:
+        return with_escapes(prior_dependencies(model_trace), escapes, order, "model")
+    return with_escapes(term_dependencies(model_trace, guide_trace), escapes, order)
+
+
 def _particle_terms(
-    program, model_trace, guide_trace, router, cached, track, *, kernels, fast_path, nesting,
+    program, model_trace, guide_trace, router, cached, analysis, *, kernels, fast_path, nesting,
     verify, untracked,
 ) -> tuple[ParticleTerms, Optional[Dependencies]]:  # fmt: skip
     """One particle's site-term table from its traces (their log-densities computed here),
@@ -109,7 +145,8 @@ def _particle_terms(
     what a route says when neither is available."""
     model, guide, args, kwargs = program
     routes = router.routes
-    priors = prior_dependencies(model_trace) if track else cached and cached.priors
+    track = analysis is not None
+    priors = _tracked(analysis, model_trace) if track else cached and cached.priors
     kl: Mapping[str, Any] = {}
     if fast_path:
         kl, routes = plan_kl(model_trace, guide_trace, routes, priors, kernels, router.dims)
@@ -119,22 +156,23 @@ def _particle_terms(
     kernels.log_densities(model_trace, guide_trace, frozenset() if keep else frozenset(kl), nesting)
     found = None
     if track:
-        terms = term_dependencies(model_trace, guide_trace)
-        footprints = plan_footprints(model, args, kwargs, guide_trace, routes, terms)
-        found = Dependencies(terms, priors, footprints)
+        terms = _tracked(analysis, model_trace, guide_trace)
+        footprints = plan_footprints(analysis, model_trace, guide_trace, routes, terms)
+        found = Dependencies(terms, priors, footprints, tuple(analysis.escapes))
     elif cached is not None:
         terms, footprints = cached.terms, cached.footprints
     else:  # no provenance this step: say so where it matters
         terms = None
-        footprints = plan_footprints(model, args, kwargs, guide_trace, routes, None, untracked)
+        footprints = plan_footprints(None, model_trace, guide_trace, routes, None, untracked)
     routes = {
         name: replace(r, reason=f"{r.reason}; {describe(footprints[name])}")
         if name in footprints else r
         for name, r in routes.items()
     }  # fmt: skip
-    if verify:
+    routes = _escaped(routes, (found or cached).escapes if (found or cached) else ())
+    if verify is not None:  # the guide's subsample sites (its plates' indices), to replay
         problem = side_by_side_mismatch(
-            model, guide, args, kwargs, model_trace, guide_trace, router.dims
+            model, guide, args, kwargs, model_trace, guide_trace, router.dims, verify
         )
         if problem:
             raise SideBySideError(problem)
@@ -204,8 +242,12 @@ class RoutedELBO(ELBO):
         self.routes: dict[str, Route] = {}
         self._avoid: dict[str, dict[str, str]] = {}  # site -> {estimator: why not}
         self._verified: set[tuple] = set()  # structures whose values side by side are verified
+        self._fold = False  # values side by side pass convolutions folded (.folding)
         self._averages = DecayingAverages()
         self._dependencies = DependencyCache(dependency_tracking)
+        #: what the last tracked step found per score-function map site: its
+        #: :class:`~.locality.Footprint`, or why its costs stay site-level
+        self.last_footprints: dict[str, Any] = {}
 
     @property
     def dependency_tracking(self) -> str:
@@ -252,32 +294,52 @@ class RoutedELBO(ELBO):
         return particles
 
     def _particle(self, model, guide, args, kwargs) -> ParticleTerms:
-        track = self._dependencies.should_track()
+        arguments = fingerprint((args, kwargs))
+        track = self._dependencies.should_track(arguments)
         nesting = self.max_plate_nesting
         first_dim = None if nesting == float("inf") else -1 - int(nesting)
         options = RoutingOptions(self.options.max_enumerate, self._avoid)
         router = RouteMessenger(self.default_baseline, options, first_dim)
         traced_model, traced_guide = model, router(guide)
+        analysis = Analysis() if track else None
         if track:
-            traced_model, traced_guide = TagLatents()(model), TagLatents()(traced_guide)
+
+            def sources():  # the maps whose estimator may split its score per element
+                return {n for n, r in router.routes.items() if get(r.estimator).element_costs}
+
+            traced_guide = TagLatents(analysis, "guide")(traced_guide)
+            traced_model = TagLatents(analysis, "model", sources)(model)
         try:
-            model_trace, guide_trace = _traces(traced_model, traced_guide, args, kwargs, nesting)
-            key = signature(model_trace, guide_trace, router.routes)
+            fold = FoldLeadingDims() if self._fold else contextlib.nullcontext()
+            with analysis if track else contextlib.nullcontext(), fold:
+                model_trace, guide_trace, subsamples = _traces(
+                    traced_model, traced_guide, args, kwargs, nesting
+                )
+            key = (signature(model_trace, guide_trace, router.routes), arguments)
             cached = None if track else self._dependencies.lookup(key)
             verify = bool(router.dims) and (track or key not in self._verified)
             particle, found = _particle_terms(
-                (model, guide, args, kwargs), model_trace, guide_trace, router, cached, track,
+                (model, guide, args, kwargs), model_trace, guide_trace, router, cached, analysis,
                 kernels=self.kernels if self.fast_path else REFERENCE, fast_path=self.fast_path,
-                nesting=nesting, verify=verify, untracked=self._dependencies.why_unknown,
+                nesting=nesting, verify=subsamples if verify else None,
+                untracked=self._dependencies.why_unknown,
             )  # fmt: skip
             if found is not None:
-                self._dependencies.store(key, found)
+                self.last_footprints = dict(found.footprints)
+            if found is not None:
+                self._dependencies.store(key, found if analysis.reusable else None)
             if verify:
                 self._verified.add(key)
             return particle
         except PlateNestingNeeded:
             raise
         except Exception as error:
+            if router.dims and not self._fold:  # convolutions, pools: fold the dims, retry
+                self._fold = True
+                try:
+                    return self._particle(model, guide, args, kwargs)
+                except Exception:  # noqa: BLE001 - not the layers: as it was
+                    self._fold = False
             avoid = router.dims and avoid_after_failure(router.routes, router.dims, error)
             if not avoid:
                 raise
@@ -302,11 +364,8 @@ class RoutedELBO(ELBO):
         """``(loss, surrogate loss)`` of particles from :meth:`site_terms`, averaged over
         them: the surrogate's gradient is the routed estimator's. Updates the baselines'
         decaying averages."""
-        particle_dim = None
-        if self.vectorize_particles and self.num_particles > 1:
-            particle_dim = -int(self.max_plate_nesting)
         scored = [row for p in particles for row in p.scored()]
-        score, fit_loss = score_surrogate(scored, self._averages, particle_dim)
+        score, fit_loss = score_surrogate(scored, self._averages)
         elbo = add_terms(p.elbo() for p in particles)
         surrogate = add_terms([*(p.surrogate_elbo() for p in particles), score])
         surrogate_loss = add_terms([-surrogate, fit_loss])

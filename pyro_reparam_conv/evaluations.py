@@ -18,6 +18,8 @@ the values side by side fail.
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -166,10 +168,10 @@ class SideBySideError(ValueError):
     """The terms of a site's values evaluated side by side differ from one at a time."""
 
 
-def _branch(value: torch.Tensor, dims, index: int, event_dim: int) -> torch.Tensor:
-    """``value`` at evaluation ``index`` (the last one for ``-1``) of each of ``dims``,
-    without the leading singleton dims this leaves."""
-    for dim in dims:
+def _branch(value: torch.Tensor, picks: Mapping[int, int], event_dim: int) -> torch.Tensor:
+    """``value`` at evaluation ``picks[dim]`` of each evaluation dim it has, without the
+    leading singleton dims this leaves."""
+    for dim, index in picks.items():
         d = dim - event_dim
         if value.dim() >= -d and value.shape[d] > 1:
             value = value.narrow(d, index % value.shape[d], 1)
@@ -178,29 +180,58 @@ def _branch(value: torch.Tensor, dims, index: int, event_dim: int) -> torch.Tens
     return value
 
 
+def _combinations(sizes: Mapping[int, int]) -> list[dict[int, int]]:
+    """Which evaluations to replay one at a time: all of them when they are few, else the
+    first, the last and shifted diagonals, so that each dim takes several values and two
+    dims never take the same index in every replay (a wrong broadcast that swaps or mixes
+    evaluation dims shows)."""
+    dims = list(sizes)
+    if math.prod(sizes.values()) <= 8:
+        return [dict(zip(dims, c)) for c in itertools.product(*(range(sizes[d]) for d in dims))]
+    picks = [{d: 0 for d in dims}, {d: -1 for d in dims}]
+    for shift in range(1, 3):
+        picks.append({d: (shift + i) % sizes[d] for i, d in enumerate(dims)})
+    return picks
+
+
+def _one_at_a_time(model, guide, args, kwargs, guide_trace, subsamples, picks):
+    """Guide and model traces with every latent replayed at the evaluations ``picks`` and
+    the plates at the indices they drew (``subsamples``), log-densities computed."""
+    branch = guide_trace.copy()
+    for name, site in subsamples.nodes.items():
+        branch.add_node(name, **site)
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"]:
+            fn, event_dim = site["fn"], site["fn"].event_dim
+            shape = torch.zeros((), device=site["value"].device).expand(fn.shape())
+            shape = _branch(shape, picks, event_dim).shape
+            value = _branch(site["value"], picks, event_dim)
+            branch.nodes[name] = {**site, "value": value.expand(shape)}
+    one_guide = poutine.trace(poutine.replay(guide, trace=branch)).get_trace(*args, **kwargs)
+    one_model = poutine.trace(poutine.replay(model, trace=one_guide)).get_trace(*args, **kwargs)
+    one_guide.compute_log_prob()
+    one_model.compute_log_prob()
+    return one_guide, one_model
+
+
 def side_by_side_mismatch(
-    model, guide, args, kwargs, model_trace: Trace, guide_trace: Trace, dims: Mapping[str, int]
-) -> Optional[str]:
-    """Replay the first and the last evaluation of every evaluated site one at a time
-    (``model``, ``guide``: the plain callables, every guide latent replayed from
-    ``guide_trace``) and compare each log-density with its side-by-side value (the traces'
-    ``log_prob``). ``None`` if all agree, else which term differs."""
-    for index in (0, -1):
-        branch = guide_trace.copy()
-        for name, site in guide_trace.nodes.items():
-            if site["type"] == "sample" and not site["is_observed"]:
-                fn, event_dim = site["fn"], site["fn"].event_dim
-                shape = torch.zeros((), device=site["value"].device).expand(fn.shape())
-                shape = _branch(shape, dims.values(), index, event_dim).shape
-                value = _branch(site["value"], dims.values(), index, event_dim)
-                branch.nodes[name] = {**site, "value": value.expand(shape)}
+    model, guide, args, kwargs, model_trace: Trace, guide_trace: Trace, dims: Mapping[str, int],
+    subsamples: Optional[Trace] = None,
+) -> Optional[str]:  # fmt: skip
+    """Replay evaluations of the evaluated sites one at a time (:func:`_combinations`;
+    ``model``, ``guide``: the plain callables, every guide latent replayed from
+    ``guide_trace``, every subsampled plate at the indices in ``subsamples``) and compare
+    each log-density with its side-by-side value (the traces' ``log_prob``). ``None`` if
+    all agree, else which term differs."""
+    sizes = {}
+    for name, dim in dims.items():
+        site = guide_trace.nodes[name]
+        sizes[dim] = site["value"].shape[dim - site["fn"].event_dim]
+    for picks in _combinations(sizes):
         try:
-            replayed = poutine.replay(guide, trace=branch)
-            one_guide = poutine.trace(replayed).get_trace(*args, **kwargs)
-            replayed = poutine.replay(model, trace=one_guide)
-            one_model = poutine.trace(replayed).get_trace(*args, **kwargs)
-            one_guide.compute_log_prob()
-            one_model.compute_log_prob()
+            one_guide, one_model = _one_at_a_time(
+                model, guide, args, kwargs, guide_trace, subsamples or Trace(), picks
+            )
         except Exception as e:  # noqa: BLE001 - any failure means: not independent
             return f"one value at a time fails ({type(e).__name__}: {e})"
         for role, side, one in (
@@ -210,7 +241,7 @@ def side_by_side_mismatch(
             for name, site in one.nodes.items():
                 if site["type"] != "sample" or name not in side.nodes:
                     continue
-                expected = _branch(side.nodes[name]["log_prob"], dims.values(), index, 0)
+                expected = _branch(side.nodes[name]["log_prob"], picks, 0)
                 got = site["log_prob"]
                 try:
                     same = torch.allclose(*torch.broadcast_tensors(got, expected), 1e-4, 1e-5)

@@ -190,6 +190,7 @@ class ForceEstimatorMessenger(Messenger):
         self.sites = None if sites is None else frozenset(sites)
         self.skip_invalid = skip_invalid
         self.skipped: dict[str, str] = {}
+        self.extra: dict = {}  # further infer keys set with the estimator
 
     def _pyro_sample(self, msg: dict) -> None:
         if not is_latent(msg) or (self.sites is not None and msg["name"] not in self.sites):
@@ -199,7 +200,7 @@ class ForceEstimatorMessenger(Messenger):
             if why_not is not None:
                 self.skipped[msg["name"]] = why_not
                 return
-        msg["infer"] = {**msg["infer"], "estimator": self.estimator}
+        msg["infer"] = {**msg["infer"], **self.extra, "estimator": self.estimator}
 
 
 def force_estimator(

@@ -46,7 +46,7 @@ from .evaluations import (
     weight_of,
     weighted_terms,
 )
-from .locality import Footprint, footprint_sum, per_element, scaled_elements
+from .locality import Footprint, per_element, scaled_elements
 from .routing import Route
 
 __all__ = ["ParticleTerms", "SiteTerm", "add_terms", "may_need_costs", "particle_terms"]
@@ -73,7 +73,8 @@ class SiteTerm:
     score-function part (elementwise, unscaled) when the site has one, ``cost`` its
     Rao-Blackwellized cost (detached, same shape) and ``score_weight`` the (detached)
     weights of the evaluations it has. ``baseline``: the baseline spec of a routed site
-    whose estimator takes one.
+    whose estimator takes one. ``particle_dim``: the dim of ``score`` and ``cost`` that
+    Pyro's vectorized particle plate (``num_particles_vectorized``) declares, if any.
     """
 
     site: str
@@ -85,6 +86,7 @@ class SiteTerm:
     cost: Optional[torch.Tensor] = None
     baseline: Optional[BaselineSpec] = None
     score_weight: Any = 1.0
+    particle_dim: Optional[int] = None
 
     @property
     def label(self) -> str:
@@ -204,6 +206,17 @@ def _score_weight(t: torch.Tensor, evaluations, label: str) -> Any:
     return weight.detach() if isinstance(weight, torch.Tensor) else weight
 
 
+def _particle_dim(site: dict, score: Optional[torch.Tensor], event_dims: int) -> Optional[int]:
+    """The dim of a score (batch dims, then ``event_dims``) that the vectorized particle
+    plate declares, read from the site's plates (never counted)."""
+    if score is None:
+        return None
+    for frame in site["cond_indep_stack"]:
+        if frame.name == "num_particles_vectorized" and frame.vectorized:
+            return frame.dim - event_dims
+    return None
+
+
 def _per_element(footprint: Footprint, model_trace: Trace, site: dict, evaluations):
     """Score, cost and score weights per element of a map site: its own ``log p(z_e) -
     log q(z_e)`` and the dependent maps summed over its footprint, each averaged over the
@@ -219,12 +232,14 @@ def _per_element(footprint: Footprint, model_trace: Trace, site: dict, evaluatio
     model_site = model_trace.nodes[name]
     own_p = scaled_elements(model_site, per_element(model_site))
     cost = average(own_p, event) - average(scaled_elements(site, score), event)
-    for term, table in footprint.tables.items():
+    for term, box_sum in footprint.sums.items():
         node = model_trace.nodes[term]
-        per = scaled_elements(node, per_element(node))
-        t_event = node["fn"].event_dim
-        grid = per.sum(list(range(-t_event, -2))) if t_event > 2 else per
-        cost = cost + footprint_sum(table, average(grid, 2), footprint.map_shape)
+        per = per_element(node)
+        if per is not None and tuple(per.shape) == box_sum.shape:
+            values = average(scaled_elements(node, per), node["fn"].event_dim)
+        else:  # no per-element density: the term per element of its batch shape
+            values = expectation(node["log_prob"], evaluations, label, kept, detach=True)
+        cost = cost + box_sum(extract_provenance(values)[0].detach())
     weight = _score_weight(site["log_prob"], evaluations, label)
     if isinstance(weight, torch.Tensor):
         weight = weight.reshape(weight.shape + (1,) * event)
@@ -288,10 +303,12 @@ def particle_terms(
             surrogate = surrogate_t.sum() if isinstance(surrogate_t, torch.Tensor) else 0.0
         score = cost = None
         score_weight: Any = 1.0
+        event_dims = 0
         if name in footprints and not is_identically_zero(parts.score_function):
             score, cost, score_weight = _per_element(
                 footprints[name], model_trace, site, evaluations
             )
+            event_dims = site["fn"].event_dim
         elif name in targets:
             if not is_identically_zero(parts.score_function):
                 score = parts.score_function
@@ -314,6 +331,7 @@ def particle_terms(
                 cost if score is not None else None,
                 baselines.get(name),
                 score_weight,
+                _particle_dim(site, score, event_dims),
             )
         )
     for name, value in kl.items():

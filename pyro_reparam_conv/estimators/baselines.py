@@ -215,15 +215,16 @@ def _baselines(
 
 
 def score_surrogate(
-    scored: Iterable, averages: DecayingAverages, particle_dim: Optional[int] = None
+    scored: Iterable, averages: DecayingAverages
 ) -> tuple[Any, Any]:
     """``(sum score * stop_grad(cost - b), baseline-fitting loss)`` over score-function rows.
 
     ``scored``: the rows with a score of every particle (:class:`~pyro_reparam_conv.terms.SiteTerm`,
-    with ``site``, ``score``, ``cost``, ``baseline`` and ``score_weight``, the weights of the
-    evaluations the score has), in particle order; a site's rows
-    share its baseline (leave-one-out across particles; with vectorized particles along
-    ``particle_dim``). Decaying averages are read and then updated in ``averages``.
+    with ``site``, ``score``, ``cost``, ``baseline``, ``score_weight``, the weights of the
+    evaluations the score has, and ``particle_dim``), in particle order; a site's rows
+    share its baseline (leave-one-out across particles; with vectorized particles along the
+    row's ``particle_dim``, the dim its plate declares). Decaying averages are read and
+    then updated in ``averages``.
     """
     grouped: dict[str, list] = defaultdict(list)
     for row in scored:
@@ -232,7 +233,9 @@ def score_surrogate(
     fit_loss: Any = 0.0
     for site, rows in grouped.items():
         costs = [row.cost for row in rows]
-        baselines, site_fit = _baselines(site, rows[0].baseline, costs, averages, particle_dim)
+        dim = rows[0].particle_dim
+        dim = dim if dim is not None or len(rows) > 1 else None
+        baselines, site_fit = _baselines(site, rows[0].baseline, costs, averages, dim)
         fit_loss = fit_loss + site_fit
         for row, b in zip(rows, baselines):
             advantage = row.cost if isinstance(b, float) and b == 0 else (row.cost - b).detach()
