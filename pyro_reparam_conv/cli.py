@@ -390,6 +390,11 @@ def _images_from(source: Mapping, base: Optional[Path] = None) -> torch.Tensor:
 
 
 def _load_data(args: argparse.Namespace) -> torch.Tensor:
+    """The images of ``--data`` (or the embedded digits); a missing file is named as given."""
+    data = getattr(args, "data", None)
+    if data is not None and not Path(data).is_file():
+        what = "is a folder, not a file" if Path(data).is_dir() else "no such file"
+        raise ValueError(f"--data {data}: {what}")
     return _images_from(_data_source(args))
 
 
@@ -469,6 +474,12 @@ def _prepare_out(args: argparse.Namespace, checkpoints: Sequence[Path]) -> None:
     ``--resume``), and make sure ``--out`` can be written."""
     from .checkpoint import check_writable, refuse_overwrite
 
+    if args.resume and not any(path.exists() for path in checkpoints):
+        names = ", ".join(path.name for path in checkpoints)
+        raise ValueError(
+            f"--resume: no checkpoint to continue in {args.out} (looked for {names}); leave "
+            "out --resume to start afresh, or give the --out of the run to continue"
+        )
     if not args.resume and not args.overwrite:
         for path in checkpoints:
             refuse_overwrite(
@@ -525,13 +536,64 @@ def _fit(
         process_group=group,
         **options,
     )
-    if result.start_step and group.main:
+    if result.start_step and result.step > result.start_step and group.main:
         changes = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in result.changed.items())
         print(
             f"{checkpoint}: resumed at step {result.start_step}"
             + (f" with accepted changes: {changes}" if changes else "")
         )
     return vae, result
+
+
+def _record_path(checkpoint: Path) -> Path:
+    """The results file of the run whose checkpoint is ``checkpoint``: ``checkpoint.pt`` ->
+    ``results.json``, ``checkpoint_NAME.pt`` -> ``results_NAME.json``."""
+    return checkpoint.with_name(checkpoint.stem.replace("checkpoint", "results", 1) + ".json")
+
+
+def _finite(value: Any) -> Any:
+    """``value`` for JSON: a NaN/Inf float becomes ``None`` (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
+
+
+def _run_record(result, checkpoint: Path) -> dict:
+    """This run's routes and timing. A call that trained steps writes them to the run's own
+    results file (:func:`_record_path`); a resume that had nothing left to train reads them
+    back (``trained_now`` 0), so a rerun never replaces them with empty ones."""
+    path = _record_path(checkpoint)
+    trained = result.step - result.start_step
+    if trained <= 0 and path.is_file():
+        return {**json.loads(path.read_text()), "trained_now": 0}
+    record = {
+        "steps": result.step,
+        "trained_now": trained,
+        "seconds_per_step": result.seconds_per_step if trained > 0 else None,
+        "device": str(result.device),
+        "threads": torch.get_num_threads(),
+        "routes": {site: r.estimator for site, r in result.elbo.routes.items()},
+        "reasons": {site: r.reason for site, r in result.elbo.routes.items()},
+        "described": [str(r) for r in result.elbo.routes.values()],
+    }
+    if trained > 0:
+        _write_json(path, record)
+    return record
+
+
+def _nothing_trained(checkpoint: Path, result, steps: int, record: dict) -> str:
+    """What a resume that had nothing left to train says."""
+    stored = " (results as stored by the run that trained it)" if record.get("routes") else ""
+    return (
+        f"{checkpoint}: already at step {result.start_step} (--steps {steps}): nothing "
+        f"trained; pass a larger --steps to continue it{stored}"
+    )
 
 
 @torch.no_grad()
@@ -563,6 +625,10 @@ def _encoder_variance(vae, batch: torch.Tensor, num_data: int, draws: int, seed:
     )
     encoder = frame[frame["param"].str.startswith(("encoder.", "z_head."))]
     return frame, encoder.groupby("estimator")["variance"].sum().to_dict()
+
+
+def _per_step(seconds: Optional[float]) -> str:
+    return "-" if seconds is None else f"{seconds:.4f}"
 
 
 def _format_table(rows: list[dict]) -> str:
@@ -599,12 +665,14 @@ def run_demo(args: argparse.Namespace) -> dict:
         with torch.no_grad():
             reconstructions[name] = vae.reconstruct(shown.to(device)).cpu().numpy()
             y_logits, z_mean, z_var = vae.encode(images.to(device))
+        record = _run_record(result, checkpoint)
+        if record["trained_now"] == 0:
+            print(_nothing_trained(checkpoint, result, args.steps, record))
         runs[name] = {
             "result": result,
             "elbo": _evaluate_elbo(vae, images.to(device), args.seed),
             "nmi": normalized_mutual_information(y_logits.argmax(-1).cpu(), labels),
-            "routes": {site: r.estimator for site, r in result.elbo.routes.items()},
-            "reasons": {site: r.reason for site, r in result.elbo.routes.items()},
+            **record,
         }
         if name == "default":  # while its parameters are the param store's
             frame, variance = _encoder_variance(
@@ -648,7 +716,7 @@ def run_demo(args: argparse.Namespace) -> dict:
             "ELBO/image": f"{run['elbo']:.3f}",
             "NMI(y, digit)": f"{run['nmi']:.3f}",
             "encoder grad var": f"{variance.get(name, float('nan')):.3g}",
-            "s/step": f"{run['result'].seconds_per_step:.4f}",
+            "s/step": _per_step(run.get("seconds_per_step")),
             "steps": str(run["result"].step),
         }
         for name, run in runs.items()
@@ -670,14 +738,15 @@ def run_demo(args: argparse.Namespace) -> dict:
             "elbo_per_image": run["elbo"],
             "nmi": run["nmi"],
             "encoder_grad_variance": variance.get(name),
-            "seconds_per_step": run["result"].seconds_per_step,
-            "threads": torch.get_num_threads(),
+            "seconds_per_step": run.get("seconds_per_step"),
+            "threads": run.get("threads", torch.get_num_threads()),
+            "steps": run["result"].step,
             "routes": run["routes"],
             "reasons": run["reasons"],
         }
         for name, run in runs.items()
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_json(out / "results.json", summary)
     print(report)
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))} to {out}/")
     return {"summary": summary, "files": exported}
@@ -748,18 +817,29 @@ def _train_in(args: argparse.Namespace, group, device: torch.device) -> int:
     )
     if not group.main:
         return 0
-    plot_elbo_curves({"train": result.losses}, args.out / "elbo.png", num_data=len(images))
-    for route in result.elbo.routes.values():
-        print(route)
+    record = _run_record(result, checkpoint)
+    if record["trained_now"] == 0:
+        print(_nothing_trained(checkpoint, result, args.steps, record))
+    else:
+        plot_elbo_curves({"train": result.losses}, args.out / "elbo.png", num_data=len(images))
+    print(_train_summary(result, record))
+    return 0
+
+
+def _train_summary(result, record: dict) -> str:
+    """The routes and the step count, time per step and layout of a ``train`` run."""
+    lines = list(record.get("described", []))
     layout = ""
     if result.world_size > 1 or result.noise_shards > 1:
         processes = "process" if result.world_size == 1 else "processes"
         layout = f" ({result.world_size} {processes}, {result.noise_shards} noise shards)"
-    print(
-        f"{result.step} steps, {result.seconds_per_step * 1e3:.1f} ms/step on {result.device}"
-        f"{layout}; checkpoint {result.checkpoint_path}"
+    per_step = record.get("seconds_per_step")
+    timing = f"{per_step * 1e3:.1f} ms/step" if per_step is not None else "no timing stored"
+    lines.append(
+        f"{result.step} steps, {timing} on {record.get('device', result.device)}{layout}; "
+        f"checkpoint {result.checkpoint_path}"
     )
-    return 0
+    return "\n".join(lines)
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -1005,11 +1085,33 @@ def _run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return 2
+    created = _missing_folders(getattr(args, "out", None))
+    status = 1
     try:
         status = COMMANDS[args.command](args)
     except (RankFailedError, KeyboardInterrupt, *_USER_ERRORS) as err:
-        return _report(err, args.command)
+        status = _report(err, args.command)
+    finally:
+        if status not in (0, None) and not isinstance(status, dict):
+            _remove_empty(created)
     return status if isinstance(status, int) else 0
+
+
+def _missing_folders(folder: Optional[Path]) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    if folder is None:
+        return []
+    folder = Path(folder).absolute()
+    return [p for p in [folder, *folder.parents] if not p.exists()]
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders a failed command created and left empty (deepest first)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or never made): keep it and what is above it
+            return
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
