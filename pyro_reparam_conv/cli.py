@@ -40,15 +40,18 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence
 
-import pyro
-import torch
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
-from .distributed import DEFAULT_TIMEOUT, launched_by_torchrun
-
+# torch and Pyro are imported by the commands, not here: `--help` and usage errors stay fast.
 __all__ = ["build_parser", "main"]
 
+#: ``distributed.DEFAULT_TIMEOUT`` and the variables torchrun sets for its workers, repeated
+#: here so that parsing imports no torch (tests/test_cli_help.py checks they agree)
+DEFAULT_TIMEOUT = 300.0
+_TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 MODEL_OPTIONS = ("latent_channels", "num_classes", "hidden_channels", "num_downsamples")
 DEFAULT_THREADS = 1
 #: the demo's runs: name -> the estimator of each site ("auto": the automatic route)
@@ -101,6 +104,11 @@ def _device(text: str) -> str:
     return text
 
 
+def launched_by_torchrun() -> bool:
+    """Whether this process is a ``torchrun`` worker (as ``distributed.launched_by_torchrun``)."""
+    return all(name in os.environ for name in _TORCHRUN_VARIABLES)
+
+
 def _rank() -> int:
     """This process's rank under torchrun, else 0."""
     return int(os.environ["RANK"]) if launched_by_torchrun() else 0
@@ -117,6 +125,21 @@ def _setting_names(text: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------- arguments
+COMPARE_COLUMNS = """\
+the table (one row per estimator and parameter; estimator_comparison.csv has them all):
+  estimator      the label of --estimators; a * when some sites kept another route (the
+                 routes of each label are listed under the table, with the reason)
+  param          the parameter (unconstrained tensor, what the optimizer updates)
+  mean_norm      Euclidean norm of the mean gradient over the draws
+  variance       sum over the parameter's elements of the per-draw gradient variance
+  snr            mean_norm / sqrt(variance): signal-to-noise ratio (higher is better)
+  ms/draw        milliseconds per gradient draw (compare variance x time)
+  z_vs_unbiased  largest |mean - reference| / standard error over the elements, against
+                 the pooled estimators unbiased for any cost (score*, enumerate, disarm,
+                 measure_valued; nan when none other is in the table)
+  agrees         z_vs_unbiased below the threshold for that many elements and draws; a
+                 False for pathwise only: a cost not differentiable in a site
+                 (docs/biased_pathwise.md)"""
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     positive = _int_at_least(1)
@@ -243,7 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(train)
     _add_training_options(train, steps=1000)
     _add_model_options(train)
-    train.add_argument("--z-estimator", choices=("auto", "pathwise", "score"), default="auto")
+    train.add_argument(
+        "--z-estimator",
+        choices=("auto", "pathwise", "score"),
+        default="auto",
+        help="estimator of the latent map z (auto: pathwise, through its rsample)",
+    )
     train.add_argument(
         "--y-estimator",
         choices=("auto", "enumerate", "score"),
@@ -251,7 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="estimator of the cluster y (auto: summed exactly over its support)",
     )
     train.add_argument("--out", type=Path, default=Path("train_output"), help="output folder")
-    train.add_argument("--checkpoint-every", type=_int_at_least(1), default=100)
+    train.add_argument(
+        "--checkpoint-every",
+        type=_int_at_least(1),
+        default=100,
+        help="write the checkpoint every N steps, and at the end (default 100)",
+    )
     parallel = train.add_argument_group(
         "data-parallel (torch.distributed; see docs/distributed.md)",
         "--batch-size is the global batch, split over the processes. Run under `torchrun "
@@ -286,13 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-samples", type=_int_at_least(1), default=200, help="posterior draws (default 200)"
     )
     export.add_argument("--out", type=Path, default=None, help="folder (default: the checkpoint's)")
-    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--seed", type=int, default=0, help="seed of the posterior draws (0)")
 
     audit = command("audit", "routes per site, parameters without gradient, unmatched sites")
     _add_user_model_options(audit)
     _add_model_options(audit)
     _add_data_options(audit)
-    audit.add_argument("--seed", type=int, default=0)
+    audit.add_argument(
+        "--seed", type=int, default=0, help="seed of the audit's draws (default 0)"
+    )
     audit.add_argument(
         "--check-bias",
         action="store_true",
@@ -308,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     compare = command("compare", "gradient variance / SNR / cost per estimator")
+    compare.formatter_class = argparse.RawDescriptionHelpFormatter
+    compare.epilog = COMPARE_COLUMNS
     _add_user_model_options(compare)
     _add_model_options(compare)
     _add_data_options(compare)
@@ -318,9 +355,19 @@ def build_parser() -> argparse.ArgumentParser:
         "or any registered estimator (enumerate, disarm, gumbel_st, measure_valued); default "
         "pathwise,score,score+avg,score+loo",
     )
-    compare.add_argument("--num-draws", type=_int_at_least(2), default=200)
-    compare.add_argument("--out", type=Path, default=Path("compare_output"))
-    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument(
+        "--num-draws",
+        type=_int_at_least(2),
+        default=200,
+        help="gradient draws per estimator (default 200)",
+    )
+    compare.add_argument(
+        "--out",
+        type=Path,
+        default=Path("compare_output"),
+        help="folder of estimator_comparison.csv/.png (default compare_output)",
+    )
+    compare.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
     return parser
 
 
@@ -506,6 +553,8 @@ def _fit(
     (where the images came from) is recorded with the configuration for ``export``/``audit``.
     ``group``: the :class:`~pyro_reparam_conv.distributed.Group` to train in (``None``: this
     process); only its rank 0 prints."""
+    import pyro
+
     from .distributed import SINGLE
     from .elbo import RoutedELBO
     from .train import train
@@ -568,6 +617,8 @@ def _run_record(result, checkpoint: Path) -> dict:
     """This run's routes and timing. A call that trained steps writes them to the run's own
     results file (:func:`_record_path`); a resume that had nothing left to train reads them
     back (``trained_now`` 0), so a rerun never replaces them with empty ones."""
+    import torch
+
     path = _record_path(checkpoint)
     trained = result.step - result.start_step
     if trained <= 0 and path.is_file():
@@ -596,13 +647,16 @@ def _nothing_trained(checkpoint: Path, result, steps: int, record: dict) -> str:
     )
 
 
-@torch.no_grad()
 def _evaluate_elbo(vae, images: torch.Tensor, seed: int, num_particles: int = 8) -> float:
     """ELBO per image on ``images``: a Monte Carlo estimate with ``Trace_ELBO`` (the same
     estimator for every run, whatever its training routes)."""
+    import pyro
+    import torch
+
     pyro.set_rng_seed(seed)
     elbo = pyro.infer.Trace_ELBO(num_particles=num_particles)
-    return -elbo.loss(vae.model, vae.guide, images) / len(images)
+    with torch.no_grad():
+        return -elbo.loss(vae.model, vae.guide, images) / len(images)
 
 
 def _encoder_variance(vae, batch: torch.Tensor, num_data: int, draws: int, seed: int):
@@ -635,12 +689,14 @@ def _format_table(rows: list[dict]) -> str:
     headers = list(rows[0])
     cells = [[str(row[h]) for h in headers] for row in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths))  # noqa: E731
+    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(c) for c in cells])
 
 
 def run_demo(args: argparse.Namespace) -> dict:
     """Train each of :data:`DEMO_RUNS`, compare, plot and export; returns the results as data."""
+    import torch
+
     from .data import load_default_images
     from .metrics import normalized_mutual_information
     from .plots import (
@@ -843,6 +899,8 @@ def _train_summary(result, record: dict) -> str:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    import pyro
+
     from .checkpoint import check_writable
     from .train import load_checkpoint, load_params
 
@@ -954,6 +1012,8 @@ def _check_call(
 def _diagnostic_target(args: argparse.Namespace) -> tuple[Callable, Callable, tuple, dict]:
     """(model, guide, args, kwargs): the user's (``--model/--guide/--inputs``) or the built-in
     (with ``--checkpoint``: its parameters, configuration and data)."""
+    import pyro
+
     if args.model or args.guide or args.inputs:
         if not (args.model and args.guide):
             raise ValueError("give both --model and --guide (and --inputs if they take arguments)")
@@ -980,6 +1040,8 @@ def _diagnostic_target(args: argparse.Namespace) -> tuple[Callable, Callable, tu
 
 
 def run_audit(args: argparse.Namespace) -> int:
+    import pyro
+
     from .diagnostics import audit_gradients
 
     pyro.set_rng_seed(args.seed)
@@ -1015,12 +1077,39 @@ def run_compare(args: argparse.Namespace) -> int:
     )
     frame.to_csv(args.out / "estimator_comparison.csv", index=False)
     plot_estimator_comparison(frame, args.out / "estimator_comparison.png")
-    print(frame.to_string(index=False))
-    for estimator, skipped in (frame.attrs.get("skipped") or {}).items():
-        if skipped:
-            print(f"{estimator}: skipped {skipped}")
+    print(_compare_table(frame))
+    print("the columns: `pyro-reparam-conv compare --help`")
     print(f"wrote estimator_comparison.csv/.png to {args.out}/")
     return 0
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3) :]
+
+
+def _compare_table(frame) -> str:
+    """``compare``'s table, under 100 characters wide, then each label's routes (a label with
+    a ``*`` left some sites on another route: they are named, with the reason)."""
+    skipped = frame.attrs.get("skipped") or {}
+    star = lambda name: name + ("*" if skipped.get(name) else "")  # noqa: E731
+    rows = [
+        {
+            "estimator": _short(star(row.estimator), 14),
+            "param": _short(str(row.param), 24),
+            "mean_norm": f"{row.mean_norm:.3g}",
+            "variance": f"{row.variance:.3g}",
+            "snr": f"{row.snr:.3g}",
+            "ms/draw": f"{row.seconds_per_draw * 1e3:.1f}",
+            "z_vs_unbiased": f"{row.z_vs_unbiased:.2f}",
+            "agrees": "-" if row.agrees is None else str(row.agrees),
+        }
+        for row in frame.itertuples()
+    ]
+    lines = [_format_table(rows), "routes:"]
+    for name, routes in frame.groupby("estimator", sort=False)["routes"].first().items():
+        lines.append(f"  {star(name)}: {routes}")
+        lines += [f"    {site} not {name}: {why}" for site, why in skipped.get(name, {}).items()]
+    return "\n".join(lines)
 
 
 COMMANDS = {
@@ -1121,6 +1210,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exit_:  # --help (0) or a usage error (2, one line already printed)
         return int(exit_.code or 0)
     args.argv = argv  # what `train --nproc N` hands to the processes it launches
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

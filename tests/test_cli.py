@@ -119,7 +119,14 @@ def test_train_export_audit_compare_on_user_data(tmp_path, capsys):
         "pathwise,score,enumerate",
         *TINY_MODEL,
     ]
+    capsys.readouterr()
     assert main(argv) == 0
+    printed = capsys.readouterr().out
+    table = [line for line in printed.splitlines() if not line.startswith("wrote ")]
+    assert max(map(len, table)) <= 100, printed  # fits a terminal
+    # y is enumerated in the "pathwise" run: the label says so, and why
+    assert "pathwise*: y:enumerate, z:pathwise" in printed
+    assert "y not pathwise: Categorical has no rsample" in printed
     assert {"estimator_comparison.csv", "estimator_comparison.png"} <= {
         p.name for p in compare_out.iterdir()
     }
