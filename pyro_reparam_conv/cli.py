@@ -255,8 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--export-images",
         type=_int_at_least(1),
-        default=64,
-        help="images in posterior.nc (default 64)",
+        default=8,
+        help="images with all their posterior draws in posterior.nc (default 8); "
+        "posterior_summary.nc and summary.csv have every image",
     )
     demo.add_argument(
         "--num-samples", type=_int_at_least(1), default=200, help="posterior draws (default 200)"
@@ -312,12 +313,24 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_TIMEOUT:g})",
     )
 
-    export = command("export", "checkpoint -> posterior.nc, summary.csv, plots")
+    export = command(
+        "export",
+        "checkpoint -> posterior_summary.nc (every image), summary.csv, posterior.nc (all "
+        "draws of a few images), posterior_z.png",
+    )
     export.add_argument("checkpoint", type=Path, help="checkpoint.pt written by `train`")
     _add_data_options(export)
     export.add_argument(
         "--num-samples", type=_int_at_least(1), default=200, help="posterior draws (default 200)"
     )
+    export.add_argument(
+        "--images",
+        type=_image_list,
+        metavar="LIST",
+        help="images whose posterior draws all go to posterior.nc, as indices and ranges, e.g. "
+        "0-7,12 (default 0-7); every image is summarised in posterior_summary.nc",
+    )
+    export.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     export.add_argument("--out", type=Path, default=None, help="folder (default: the checkpoint's)")
     export.add_argument("--seed", type=int, default=0, help="seed of the posterior draws (0)")
 
@@ -472,46 +485,103 @@ def _checkpoint_images(args: argparse.Namespace, checkpoint: Path, state: dict) 
     return images
 
 
-def _most_informed(z, count: int = 4):
-    """The ``count`` elements of the first image's ``z`` with the smallest posterior sd (the
-    ones the data informs most; others may sit at the prior), as a Dataset for ArviZ."""
-    first = z.isel({z.dims[2]: 0}).stack(element=list(z.dims[3:]))
-    chosen = first.std(("chain", "draw")).argsort().values[:count]
-    picked = first.isel(element=chosen)
-    labels = [f"z[0, {', '.join(map(str, index))}]" for index in picked["element"].values]
-    picked = picked.drop_vars(["element", *z.dims[3:]]).assign_coords(element=labels)
-    return picked.to_dataset(name="z")
+def _image_list(text: str) -> list[int]:
+    """``0-7,12`` -> ``[0, 1, ..., 7, 12]`` (image indices, in order, without repeats)."""
+    found: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            low, dash, high = part.partition("-")
+            found += range(int(low), int(high) + 1) if dash else [int(low)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected indices like 0-7,12, got {text!r}") from None
+    if not found or min(found) < 0:
+        raise argparse.ArgumentTypeError(f"expected indices >= 0 like 0-7,12, got {text!r}")
+    return list(dict.fromkeys(found))
+
+
+def _posterior_summary(vae, images, progress: bool, batch: int = 1024):
+    """Every image's ``q(y | x)`` and the posterior mean and sd of its latent map ``z``, exact
+    (the guide's own parameters, no draws), as an xarray Dataset (float32)."""
+    import numpy as np
+    import torch
+    import xarray as xr
+    from tqdm.auto import tqdm
+
+    parts: list[tuple] = []
+    starts = range(0, len(images), batch)
+    with torch.no_grad():
+        for start in tqdm(starts, desc="summary", unit="batch", disable=not progress):
+            logits, mean, var = vae.encode(images[start : start + batch])
+            parts.append((logits.softmax(-1), mean, var.sqrt()))
+    y_prob, z_mean, z_sd = (torch.cat(p).cpu().numpy().astype(np.float32) for p in zip(*parts))
+    z_dims = ("image", "channel", "row", "col")
+    return xr.Dataset(
+        {"y_prob": (("image", "cluster"), y_prob), "z_mean": (z_dims, z_mean),
+         "z_sd": (z_dims, z_sd)},
+        coords={"image": np.arange(len(images))},
+        attrs={"description": "q(y | x) and the mean and sd of q(z | x), per image"},
+    )  # fmt: skip
+
+
+def _summary_table(summary):
+    """``summary.csv``: one row per image, what a person reads: its most probable cluster,
+    that cluster's probability, and the mean posterior sd of its latent map."""
+    import pandas as pd
+
+    y_prob = summary["y_prob"].values
+    return pd.DataFrame(
+        {
+            "image": summary["image"].values,
+            "cluster": y_prob.argmax(-1),
+            "p_cluster": y_prob.max(-1).round(4),
+            "z_sd_mean": summary["z_sd"].values.mean((1, 2, 3)).round(4),
+        }
+    )
+
+
+def _megabytes(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.0f} kB"
 
 
 def _export(
-    model,
-    guide,
-    images: torch.Tensor,
+    vae,
+    images,
     out: Path,
     num_samples: int,
     seed: int,
     losses: Optional[Sequence[float]] = None,
+    shown: Sequence[int] = range(8),
+    progress: bool = True,
 ) -> dict[str, Path]:
-    """posterior.nc, summary.csv and an ArviZ posterior plot of the best-informed z elements."""
+    """``posterior_summary.nc`` (every image, summarised), ``summary.csv`` (one row per
+    image), ``posterior.nc`` (ArviZ InferenceData: all ``num_samples`` draws of the images
+    ``shown`` only, under their indices) and ``posterior_z.png``; sizes are printed first."""
     from .inference_data import quiet_arviz, to_inference_data
-    from .plots import save_figure
+    from .plots import plot_posterior_z
 
+    shown = list(shown)
+    if max(shown) >= len(images):
+        raise ValueError(f"--images {max(shown)}: there are {len(images)} images (0-based)")
+    summary = _posterior_summary(vae, images, progress)
+    table = _summary_table(summary)
     idata = to_inference_data(
-        model, guide, images, num_samples=num_samples, seed=seed, elbo_trace=losses
+        vae.model, vae.guide, images[shown], num_samples=num_samples, seed=seed,
+        elbo_trace=losses,
+    )  # fmt: skip
+    with quiet_arviz():
+        idata = idata.assign_coords({"images": shown}, groups=["posterior", "posterior_predictive",
+                                    "log_likelihood", "observed_data"])  # fmt: skip
+    paths = {name: out / name for name in ("posterior_summary.nc", "summary.csv", "posterior.nc")}
+    draws_bytes = sum(ds.nbytes for _, ds in idata.items())
+    print(
+        f"writing to {out}/: posterior_summary.nc {_megabytes(summary.nbytes)} ({len(images)} "
+        f"images), summary.csv {_megabytes(len(table) * 32)}, posterior.nc "
+        f"{_megabytes(draws_bytes)} ({num_samples} draws of {len(shown)} images)"
     )
-    with quiet_arviz() as az:
-        paths = {"posterior.nc": out / "posterior.nc", "summary.csv": out / "summary.csv"}
-        idata.to_netcdf(str(paths["posterior.nc"]))
-        az.summary(idata, var_names=["y", "z"]).to_csv(paths["summary.csv"])
-        # 2 x 2 panels at a readable size (ArviZ's default puts them in one wide row)
-        axes = az.plot_posterior(
-            _most_informed(idata.posterior["z"]),
-            grid=(2, 2),
-            figsize=(9, 6.5),
-            textsize=10,
-            backend_kwargs={"layout": "constrained"},
-        )
-        paths["posterior_z.png"] = save_figure(axes.ravel()[0].figure, out / "posterior_z.png")
+    summary.to_netcdf(paths["posterior_summary.nc"])
+    table.to_csv(paths["summary.csv"], index=False)
+    idata.to_netcdf(str(paths["posterior.nc"]))
+    paths["posterior_z.png"] = plot_posterior_z(idata.posterior["z"], out / "posterior_z.png")
     return paths
 
 
@@ -747,13 +817,14 @@ def run_demo(args: argparse.Namespace) -> dict:
                 title="q(y, z | x) after training with the default routes",
             )
             exported = _export(
-                vae.model,
-                vae.guide,
-                images[: args.export_images].to(device),
+                vae,
+                images.to(device),
                 out,
                 args.num_samples,
                 args.seed,
                 result.losses,
+                shown=range(min(args.export_images, len(images))),
+                progress=not args.no_progress,
             )
     default = runs["default"]
     frame.to_csv(out / "estimator_comparison.csv", index=False)
@@ -911,7 +982,10 @@ def run_export(args: argparse.Namespace) -> int:
     pyro.clear_param_store()
     vae = _build_model(state["metadata"])
     load_params(vae.model, vae.guide, args.checkpoint, images[:2])
-    paths = _export(vae.model, vae.guide, images, out, args.num_samples, args.seed, state["losses"])
+    shown = args.images if args.images is not None else range(min(8, len(images)))
+    paths = _export(
+        vae, images, out, args.num_samples, args.seed, state["losses"], shown, not args.no_progress
+    )
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

@@ -18,7 +18,13 @@ from .introspect import display_name
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-__all__ = ["plot_elbo_curves", "plot_posterior", "plot_reconstructions", "save_figure"]
+__all__ = [
+    "plot_elbo_curves",
+    "plot_posterior",
+    "plot_posterior_z",
+    "plot_reconstructions",
+    "save_figure",
+]
 
 PathLike = Union[str, Path]
 
@@ -235,4 +241,37 @@ def plot_estimator_comparison(
         fontsize=9,
     )
     fig.suptitle(title or "Gradient estimators: variance and signal-to-noise per parameter")
+    return save_figure(fig, path)
+
+
+def plot_posterior_z(z, path: PathLike, count: int = 4) -> Path:
+    """Histograms of the posterior draws of ``z`` (an xarray DataArray ``(chain, draw, image,
+    channel, row, col)``, as in ``posterior.nc``): one panel per image (the first ``count``),
+    each showing the element of that image's latent map that the data informs most (the
+    smallest posterior sd), titled with the image, channel and position."""
+    values = np.asarray(z.values).reshape(-1, *z.shape[2:])  # (draws, image, C, H, W)
+    images = [int(i) for i in z.coords[z.dims[2]].values][:count]
+    grid = (2, 2) if len(images) > 1 else (1, 1)
+    fig, axes = _new_figure(*grid, figsize=(4.5 * grid[1], 3.4 * grid[0] + 0.4), layout="constrained")
+    for k, ax in enumerate(axes.ravel()):
+        if k >= len(images):
+            ax.remove()
+            continue
+        draws = values[:, k].reshape(len(values), -1)
+        element = int(draws.std(0).argmin())
+        channel, row, col = np.unravel_index(element, values.shape[2:])
+        x = draws[:, element]
+        ax.hist(x, bins=30, color="tab:blue", alpha=0.8)
+        ax.axvline(x.mean(), color="black", lw=1)
+        ax.set_title(
+            f"image {images[k]}, channel {channel}, row {row}, col {col}\n"
+            f"mean {x.mean():.3g}, sd {x.std(ddof=1):.3g}",
+            fontsize=10,
+        )
+        ax.set_xlabel("z (value of the element)")
+        ax.set_ylabel("posterior draws")
+    fig.suptitle(
+        f"q(z | x): {len(values)} draws of the best-informed element (smallest sd) of each "
+        "image's latent map"
+    )
     return save_figure(fig, path)
