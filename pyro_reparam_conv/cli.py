@@ -8,8 +8,10 @@
   ``posterior.nc``, ``summary.csv``).
 - ``train`` / ``export``: the same model on the user's ``.npy`` / ``.npz`` images; training
   checkpoints are atomic and checksummed, ``--resume`` continues exactly (and refuses changed
-  settings unless ``--allow-changed`` names them); ``export`` turns a checkpoint into ArviZ
-  files, from any folder (the checkpoint records where its data is). ``train`` runs
+  settings unless ``--allow-changed`` names them; a resume with nothing left to train says
+  so and shows the run's stored results); ``export`` turns a checkpoint into files from any
+  folder (the checkpoint records where its data is): every image summarised
+  (``posterior_summary.nc``, ``summary.csv``), all draws of a few (``posterior.nc``). ``train`` runs
   data-parallel under ``torchrun`` or with ``--nproc N`` (which launches torchrun's agent):
   see :mod:`pyro_reparam_conv.distributed`; its errors are said once, by the rank concerned.
 - ``audit`` / ``compare``: gradient diagnostics for the built-in model (or a checkpoint of it)
