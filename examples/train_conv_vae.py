@@ -66,7 +66,12 @@ def main(steps: int, out: Path, resume: bool = False, overwrite: bool = False) -
         warnings.simplefilter("ignore", FutureWarning)
         import arviz as az
 
-        print(az.summary(idata, var_names=["y"], kind="stats").head())
+        # y is a cluster label: its mean over draws means nothing; show q(y | x) instead
+        with torch.no_grad():
+            y_logits, _, _ = vae.encode(images[:4])
+        print("q(y | x) of images 0-3:\n", y_logits.softmax(-1).numpy().round(2))
+        z0 = {"images": [0], "z_dim_1": [0]}  # image 0, channel 0 of the latent map
+        print(az.summary(idata, var_names=["z"], coords=z0, kind="stats").head())
         # PSIS-LOO runs, but with a latent per image every Pareto k is high: leaving an image
         # out removes the only data its own z sees. Trust az.loo for global parameters.
         print(az.loo(idata))
