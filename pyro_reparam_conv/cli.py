@@ -712,7 +712,11 @@ def _run_record(result, checkpoint: Path) -> dict:
 
 def _nothing_trained(checkpoint: Path, result, steps: int, record: dict) -> str:
     """What a resume that had nothing left to train says."""
-    stored = " (results as stored by the run that trained it)" if record.get("routes") else ""
+    stored = (
+        " (results as stored by the run that trained it)"
+        if record.get("routes")
+        else f" (no {_record_path(checkpoint).name} stored with it: no routes or timing to show)"
+    )
     return (
         f"{checkpoint}: already at step {result.start_step} (--steps {steps}): nothing "
         f"trained; pass a larger --steps to continue it{stored}"
