@@ -255,7 +255,8 @@ def plot_posterior_z(z, path: PathLike, count: int = 4) -> Path:
     values = np.asarray(z.values).reshape(-1, *z.shape[2:])  # (draws, image, C, H, W)
     images = [int(i) for i in z.coords[z.dims[2]].values][:count]
     grid = (2, 2) if len(images) > 1 else (1, 1)
-    fig, axes = _new_figure(*grid, figsize=(4.5 * grid[1], 3.4 * grid[0] + 0.4), layout="constrained")
+    size = (4.5 * grid[1], 3.4 * grid[0] + 0.4)
+    fig, axes = _new_figure(*grid, figsize=size, layout="constrained")
     for k, ax in enumerate(axes.ravel()):
         if k >= len(images):
             ax.remove()
