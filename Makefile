@@ -2,6 +2,7 @@
 #   make demo   runs the main job on the embedded default data
 #   make test   runs the test suite
 # Both create .venv when missing and install the package with its test extras.
+# Options go through ARGS: make demo ARGS="--resume"  (or --overwrite, --out DIR, --steps N)
 # torch: the CPU build is installed only when the venv has no torch at all, so a
 # venv made with `python3 -m venv --system-site-packages .venv` over a CUDA torch keeps it.
 

@@ -8,8 +8,10 @@
   ``posterior.nc``, ``summary.csv``).
 - ``train`` / ``export``: the same model on the user's ``.npy`` / ``.npz`` images; training
   checkpoints are atomic and checksummed, ``--resume`` continues exactly (and refuses changed
-  settings unless ``--allow-changed`` names them); ``export`` turns a checkpoint into ArviZ
-  files, from any folder (the checkpoint records where its data is). ``train`` runs
+  settings unless ``--allow-changed`` names them; a resume with nothing left to train says
+  so and shows the run's stored results); ``export`` turns a checkpoint into files from any
+  folder (the checkpoint records where its data is): every image summarised
+  (``posterior_summary.nc``, ``summary.csv``), all draws of a few (``posterior.nc``). ``train`` runs
   data-parallel under ``torchrun`` or with ``--nproc N`` (which launches torchrun's agent):
   see :mod:`pyro_reparam_conv.distributed`; its errors are said once, by the rank concerned.
 - ``audit`` / ``compare``: gradient diagnostics for the built-in model (or a checkpoint of it)
@@ -40,15 +42,18 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence
 
-import pyro
-import torch
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
-from .distributed import DEFAULT_TIMEOUT, launched_by_torchrun
-
+# torch and Pyro are imported by the commands, not here: `--help` and usage errors stay fast.
 __all__ = ["build_parser", "main"]
 
+#: ``distributed.DEFAULT_TIMEOUT`` and the variables torchrun sets for its workers, repeated
+#: here so that parsing imports no torch (tests/test_cli_help.py checks they agree)
+DEFAULT_TIMEOUT = 300.0
+_TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 MODEL_OPTIONS = ("latent_channels", "num_classes", "hidden_channels", "num_downsamples")
 DEFAULT_THREADS = 1
 #: the demo's runs: name -> the estimator of each site ("auto": the automatic route)
@@ -101,6 +106,11 @@ def _device(text: str) -> str:
     return text
 
 
+def launched_by_torchrun() -> bool:
+    """Whether this process is a ``torchrun`` worker (as ``distributed.launched_by_torchrun``)."""
+    return all(name in os.environ for name in _TORCHRUN_VARIABLES)
+
+
 def _rank() -> int:
     """This process's rank under torchrun, else 0."""
     return int(os.environ["RANK"]) if launched_by_torchrun() else 0
@@ -117,6 +127,21 @@ def _setting_names(text: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------- arguments
+COMPARE_COLUMNS = """\
+the table (one row per estimator and parameter; estimator_comparison.csv has them all):
+  estimator      the label of --estimators; a * when some sites kept another route (the
+                 routes of each label are listed under the table, with the reason)
+  param          the parameter (unconstrained tensor, what the optimizer updates)
+  mean_norm      Euclidean norm of the mean gradient over the draws
+  variance       sum over the parameter's elements of the per-draw gradient variance
+  snr            mean_norm / sqrt(variance): signal-to-noise ratio (higher is better)
+  ms/draw        milliseconds per gradient draw (compare variance x time)
+  z_vs_unbiased  largest |mean - reference| / standard error over the elements, against
+                 the pooled estimators unbiased for any cost (score*, enumerate, disarm,
+                 measure_valued; nan when none other is in the table)
+  agrees         z_vs_unbiased below the threshold for that many elements and draws; a
+                 False for pathwise only: a cost not differentiable in a site
+                 (docs/biased_pathwise.md)"""
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     positive = _int_at_least(1)
@@ -232,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--export-images",
         type=_int_at_least(1),
-        default=64,
-        help="images in posterior.nc (default 64)",
+        default=8,
+        help="images with all their posterior draws in posterior.nc (default 8); "
+        "posterior_summary.nc and summary.csv have every image",
     )
     demo.add_argument(
         "--num-samples", type=_int_at_least(1), default=200, help="posterior draws (default 200)"
@@ -243,7 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(train)
     _add_training_options(train, steps=1000)
     _add_model_options(train)
-    train.add_argument("--z-estimator", choices=("auto", "pathwise", "score"), default="auto")
+    train.add_argument(
+        "--z-estimator",
+        choices=("auto", "pathwise", "score"),
+        default="auto",
+        help="estimator of the latent map z (auto: pathwise, through its rsample)",
+    )
     train.add_argument(
         "--y-estimator",
         choices=("auto", "enumerate", "score"),
@@ -251,7 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="estimator of the cluster y (auto: summed exactly over its support)",
     )
     train.add_argument("--out", type=Path, default=Path("train_output"), help="output folder")
-    train.add_argument("--checkpoint-every", type=_int_at_least(1), default=100)
+    train.add_argument(
+        "--checkpoint-every",
+        type=_int_at_least(1),
+        default=100,
+        help="write the checkpoint every N steps, and at the end (default 100)",
+    )
     parallel = train.add_argument_group(
         "data-parallel (torch.distributed; see docs/distributed.md)",
         "--batch-size is the global batch, split over the processes. Run under `torchrun "
@@ -279,20 +315,34 @@ def build_parser() -> argparse.ArgumentParser:
         f"{DEFAULT_TIMEOUT:g})",
     )
 
-    export = command("export", "checkpoint -> posterior.nc, summary.csv, plots")
+    export = command(
+        "export",
+        "checkpoint -> posterior_summary.nc (every image), summary.csv, posterior.nc (all "
+        "draws of a few images), posterior_z.png",
+    )
     export.add_argument("checkpoint", type=Path, help="checkpoint.pt written by `train`")
     _add_data_options(export)
     export.add_argument(
         "--num-samples", type=_int_at_least(1), default=200, help="posterior draws (default 200)"
     )
+    export.add_argument(
+        "--images",
+        type=_image_list,
+        metavar="LIST",
+        help="images whose posterior draws all go to posterior.nc, as indices and ranges, e.g. "
+        "0-7,12 (default 0-7); every image is summarised in posterior_summary.nc",
+    )
+    export.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     export.add_argument("--out", type=Path, default=None, help="folder (default: the checkpoint's)")
-    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--seed", type=int, default=0, help="seed of the posterior draws (0)")
 
     audit = command("audit", "routes per site, parameters without gradient, unmatched sites")
     _add_user_model_options(audit)
     _add_model_options(audit)
     _add_data_options(audit)
-    audit.add_argument("--seed", type=int, default=0)
+    audit.add_argument(
+        "--seed", type=int, default=0, help="seed of the audit's draws (default 0)"
+    )
     audit.add_argument(
         "--check-bias",
         action="store_true",
@@ -308,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     compare = command("compare", "gradient variance / SNR / cost per estimator")
+    compare.formatter_class = argparse.RawDescriptionHelpFormatter
+    compare.epilog = COMPARE_COLUMNS
     _add_user_model_options(compare)
     _add_model_options(compare)
     _add_data_options(compare)
@@ -318,9 +370,19 @@ def build_parser() -> argparse.ArgumentParser:
         "or any registered estimator (enumerate, disarm, gumbel_st, measure_valued); default "
         "pathwise,score,score+avg,score+loo",
     )
-    compare.add_argument("--num-draws", type=_int_at_least(2), default=200)
-    compare.add_argument("--out", type=Path, default=Path("compare_output"))
-    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument(
+        "--num-draws",
+        type=_int_at_least(2),
+        default=200,
+        help="gradient draws per estimator (default 200)",
+    )
+    compare.add_argument(
+        "--out",
+        type=Path,
+        default=Path("compare_output"),
+        help="folder of estimator_comparison.csv/.png (default compare_output)",
+    )
+    compare.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
     return parser
 
 
@@ -390,6 +452,11 @@ def _images_from(source: Mapping, base: Optional[Path] = None) -> torch.Tensor:
 
 
 def _load_data(args: argparse.Namespace) -> torch.Tensor:
+    """The images of ``--data`` (or the embedded digits); a missing file is named as given."""
+    data = getattr(args, "data", None)
+    if data is not None and not Path(data).is_file():
+        what = "is a folder, not a file" if Path(data).is_dir() else "no such file"
+        raise ValueError(f"--data {data}: {what}")
     return _images_from(_data_source(args))
 
 
@@ -420,46 +487,103 @@ def _checkpoint_images(args: argparse.Namespace, checkpoint: Path, state: dict) 
     return images
 
 
-def _most_informed(z, count: int = 4):
-    """The ``count`` elements of the first image's ``z`` with the smallest posterior sd (the
-    ones the data informs most; others may sit at the prior), as a Dataset for ArviZ."""
-    first = z.isel({z.dims[2]: 0}).stack(element=list(z.dims[3:]))
-    chosen = first.std(("chain", "draw")).argsort().values[:count]
-    picked = first.isel(element=chosen)
-    labels = [f"z[0, {', '.join(map(str, index))}]" for index in picked["element"].values]
-    picked = picked.drop_vars(["element", *z.dims[3:]]).assign_coords(element=labels)
-    return picked.to_dataset(name="z")
+def _image_list(text: str) -> list[int]:
+    """``0-7,12`` -> ``[0, 1, ..., 7, 12]`` (image indices, in order, without repeats)."""
+    found: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            low, dash, high = part.partition("-")
+            found += range(int(low), int(high) + 1) if dash else [int(low)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected indices like 0-7,12, got {text!r}") from None
+    if not found or min(found) < 0:
+        raise argparse.ArgumentTypeError(f"expected indices >= 0 like 0-7,12, got {text!r}")
+    return list(dict.fromkeys(found))
+
+
+def _posterior_summary(vae, images, progress: bool, batch: int = 1024):
+    """Every image's ``q(y | x)`` and the posterior mean and sd of its latent map ``z``, exact
+    (the guide's own parameters, no draws), as an xarray Dataset (float32)."""
+    import numpy as np
+    import torch
+    import xarray as xr
+    from tqdm.auto import tqdm
+
+    parts: list[tuple] = []
+    starts = range(0, len(images), batch)
+    with torch.no_grad():
+        for start in tqdm(starts, desc="summary", unit="batch", disable=not progress):
+            logits, mean, var = vae.encode(images[start : start + batch])
+            parts.append((logits.softmax(-1), mean, var.sqrt()))
+    y_prob, z_mean, z_sd = (torch.cat(p).cpu().numpy().astype(np.float32) for p in zip(*parts))
+    z_dims = ("image", "channel", "row", "col")
+    return xr.Dataset(
+        {"y_prob": (("image", "cluster"), y_prob), "z_mean": (z_dims, z_mean),
+         "z_sd": (z_dims, z_sd)},
+        coords={"image": np.arange(len(images))},
+        attrs={"description": "q(y | x) and the mean and sd of q(z | x), per image"},
+    )  # fmt: skip
+
+
+def _summary_table(summary):
+    """``summary.csv``: one row per image, what a person reads: its most probable cluster,
+    that cluster's probability, and the mean posterior sd of its latent map."""
+    import pandas as pd
+
+    y_prob = summary["y_prob"].values
+    return pd.DataFrame(
+        {
+            "image": summary["image"].values,
+            "cluster": y_prob.argmax(-1),
+            "p_cluster": y_prob.max(-1).round(4),
+            "z_sd_mean": summary["z_sd"].values.mean((1, 2, 3)).round(4),
+        }
+    )
+
+
+def _megabytes(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.0f} kB"
 
 
 def _export(
-    model,
-    guide,
-    images: torch.Tensor,
+    vae,
+    images,
     out: Path,
     num_samples: int,
     seed: int,
     losses: Optional[Sequence[float]] = None,
+    shown: Sequence[int] = range(8),
+    progress: bool = True,
 ) -> dict[str, Path]:
-    """posterior.nc, summary.csv and an ArviZ posterior plot of the best-informed z elements."""
+    """``posterior_summary.nc`` (every image, summarised), ``summary.csv`` (one row per
+    image), ``posterior.nc`` (ArviZ InferenceData: all ``num_samples`` draws of the images
+    ``shown`` only, under their indices) and ``posterior_z.png``; sizes are printed first."""
     from .inference_data import quiet_arviz, to_inference_data
-    from .plots import save_figure
+    from .plots import plot_posterior_z
 
+    shown = list(shown)
+    if max(shown) >= len(images):
+        raise ValueError(f"--images {max(shown)}: there are {len(images)} images (0-based)")
+    summary = _posterior_summary(vae, images, progress)
+    table = _summary_table(summary)
     idata = to_inference_data(
-        model, guide, images, num_samples=num_samples, seed=seed, elbo_trace=losses
+        vae.model, vae.guide, images[shown], num_samples=num_samples, seed=seed,
+        elbo_trace=losses,
+    )  # fmt: skip
+    with quiet_arviz():
+        idata = idata.assign_coords({"images": shown}, groups=["posterior", "posterior_predictive",
+                                    "log_likelihood", "observed_data"])  # fmt: skip
+    paths = {name: out / name for name in ("posterior_summary.nc", "summary.csv", "posterior.nc")}
+    draws_bytes = sum(ds.nbytes for _, ds in idata.items())
+    print(
+        f"writing to {out}/: posterior_summary.nc {_megabytes(summary.nbytes)} ({len(images)} "
+        f"images), summary.csv {_megabytes(len(table) * 32)}, posterior.nc "
+        f"{_megabytes(draws_bytes)} ({num_samples} draws of {len(shown)} images)"
     )
-    with quiet_arviz() as az:
-        paths = {"posterior.nc": out / "posterior.nc", "summary.csv": out / "summary.csv"}
-        idata.to_netcdf(str(paths["posterior.nc"]))
-        az.summary(idata, var_names=["y", "z"]).to_csv(paths["summary.csv"])
-        # 2 x 2 panels at a readable size (ArviZ's default puts them in one wide row)
-        axes = az.plot_posterior(
-            _most_informed(idata.posterior["z"]),
-            grid=(2, 2),
-            figsize=(9, 6.5),
-            textsize=10,
-            backend_kwargs={"layout": "constrained"},
-        )
-        paths["posterior_z.png"] = save_figure(axes.ravel()[0].figure, out / "posterior_z.png")
+    summary.to_netcdf(paths["posterior_summary.nc"])
+    table.to_csv(paths["summary.csv"], index=False)
+    idata.to_netcdf(str(paths["posterior.nc"]))
+    paths["posterior_z.png"] = plot_posterior_z(idata.posterior["z"], out / "posterior_z.png")
     return paths
 
 
@@ -469,6 +593,12 @@ def _prepare_out(args: argparse.Namespace, checkpoints: Sequence[Path]) -> None:
     ``--resume``), and make sure ``--out`` can be written."""
     from .checkpoint import check_writable, refuse_overwrite
 
+    if args.resume and not any(path.exists() for path in checkpoints):
+        names = ", ".join(path.name for path in checkpoints)
+        raise ValueError(
+            f"--resume: no checkpoint to continue in {args.out} (looked for {names}); leave "
+            "out --resume to start afresh, or give the --out of the run to continue"
+        )
     if not args.resume and not args.overwrite:
         for path in checkpoints:
             refuse_overwrite(
@@ -495,6 +625,8 @@ def _fit(
     (where the images came from) is recorded with the configuration for ``export``/``audit``.
     ``group``: the :class:`~pyro_reparam_conv.distributed.Group` to train in (``None``: this
     process); only its rank 0 prints."""
+    import pyro
+
     from .distributed import SINGLE
     from .elbo import RoutedELBO
     from .train import train
@@ -525,7 +657,7 @@ def _fit(
         process_group=group,
         **options,
     )
-    if result.start_step and group.main:
+    if result.start_step and result.step > result.start_step and group.main:
         changes = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in result.changed.items())
         print(
             f"{checkpoint}: resumed at step {result.start_step}"
@@ -534,13 +666,73 @@ def _fit(
     return vae, result
 
 
-@torch.no_grad()
+def _record_path(checkpoint: Path) -> Path:
+    """The results file of the run whose checkpoint is ``checkpoint``: ``checkpoint.pt`` ->
+    ``results.json``, ``checkpoint_NAME.pt`` -> ``results_NAME.json``."""
+    return checkpoint.with_name(checkpoint.stem.replace("checkpoint", "results", 1) + ".json")
+
+
+def _finite(value: Any) -> Any:
+    """``value`` for JSON: a NaN/Inf float becomes ``None`` (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n")
+
+
+def _run_record(result, checkpoint: Path) -> dict:
+    """This run's routes and timing. A call that trained steps writes them to the run's own
+    results file (:func:`_record_path`); a resume that had nothing left to train reads them
+    back (``trained_now`` 0), so a rerun never replaces them with empty ones."""
+    import torch
+
+    path = _record_path(checkpoint)
+    trained = result.step - result.start_step
+    if trained <= 0 and path.is_file():
+        return {**json.loads(path.read_text()), "trained_now": 0}
+    record = {
+        "steps": result.step,
+        "trained_now": trained,
+        "seconds_per_step": result.seconds_per_step if trained > 0 else None,
+        "device": str(result.device),
+        "threads": torch.get_num_threads(),
+        "routes": {site: r.estimator for site, r in result.elbo.routes.items()},
+        "reasons": {site: r.reason for site, r in result.elbo.routes.items()},
+        "described": [str(r) for r in result.elbo.routes.values()],
+    }
+    if trained > 0:
+        _write_json(path, record)
+    return record
+
+
+def _nothing_trained(checkpoint: Path, result, steps: int, record: dict) -> str:
+    """What a resume that had nothing left to train says."""
+    stored = (
+        " (results as stored by the run that trained it)"
+        if record.get("routes")
+        else f" (no {_record_path(checkpoint).name} stored with it: no routes or timing to show)"
+    )
+    return (
+        f"{checkpoint}: already at step {result.start_step} (--steps {steps}): nothing "
+        f"trained; pass a larger --steps to continue it{stored}"
+    )
+
+
 def _evaluate_elbo(vae, images: torch.Tensor, seed: int, num_particles: int = 8) -> float:
     """ELBO per image on ``images``: a Monte Carlo estimate with ``Trace_ELBO`` (the same
     estimator for every run, whatever its training routes)."""
+    import pyro
+    import torch
+
     pyro.set_rng_seed(seed)
     elbo = pyro.infer.Trace_ELBO(num_particles=num_particles)
-    return -elbo.loss(vae.model, vae.guide, images) / len(images)
+    with torch.no_grad():
+        return -elbo.loss(vae.model, vae.guide, images) / len(images)
 
 
 def _encoder_variance(vae, batch: torch.Tensor, num_data: int, draws: int, seed: int):
@@ -565,16 +757,25 @@ def _encoder_variance(vae, batch: torch.Tensor, num_data: int, draws: int, seed:
     return frame, encoder.groupby("estimator")["variance"].sum().to_dict()
 
 
+def _per_step(seconds: Optional[float]) -> str:
+    return "-" if seconds is None else f"{seconds:.4f}"
+
+
 def _format_table(rows: list[dict]) -> str:
     headers = list(rows[0])
     cells = [[str(row[h]) for h in headers] for row in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths))  # noqa: E731
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
+
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(c) for c in cells])
 
 
 def run_demo(args: argparse.Namespace) -> dict:
     """Train each of :data:`DEMO_RUNS`, compare, plot and export; returns the results as data."""
+    import torch
+
     from .data import load_default_images
     from .metrics import normalized_mutual_information
     from .plots import (
@@ -599,12 +800,14 @@ def run_demo(args: argparse.Namespace) -> dict:
         with torch.no_grad():
             reconstructions[name] = vae.reconstruct(shown.to(device)).cpu().numpy()
             y_logits, z_mean, z_var = vae.encode(images.to(device))
+        record = _run_record(result, checkpoint)
+        if record["trained_now"] == 0:
+            print(_nothing_trained(checkpoint, result, args.steps, record))
         runs[name] = {
             "result": result,
             "elbo": _evaluate_elbo(vae, images.to(device), args.seed),
             "nmi": normalized_mutual_information(y_logits.argmax(-1).cpu(), labels),
-            "routes": {site: r.estimator for site, r in result.elbo.routes.items()},
-            "reasons": {site: r.reason for site, r in result.elbo.routes.items()},
+            **record,
         }
         if name == "default":  # while its parameters are the param store's
             frame, variance = _encoder_variance(
@@ -623,13 +826,14 @@ def run_demo(args: argparse.Namespace) -> dict:
                 title="q(y, z | x) after training with the default routes",
             )
             exported = _export(
-                vae.model,
-                vae.guide,
-                images[: args.export_images].to(device),
+                vae,
+                images.to(device),
                 out,
                 args.num_samples,
                 args.seed,
                 result.losses,
+                shown=range(min(args.export_images, len(images))),
+                progress=not args.no_progress,
             )
     default = runs["default"]
     frame.to_csv(out / "estimator_comparison.csv", index=False)
@@ -648,7 +852,7 @@ def run_demo(args: argparse.Namespace) -> dict:
             "ELBO/image": f"{run['elbo']:.3f}",
             "NMI(y, digit)": f"{run['nmi']:.3f}",
             "encoder grad var": f"{variance.get(name, float('nan')):.3g}",
-            "s/step": f"{run['result'].seconds_per_step:.4f}",
+            "s/step": _per_step(run.get("seconds_per_step")),
             "steps": str(run["result"].step),
         }
         for name, run in runs.items()
@@ -670,14 +874,15 @@ def run_demo(args: argparse.Namespace) -> dict:
             "elbo_per_image": run["elbo"],
             "nmi": run["nmi"],
             "encoder_grad_variance": variance.get(name),
-            "seconds_per_step": run["result"].seconds_per_step,
-            "threads": torch.get_num_threads(),
+            "seconds_per_step": run.get("seconds_per_step"),
+            "threads": run.get("threads", torch.get_num_threads()),
+            "steps": run["result"].step,
             "routes": run["routes"],
             "reasons": run["reasons"],
         }
         for name, run in runs.items()
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_json(out / "results.json", summary)
     print(report)
     print(f"wrote {', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))} to {out}/")
     return {"summary": summary, "files": exported}
@@ -748,21 +953,34 @@ def _train_in(args: argparse.Namespace, group, device: torch.device) -> int:
     )
     if not group.main:
         return 0
-    plot_elbo_curves({"train": result.losses}, args.out / "elbo.png", num_data=len(images))
-    for route in result.elbo.routes.values():
-        print(route)
+    record = _run_record(result, checkpoint)
+    if record["trained_now"] == 0:
+        print(_nothing_trained(checkpoint, result, args.steps, record))
+    else:
+        plot_elbo_curves({"train": result.losses}, args.out / "elbo.png", num_data=len(images))
+    print(_train_summary(result, record))
+    return 0
+
+
+def _train_summary(result, record: dict) -> str:
+    """The routes and the step count, time per step and layout of a ``train`` run."""
+    lines = list(record.get("described", []))
     layout = ""
     if result.world_size > 1 or result.noise_shards > 1:
         processes = "process" if result.world_size == 1 else "processes"
         layout = f" ({result.world_size} {processes}, {result.noise_shards} noise shards)"
-    print(
-        f"{result.step} steps, {result.seconds_per_step * 1e3:.1f} ms/step on {result.device}"
-        f"{layout}; checkpoint {result.checkpoint_path}"
+    per_step = record.get("seconds_per_step")
+    timing = f"{per_step * 1e3:.1f} ms/step" if per_step is not None else "no timing stored"
+    lines.append(
+        f"{result.step} steps, {timing} on {record.get('device', result.device)}{layout}; "
+        f"checkpoint {result.checkpoint_path}"
     )
-    return 0
+    return "\n".join(lines)
 
 
 def run_export(args: argparse.Namespace) -> int:
+    import pyro
+
     from .checkpoint import check_writable
     from .train import load_checkpoint, load_params
 
@@ -773,7 +991,10 @@ def run_export(args: argparse.Namespace) -> int:
     pyro.clear_param_store()
     vae = _build_model(state["metadata"])
     load_params(vae.model, vae.guide, args.checkpoint, images[:2])
-    paths = _export(vae.model, vae.guide, images, out, args.num_samples, args.seed, state["losses"])
+    shown = args.images if args.images is not None else range(min(8, len(images)))
+    paths = _export(
+        vae, images, out, args.num_samples, args.seed, state["losses"], shown, not args.no_progress
+    )
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -874,6 +1095,8 @@ def _check_call(
 def _diagnostic_target(args: argparse.Namespace) -> tuple[Callable, Callable, tuple, dict]:
     """(model, guide, args, kwargs): the user's (``--model/--guide/--inputs``) or the built-in
     (with ``--checkpoint``: its parameters, configuration and data)."""
+    import pyro
+
     if args.model or args.guide or args.inputs:
         if not (args.model and args.guide):
             raise ValueError("give both --model and --guide (and --inputs if they take arguments)")
@@ -900,6 +1123,8 @@ def _diagnostic_target(args: argparse.Namespace) -> tuple[Callable, Callable, tu
 
 
 def run_audit(args: argparse.Namespace) -> int:
+    import pyro
+
     from .diagnostics import audit_gradients
 
     pyro.set_rng_seed(args.seed)
@@ -935,12 +1160,39 @@ def run_compare(args: argparse.Namespace) -> int:
     )
     frame.to_csv(args.out / "estimator_comparison.csv", index=False)
     plot_estimator_comparison(frame, args.out / "estimator_comparison.png")
-    print(frame.to_string(index=False))
-    for estimator, skipped in (frame.attrs.get("skipped") or {}).items():
-        if skipped:
-            print(f"{estimator}: skipped {skipped}")
+    print(_compare_table(frame))
+    print("the columns: `pyro-reparam-conv compare --help`")
     print(f"wrote estimator_comparison.csv/.png to {args.out}/")
     return 0
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3) :]
+
+
+def _compare_table(frame) -> str:
+    """``compare``'s table, under 100 characters wide, then each label's routes (a label with
+    a ``*`` left some sites on another route: they are named, with the reason)."""
+    skipped = frame.attrs.get("skipped") or {}
+    star = lambda name: name + ("*" if skipped.get(name) else "")  # noqa: E731
+    rows = [
+        {
+            "estimator": _short(star(row.estimator), 14),
+            "param": _short(str(row.param), 24),
+            "mean_norm": f"{row.mean_norm:.3g}",
+            "variance": f"{row.variance:.3g}",
+            "snr": f"{row.snr:.3g}",
+            "ms/draw": f"{row.seconds_per_draw * 1e3:.1f}",
+            "z_vs_unbiased": f"{row.z_vs_unbiased:.2f}",
+            "agrees": "-" if row.agrees is None else str(row.agrees),
+        }
+        for row in frame.itertuples()
+    ]
+    lines = [_format_table(rows), "routes:"]
+    for name, routes in frame.groupby("estimator", sort=False)["routes"].first().items():
+        lines.append(f"  {star(name)}: {routes}")
+        lines += [f"    {site} not {name}: {why}" for site, why in skipped.get(name, {}).items()]
+    return "\n".join(lines)
 
 
 COMMANDS = {
@@ -1005,11 +1257,33 @@ def _run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return 2
+    created = _missing_folders(getattr(args, "out", None))
+    status = 1
     try:
         status = COMMANDS[args.command](args)
     except (RankFailedError, KeyboardInterrupt, *_USER_ERRORS) as err:
-        return _report(err, args.command)
+        status = _report(err, args.command)
+    finally:
+        if status not in (0, None) and not isinstance(status, dict):
+            _remove_empty(created)
     return status if isinstance(status, int) else 0
+
+
+def _missing_folders(folder: Optional[Path]) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    if folder is None:
+        return []
+    folder = Path(folder).absolute()
+    return [p for p in [folder, *folder.parents] if not p.exists()]
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders a failed command created and left empty (deepest first)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or never made): keep it and what is above it
+            return
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -1019,6 +1293,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exit_:  # --help (0) or a usage error (2, one line already printed)
         return int(exit_.code or 0)
     args.argv = argv  # what `train --nproc N` hands to the processes it launches
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

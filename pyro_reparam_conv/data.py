@@ -115,13 +115,26 @@ def _check_unit_range(images: np.ndarray, where: str, scale: float) -> None:
         )
 
 
+#: the first bytes of each format: NumPy's .npy header, a zip archive (.npz)
+_MAGIC = {".npy": b"\x93NUMPY", ".npz": b"PK"}
+
+
 def _np_load(path: Path):
     """``np.load`` without pickle; a file that is not a NumPy array/archive (or holds Python
     objects) is reported as a ``ValueError`` naming the file."""
+    magic = _MAGIC.get(path.suffix.lower())
+    with open(path, "rb") as f:
+        start = f.read(len(magic or b""))
+    if magic and start != magic:
+        raise ValueError(
+            f"{path}: cannot be read as a NumPy {path.suffix} file: it does not begin as one "
+            f"does (write it with numpy.{'save' if path.suffix.lower() == '.npy' else 'savez'})"
+        )
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
-        raise ValueError(f"{path}: cannot be read as a NumPy {path.suffix} file ({err})") from err
+        why = "it holds Python objects, not numbers" if "allow_pickle" in str(err) else err
+        raise ValueError(f"{path}: cannot be read as a NumPy {path.suffix} file ({why})") from err
 
 
 def load_images(
@@ -149,7 +162,10 @@ def load_images(
                 elif len(names) == 1:
                     key = names[0]
                 else:
-                    raise ValueError(f"{path}: holds arrays {names}; pass key= to choose one")
+                    raise ValueError(
+                        f"{path}: holds arrays {names}; choose one with --key NAME (command "
+                        "line) or key=NAME (load_images)"
+                    )
             if key not in names:
                 raise ValueError(f"{path}: no array {key!r}; it holds {names}")
             where = f"{path}[{key!r}]"

@@ -98,10 +98,12 @@ class _SafeDraw(Messenger):
 
 
 def probe_traces(model: Callable, guide: Callable, args: tuple, kwargs: dict):
-    """Guide and replayed model traces drawn without gradients, with validation off and
-    NaN-tolerant draws; returns ``(non_finite_guide_draws, guide_trace, model_trace)``."""
+    """Guide and replayed model traces, with validation off and NaN-tolerant draws; returns
+    ``(non_finite_guide_draws, guide_trace, model_trace)``. Gradients are on, as in training
+    (a guide may call ``retain_grad()`` or ``torch.autograd.grad`` on its own tensors); no
+    backward pass runs, so parameters and their ``.grad`` are untouched."""
     probe = _SafeDraw()
-    with torch.no_grad(), pyro.validation_enabled(False), validation_enabled(False):
+    with torch.enable_grad(), pyro.validation_enabled(False), validation_enabled(False):
         guide_trace = poutine.trace(probe(guide)).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs

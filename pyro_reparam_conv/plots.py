@@ -18,7 +18,13 @@ from .introspect import display_name
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-__all__ = ["plot_elbo_curves", "plot_posterior", "plot_reconstructions", "save_figure"]
+__all__ = [
+    "plot_elbo_curves",
+    "plot_posterior",
+    "plot_posterior_z",
+    "plot_reconstructions",
+    "save_figure",
+]
 
 PathLike = Union[str, Path]
 
@@ -120,7 +126,8 @@ def plot_posterior(
     title: Optional[str] = None,
 ) -> Path:
     """Left: mean ``q(y | x)`` per true label (rows) and cluster (columns). Right: posterior
-    mean and standard deviation of ``z`` (first channel) for the first few images."""
+    mean and standard deviation of ``z`` (channel 0) for the first few images, each panel
+    titled with its image and channel."""
     y_probs, labels = np.asarray(y_probs), np.asarray(labels)
     classes = np.unique(labels)
     table = np.stack([y_probs[labels == c].mean(0) for c in classes])
@@ -143,8 +150,8 @@ def plot_posterior(
     big.set_title("mean q(y | x) by digit")
     fig.colorbar(im, ax=big, fraction=0.05)
     rows = (
-        (np.asarray(z_mean)[:n, 0], "E_q[z]", "coolwarm"),
-        (np.asarray(z_std)[:n, 0], "sd_q[z]", "magma"),
+        (np.asarray(z_mean)[:n, 0], "posterior mean of z", "coolwarm"),
+        (np.asarray(z_std)[:n, 0], "posterior sd of z", "magma"),
     )
     for row, (values, name, cmap) in enumerate(rows):
         # one colour scale per row (symmetric about 0 for the means), shown by one colour bar
@@ -155,8 +162,10 @@ def plot_posterior(
             im = ax.imshow(values[j], cmap=cmap, vmin=low, vmax=top)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"{name} #{j}", fontsize=9)
-        fig.colorbar(im, ax=list(axes[row, 1:]), fraction=0.05, pad=0.02)
+            ax.set_title(f"image {j}\nchannel 0", fontsize=9)
+            ax.set_xlabel("col (latent map)", fontsize=8)
+        axes[row, 1].set_ylabel(f"{name}\nrow", fontsize=9)
+        fig.colorbar(im, ax=list(axes[row, 1:]), fraction=0.05, pad=0.02, label=name)
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
@@ -235,4 +244,40 @@ def plot_estimator_comparison(
         fontsize=9,
     )
     fig.suptitle(title or "Gradient estimators: variance and signal-to-noise per parameter")
+    return save_figure(fig, path)
+
+
+def plot_posterior_z(z, path: PathLike, count: int = 4) -> Path:
+    """Histograms of the posterior draws of ``z`` (an xarray DataArray ``(chain, draw, image,
+    channel, row, col)``, as in ``posterior.nc``): one panel per image (the first ``count``),
+    each showing the element of that image's latent map that the data informs most (the
+    smallest posterior sd), titled with the image, channel and position."""
+    values = np.asarray(z.values).reshape(-1, *z.shape[2:])  # (draws, image, C, H, W)
+    images = [int(i) for i in z.coords[z.dims[2]].values][:count]
+    grid = (2, 2) if len(images) > 1 else (1, 1)
+    size = (4.5 * grid[1], 3.4 * grid[0] + 0.4)
+    fig, axes = _new_figure(*grid, figsize=size, layout="constrained")
+    for k, ax in enumerate(axes.ravel()):
+        if k >= len(images):
+            ax.remove()
+            continue
+        draws = values[:, k].reshape(len(values), -1)
+        element = int(draws.std(0).argmin())
+        channel, row, col = np.unravel_index(element, values.shape[2:])
+        x = draws[:, element]
+        ax.hist(x, bins=int(np.clip(len(x) // 6, 5, 30)), color="tab:blue", alpha=0.8)
+        ax.axvline(x.mean(), color="black", lw=1, label="mean")
+        ax.yaxis.get_major_locator().set_params(integer=True)
+        ax.legend(loc="best", fontsize=8)
+        ax.set_title(
+            f"image {images[k]}, channel {channel}, row {row}, col {col}\n"
+            f"mean {x.mean():.3g}, sd {x.std(ddof=1):.3g}",
+            fontsize=10,
+        )
+        ax.set_xlabel("z (value of the element)")
+        ax.set_ylabel("posterior draws")
+    fig.suptitle(
+        f"q(z | x): {len(values)} draws of the best-informed element (smallest sd) of each "
+        "image's latent map"
+    )
     return save_figure(fig, path)

@@ -249,8 +249,8 @@ def _non_finite_sites(model: Callable, guide: Callable, args: tuple, kwargs: dic
 
 
 def register_params(model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> int:
-    """Run guide and model once (no gradients, validation off, NaN-tolerant draws) so every
-    parameter exists in the param store; return the traces' plate nesting depth."""
+    """Run guide and model once (validation off, NaN-tolerant draws, no backward pass) so
+    every parameter exists in the param store; return the traces' plate nesting depth."""
     _, guide_trace, model_trace = probe_traces(model, guide, args, kwargs)
     return max_plate_nesting(guide_trace, model_trace)
 

@@ -68,10 +68,23 @@ def test_demo_writes_every_output(tmp_path, capsys):
     assert all(w <= 1600 for w in widths.values()), widths
     params = set(pd_params(out / "estimator_comparison.csv"))
     assert "encoder.0.0.weight" in params and not any("$$$" in p for p in params)
-    # --resume with the same budget continues from the checkpoints: nothing left to train.
+    # --resume with the same budget continues from the checkpoints: nothing left to train,
+    # said so, and the stored routes and timings are shown and kept (valid JSON, no NaN).
+    capsys.readouterr()
     assert main(argv + ["--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "checkpoint_default.pt: already at step 4 (--steps 4): nothing trained" in printed
+    assert "y:enumerate, z:pathwise" in printed and "nan" not in printed
+    again = json.loads((out / "results.json").read_text(), parse_constant=no_nan)
+    for name, run in results.items():
+        assert again[name]["routes"] == run["routes"]
+        assert again[name]["seconds_per_step"] == run["seconds_per_step"]
     assert main(argv) == 2  # neither --resume nor --overwrite: the checkpoints are kept
     assert "checkpoint_default.pt exists" in capsys.readouterr().err
+
+
+def no_nan(name):
+    raise ValueError(f"{name} is not JSON")
 
 
 def pd_params(csv):
@@ -106,7 +119,14 @@ def test_train_export_audit_compare_on_user_data(tmp_path, capsys):
         "pathwise,score,enumerate",
         *TINY_MODEL,
     ]
+    capsys.readouterr()
     assert main(argv) == 0
+    printed = capsys.readouterr().out
+    table = [line for line in printed.splitlines() if not line.startswith("wrote ")]
+    assert max(map(len, table)) <= 100, printed  # fits a terminal
+    # y is enumerated in the "pathwise" run: the label says so, and why
+    assert "pathwise*: y:enumerate, z:pathwise" in printed
+    assert "y not pathwise: Categorical has no rsample" in printed
     assert {"estimator_comparison.csv", "estimator_comparison.png"} <= {
         p.name for p in compare_out.iterdir()
     }

@@ -88,7 +88,7 @@ def test_npy_bad_arrays_raise_with_file_name(tmp_path, array, message):
 def test_npz_errors_name_file_and_key(tmp_path):
     path = tmp_path / "two.npz"
     np.savez(path, a=np.zeros((2, 4, 4)), b=np.zeros((2, 4)))
-    with pytest.raises(ValueError, match=r"holds arrays \['a', 'b'\]; pass key= to choose one"):
+    with pytest.raises(ValueError, match=r"holds arrays \['a', 'b'\]; choose one with --key NAME"):
         load_images(path)
     with pytest.raises(ValueError, match=r"no array 'c'; it holds \['a', 'b'\]") as info:
         load_images(path, key="c")
@@ -115,8 +115,13 @@ def test_wrong_suffix_missing_file_and_key_on_npy(tmp_path):
 def test_object_array_corrupt_file_and_bad_scale(tmp_path):
     obj = tmp_path / "obj.npy"
     np.save(obj, np.array([[[1, "a"]]], dtype=object), allow_pickle=True)
-    with pytest.raises(ValueError, match=r"obj.npy: cannot be read as a NumPy .npy file"):
+    with pytest.raises(ValueError, match=r"obj.npy: cannot be read as a NumPy .npy file") as info:
         load_images(obj)
+    assert "allow_pickle" not in str(info.value) and "Python objects" in str(info.value)
+    text = tmp_path / "text.npy"  # not a NumPy file at all: no numpy advice about pickles
+    text.write_text("1 2 3\n")
+    with pytest.raises(ValueError, match=r"text.npy: cannot .* it does not begin as one does"):
+        load_images(text)
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"not a zip archive")
     with pytest.raises(ValueError, match=r"junk.npz: cannot be read as a NumPy .npz file"):

@@ -318,7 +318,7 @@ def test_cli_nproc_trains_on_2_processes_and_reports_a_failed_rank_in_one_line(t
     assert stdout.count("z: pathwise") == 1  # rank 0 alone prints
     state = load_checkpoint(out / "checkpoint.pt")
     assert state["step"] == 4 and state["settings"]["world_size"] == 2
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "elbo.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "elbo.png", "results.json"]
 
     code, _, stderr = cli(
         "--nproc", "2", "--out", str(out), "--steps", "6", "--resume", "--lr", "1"
