@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _timing import environment, format_table  # noqa: E402
 
 from pyro_reparam_conv import RoutedELBO, sample_elementwise_normal  # noqa: E402
-from pyro_reparam_conv.kernels import unwrap_independent  # noqa: E402
+from pyro_reparam_conv.distributions import unwrap_independent  # noqa: E402
 
 
 class WithoutRsample(Messenger):

@@ -2,7 +2,7 @@
 
 Two readers need it: a score-function term's cost counts only the terms downstream of its
 site (Rao-Blackwellization, Schulman et al. 2015), and the analytic KL applies only to a
-site whose prior depends on no latent (:mod:`.estimators.analytic_kl`).
+site whose prior depends on no latent (:mod:`.analytic_kl`).
 
 On a *tracked* step, :class:`TagLatents` wraps every latent value in a provenance-tracking
 tensor carrying its site name (Wingate et al. 2011) after the trace has recorded it: the

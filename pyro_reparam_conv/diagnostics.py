@@ -469,7 +469,10 @@ class _BiasCheckRun:
             self.model, self.guide, *self.args, **self.kwargs
         )
         probe = probe[-1]
-        sites = [name for name, route in probe.routes.items() if route.estimator == "pathwise"]
+        sites = [
+            name for name, route in probe.routes.items()
+            if base.get(route.estimator).through_the_cost
+        ]  # fmt: skip
         if not sites:
             self.notes.append("bias check: no guide site is on the pathwise estimator")
             return {}

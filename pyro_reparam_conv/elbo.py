@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import replace
 from typing import Any, ClassVar, Mapping, Optional
 
 import pyro.poutine as poutine
@@ -45,7 +44,6 @@ from pyro.util import check_if_enumerated, check_model_guide_match
 
 from .dependencies import (
     Dependencies,
-    DependencyCache,
     TagLatents,
     fingerprint,
     prior_dependencies,
@@ -53,14 +51,14 @@ from .dependencies import (
     term_dependencies,
     with_escapes,
 )
-from .estimators.analytic_kl import plan_kl
-from .estimators.baselines import DecayingAverages, normalize_kind, score_surrogate
-from .evaluations import SideBySideError, avoid_after_failure, side_by_side_mismatch
+from .analytic_kl import plan_kl
+from .baselines import DecayingAverages, normalize_kind, score_surrogate
+from .evaluations import SideBySideError, side_by_side_mismatch
 from .kernels import FAST, REFERENCE, Kernels
-from .estimators.base import get
 from .folding import FoldLeadingDims
-from .locality import Footprint, describe, plan_footprints, precompute
-from .routing import PlateNestingNeeded, Route, RouteMessenger, RoutingOptions
+from .learned import Learned
+from .locality import Footprint, cost_level, plan_footprints, precompute
+from .routing import PlateNestingNeeded, Route, RouteMessenger, RoutingOptions, SitePlan
 from .sparsity import Analysis
 from .terms import ParticleTerms, add_terms, may_need_costs, particle_terms
 
@@ -107,21 +105,6 @@ def _local(footprints: Mapping[str, Any]) -> dict[str, Footprint]:
     return {name: f for name, f in footprints.items() if isinstance(f, Footprint)}
 
 
-def _escaped(routes: Mapping[str, Route], escapes) -> dict[str, Route]:
-    """Routes whose site's value left the tensor graph say that its cost counts every term
-    after that point in sampling order."""
-    how: dict[str, str] = {}
-    for escape in escapes:
-        for name in escape.provenance:
-            how.setdefault(name, escape.how)
-    return {
-        name: replace(r, reason=f"{r.reason}; its value leaves the tensor graph ({how[name]}): "
-                      "its cost counts every term after that point in sampling order")
-        if name in how else r
-        for name, r in routes.items()
-    }  # fmt: skip
-
-
 def _tracked(analysis, model_trace, guide_trace=None) -> dict:
     """The prior dependencies of a tracked step (with ``guide_trace``: the term
     dependencies, once log-densities are computed): provenance, and the sampling-order rule
@@ -132,55 +115,77 @@ def _tracked(analysis, model_trace, guide_trace=None) -> dict:
     return with_escapes(term_dependencies(model_trace, guide_trace), escapes, order)
 
 
+def _decided(plans: Mapping[str, SitePlan], footprints, escapes) -> dict[str, SitePlan]:
+    """The plans with their cost levels (:func:`~.locality.cost_level`) and, for a site
+    whose value left the tensor graph, how."""
+    how: dict[str, str] = {}
+    for escape in escapes:
+        for name in escape.provenance:
+            how.setdefault(name, escape.how)
+    decided = {}
+    for name, plan in plans.items():
+        if name in footprints:
+            plan = plan.decided(costs=cost_level(footprints[name]))
+        decided[name] = plan.decided(escaped=how[name]) if name in how else plan
+    return decided
+
+
+def _dependencies(analysis, cached, model_trace, guide_trace, plans, untracked):
+    """``(terms, footprints, found)``: the term dependencies (``None``: unknown) and the
+    footprints of this step, from its analysis (then ``found`` is what to cache), from the
+    cache, or neither (``untracked`` says why)."""
+    if analysis is not None:
+        terms = _tracked(analysis, model_trace, guide_trace)
+        footprints = plan_footprints(analysis, model_trace, guide_trace, plans, terms)
+        priors = _tracked(analysis, model_trace)
+        return terms, footprints, Dependencies(terms, priors, footprints, tuple(analysis.escapes))
+    if cached is not None:
+        return cached.terms, cached.footprints, None
+    return None, plan_footprints(None, model_trace, guide_trace, plans, None, untracked), None
+
+
 def _particle_terms(
-    program, model_trace, guide_trace, router, cached, analysis, *, kernels, fast_path, nesting,
+    program, model_trace, guide_trace, plans, cached, analysis, *, kernels, fast_path, nesting,
     verify, untracked,
 ) -> tuple[ParticleTerms, Optional[Dependencies]]:  # fmt: skip
     """One particle's site-term table from its traces (their log-densities computed here),
     and the dependencies found on a tracked step (``None`` otherwise).
 
-    ``program`` is ``(model, guide, args, kwargs)`` (the plain callables, for the footprint
-    probe and the side-by-side check); ``router`` the guide's routing; ``cached`` the
-    dependencies of this trace structure from an earlier tracked step, if any; ``untracked``
-    what a route says when neither is available."""
-    model, guide, args, kwargs = program
-    routes = router.routes
+    ``program`` is ``(model, guide, args, kwargs)`` (the plain callables, for the
+    side-by-side check); ``plans`` the guide's :class:`~.routing.SitePlan` per latent site;
+    ``cached`` the dependencies of this trace structure from an earlier tracked step, if
+    any; ``analysis`` the tracked step's :class:`~.sparsity.Analysis` (``None``: untracked);
+    ``verify`` the guide's subsample sites when the values side by side are to be checked;
+    ``untracked`` what a route says when no dependencies are known."""
     track = analysis is not None
     priors = _tracked(analysis, model_trace) if track else cached and cached.priors
     kl: Mapping[str, Any] = {}
     if fast_path:
-        kl, routes = plan_kl(model_trace, guide_trace, routes, priors, kernels, router.dims)
-    keep = track or may_need_costs(guide_trace, routes)
+        kl, plans = plan_kl(model_trace, guide_trace, plans, priors, kernels)
+    keep = track or may_need_costs(guide_trace, plans)
     if cached is not None:  # element-level costs: their per-element terms, once
         precompute(model_trace, guide_trace, _local(cached.footprints))
     kernels.log_densities(model_trace, guide_trace, frozenset() if keep else frozenset(kl), nesting)
-    found = None
-    if track:
-        terms = _tracked(analysis, model_trace, guide_trace)
-        footprints = plan_footprints(analysis, model_trace, guide_trace, routes, terms)
-        found = Dependencies(terms, priors, footprints, tuple(analysis.escapes))
-    elif cached is not None:
-        terms, footprints = cached.terms, cached.footprints
-    else:  # no provenance this step: say so where it matters
-        terms = None
-        footprints = plan_footprints(None, model_trace, guide_trace, routes, None, untracked)
-    routes = {
-        name: replace(r, reason=f"{r.reason}; {describe(footprints[name])}")
-        if name in footprints else r
-        for name, r in routes.items()
-    }  # fmt: skip
-    routes = _escaped(routes, (found or cached).escapes if (found or cached) else ())
+    terms, footprints, found = _dependencies(
+        analysis, cached, model_trace, guide_trace, plans, untracked
+    )
+    escapes = (found or cached).escapes if (found or cached) else ()
+    plans = _decided(plans, footprints, escapes)
     if verify is not None:  # the guide's subsample sites (its plates' indices), to replay
-        problem = side_by_side_mismatch(
-            model, guide, args, kwargs, model_trace, guide_trace, router.dims, verify
-        )
+        dims = {name: plan.dim for name, plan in plans.items() if plan.dim is not None}
+        problem = side_by_side_mismatch(*program, model_trace, guide_trace, dims, verify)
         if problem:
             raise SideBySideError(problem)
-    particle = particle_terms(
-        model_trace, guide_trace, routes, router.baselines, kl, terms, router.dims,
-        _local(footprints),
-    )  # fmt: skip
+    particle = particle_terms(model_trace, guide_trace, plans, kl, terms, _local(footprints))
     return particle, found
+
+
+class _AttemptFailed(Exception):
+    """A particle's attempt failed with ``error``; ``plans`` were its routes."""
+
+    def __init__(self, error: Exception, plans: Mapping[str, SitePlan]) -> None:
+        super().__init__(str(error))
+        self.error, self.plans = error, plans
 
 
 class RoutedELBO(ELBO):
@@ -240,18 +245,15 @@ class RoutedELBO(ELBO):
         self.fast_path = bool(fast_path)
         self.options = RoutingOptions(max_enumerate=max_enumerate)
         self.routes: dict[str, Route] = {}
-        self._avoid: dict[str, dict[str, str]] = {}  # site -> {estimator: why not}
-        self._verified: set[tuple] = set()  # structures whose values side by side are verified
-        self._fold = False  # values side by side pass convolutions folded (.folding)
         self._averages = DecayingAverages()
-        self._dependencies = DependencyCache(dependency_tracking)
+        self._learned = Learned(dependency_tracking)
         #: what the last tracked step found per score-function map site: its
         #: :class:`~.locality.Footprint`, or why its costs stay site-level
         self.last_footprints: dict[str, Any] = {}
 
     @property
     def dependency_tracking(self) -> str:
-        return self._dependencies.mode
+        return self._learned.dependencies.mode
 
     @property
     def default_baseline(self) -> Optional[str]:
@@ -263,11 +265,7 @@ class RoutedELBO(ELBO):
     def site_terms(self, model, guide, *args, **kwargs) -> list[ParticleTerms]:
         """Draw the particles: per particle (one for all when vectorized) its traces, routes
         and site-term table (:class:`~pyro_reparam_conv.terms.ParticleTerms`)."""
-        try:
-            return self._site_terms(model, guide, args, kwargs)
-        except PlateNestingNeeded:  # a site evaluates several values: dims left of the plates
-            self._guess_plate_nesting(model, guide, args, kwargs)
-            return self._site_terms(model, guide, args, kwargs)
+        return self._site_terms(model, guide, args, kwargs)
 
     def _guess_plate_nesting(self, model, guide, args, kwargs) -> None:
         """Pyro's ``_guess_max_plate_nesting``, without its "Guessed ..." log line."""
@@ -294,64 +292,73 @@ class RoutedELBO(ELBO):
         return particles
 
     def _particle(self, model, guide, args, kwargs) -> ParticleTerms:
+        """One particle. A site that evaluates several values before ``max_plate_nesting``
+        is known makes the ELBO guess it (as Pyro's ``TraceEnum_ELBO`` does) and retry; a
+        failure that a change of what the ELBO learned can fix
+        (:meth:`~.learned.Learned.remedy`: fold convolutions, then avoid side by side) is
+        retried, each change at most once; when the retries fail too, the changes are undone
+        and the last error raised."""
+        tried: dict = {}
+        while True:
+            try:
+                return self._attempt(model, guide, args, kwargs)
+            except PlateNestingNeeded:  # a site evaluates several values: dims left of plates
+                if "nesting" in tried:
+                    raise
+                tried["nesting"] = None
+                self._guess_plate_nesting(model, guide, args, kwargs)
+            except _AttemptFailed as failed:
+                try:
+                    retry = self._learned.remedy(failed.error, failed.plans, tried)
+                except Exception:  # a requested estimator that cannot work: how to fix it
+                    self._learned.undo(tried)
+                    raise
+                if not retry:
+                    self._learned.undo(tried)
+                    raise failed.error from None
+
+    def _attempt(self, model, guide, args, kwargs) -> ParticleTerms:
+        learned = self._learned
         arguments = fingerprint((args, kwargs))
-        track = self._dependencies.should_track(arguments)
+        track = learned.dependencies.should_track(arguments)
         nesting = self.max_plate_nesting
         first_dim = None if nesting == float("inf") else -1 - int(nesting)
-        options = RoutingOptions(self.options.max_enumerate, self._avoid)
+        options = learned.routing_options(self.options.max_enumerate)
         router = RouteMessenger(self.default_baseline, options, first_dim)
         traced_model, traced_guide = model, router(guide)
         analysis = Analysis() if track else None
         if track:
 
             def sources():  # the maps whose estimator may split its score per element
-                return {n for n, r in router.routes.items() if get(r.estimator).element_costs}
+                return {n for n, p in router.plans.items() if p.estimator.element_costs}
 
             traced_guide = TagLatents(analysis, "guide")(traced_guide)
             traced_model = TagLatents(analysis, "model", sources)(model)
         try:
-            fold = FoldLeadingDims() if self._fold else contextlib.nullcontext()
+            fold = FoldLeadingDims() if learned.fold else contextlib.nullcontext()
             with analysis if track else contextlib.nullcontext(), fold:
                 model_trace, guide_trace, subsamples = _traces(
                     traced_model, traced_guide, args, kwargs, nesting
                 )
             key = (signature(model_trace, guide_trace, router.routes), arguments)
-            cached = None if track else self._dependencies.lookup(key)
-            verify = bool(router.dims) and (track or key not in self._verified)
+            cached = None if track else learned.dependencies.lookup(key)
+            verify = bool(router.dims) and (track or key not in learned.verified)
             particle, found = _particle_terms(
-                (model, guide, args, kwargs), model_trace, guide_trace, router, cached, analysis,
-                kernels=self.kernels if self.fast_path else REFERENCE, fast_path=self.fast_path,
-                nesting=nesting, verify=subsamples if verify else None,
-                untracked=self._dependencies.why_unknown,
+                (model, guide, args, kwargs), model_trace, guide_trace, router.plans, cached,
+                analysis, kernels=self.kernels if self.fast_path else REFERENCE,
+                fast_path=self.fast_path, nesting=nesting, verify=subsamples if verify else None,
+                untracked=learned.dependencies.why_unknown,
             )  # fmt: skip
-            if found is not None:
-                self.last_footprints = dict(found.footprints)
-            if found is not None:
-                self._dependencies.store(key, found if analysis.reusable else None)
-            if verify:
-                self._verified.add(key)
-            return particle
         except PlateNestingNeeded:
             raise
         except Exception as error:
-            if router.dims and not self._fold:  # convolutions, pools: fold the dims, retry
-                self._fold = True
-                try:
-                    return self._particle(model, guide, args, kwargs)
-                except Exception:  # noqa: BLE001 - not the layers: as it was
-                    self._fold = False
-            avoid = router.dims and avoid_after_failure(router.routes, router.dims, error)
-            if not avoid:
-                raise
-            before = self._avoid
-            self._avoid = {site: {**before.get(site, {}), **avoid.get(site, {})}
-                           for site in {*before, *avoid}}  # fmt: skip
-            self._dependencies.clear()  # the routes change: track the retried particle
-            try:
-                return self._particle(model, guide, args, kwargs)
-            except Exception:  # not the sites' values side by side after all: as it was
-                self._avoid = before
-                raise
+            raise _AttemptFailed(error, router.plans) from error
+        if found is not None:
+            self.last_footprints = dict(found.footprints)
+            learned.dependencies.store(key, found if analysis.reusable else None)
+        if verify:
+            learned.verified.add(key)
+        return particle
 
     def _get_trace(self, model, guide, args, kwargs) -> tuple[Trace, Trace]:
         """Pyro's per-particle hook (for code that walks an ELBO's traces): one particle's
@@ -403,11 +410,8 @@ class RoutedELBO(ELBO):
     def state_dict(self) -> dict[str, Any]:
         """Estimator state across steps, for checkpoints: the decaying-average baselines and
         the estimators found not to work for a site (its values side by side)."""
-        return {
-            "decaying_averages": self._averages.state_dict(),
-            "avoid": {site: dict(reasons) for site, reasons in self._avoid.items()},
-        }
+        return {"decaying_averages": self._averages.state_dict(), **self._learned.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._averages.load_state_dict(dict(state.get("decaying_averages", {})))
-        self._avoid = {site: dict(reasons) for site, reasons in state.get("avoid", {}).items()}
+        self._learned.load_state_dict(state)

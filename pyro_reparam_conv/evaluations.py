@@ -27,7 +27,6 @@ import pyro.poutine as poutine
 import torch
 from pyro.poutine import Trace
 
-from .estimators import base
 
 __all__ = [
     "Evaluation",
@@ -40,6 +39,7 @@ __all__ = [
     "expectation_per_element",
     "has",
     "present",
+    "spans",
     "side_by_side_mismatch",
     "weight_of",
     "weighted_terms",
@@ -62,11 +62,13 @@ class Evaluation:
     plate_dims: frozenset
 
 
-def evaluations_of(guide_trace: Trace, routes, dims: Mapping[str, int]) -> list[Evaluation]:
-    """The evaluations of a guide trace: ``dims`` maps each evaluated site to its dim."""
+def evaluations_of(guide_trace: Trace, plans) -> list[Evaluation]:
+    """The evaluations of a guide trace: its sites whose plan has an evaluation dim."""
     found = []
-    for name, dim in dims.items():
-        site, estimator = guide_trace.nodes[name], base.get(routes[name].estimator)
+    for name, plan in plans.items():
+        if plan.dim is None:
+            continue
+        site, estimator, dim = guide_trace.nodes[name], plan.estimator, plan.dim
         plates = frozenset(f.dim for f in site["cond_indep_stack"] if f.vectorized)
         size = site["value"].shape[dim - site["fn"].event_dim]
         weight = estimator.weights(site, dim)
@@ -75,7 +77,14 @@ def evaluations_of(guide_trace: Trace, routes, dims: Mapping[str, int]) -> list[
 
 
 def has(t: Any, dim: int, size: int) -> bool:
-    return isinstance(t, torch.Tensor) and size > 1 and t.dim() >= -dim and t.shape[dim] == size
+    """Whether tensor ``t`` has the evaluation dim ``dim`` of ``size`` values (> 1)."""
+    return isinstance(t, torch.Tensor) and size > 1 and spans(t.shape, dim) == size
+
+
+def spans(shape, dim: int) -> int:
+    """How many values ``shape`` has along ``dim`` (counted from the right; 1 if it has not
+    that many dims): the one test of "has an evaluation dim" (more than 1)."""
+    return shape[dim] if len(shape) >= -dim else 1
 
 
 def present(t: Any, evaluations, exclude=()) -> list[Evaluation]:
@@ -173,7 +182,7 @@ def _branch(value: torch.Tensor, picks: Mapping[int, int], event_dim: int) -> to
     leading singleton dims this leaves."""
     for dim, index in picks.items():
         d = dim - event_dim
-        if value.dim() >= -d and value.shape[d] > 1:
+        if spans(value.shape, d) > 1:
             value = value.narrow(d, index % value.shape[d], 1)
     while value.dim() > event_dim and value.shape[0] == 1:
         value = value[0]
@@ -255,16 +264,18 @@ def side_by_side_mismatch(
     return None
 
 
-def avoid_after_failure(routes, dims: Mapping[str, int], error: Exception):
-    """After ``error`` in a particle that evaluated the sites of ``dims`` side by side: the
-    estimators to avoid from now on, ``{site: {estimator: why}}`` for the automatically
-    routed ones; ``None`` when no such site can be the cause. A site whose estimator was
-    requested (``infer["estimator"]``) and fails the side-by-side check is a ``ValueError``
-    that says how to fix it."""
+def avoid_after_failure(plans, error: Exception):
+    """After ``error`` in a particle that evaluated sites side by side (their ``plans`` have
+    an evaluation dim): the estimators to avoid from now on, ``{site: {estimator: why}}``
+    for the automatically routed ones; ``None`` when no such site can be the cause. A site
+    whose estimator was requested (``infer["estimator"]``) and fails the side-by-side check
+    is a ``ValueError`` that says how to fix it."""
     first_line = (str(error).strip().splitlines() or [""])[0]
     problem = first_line
     if not isinstance(error, SideBySideError):
         problem = f"evaluating them side by side failed ({type(error).__name__}: {first_line})"
+    dims = [name for name, plan in plans.items() if plan.dim is not None]
+    routes = {name: plans[name].route for name in dims}
     sites = [name for name in dims if not routes[name].forced]
     if not sites:
         if isinstance(error, SideBySideError):

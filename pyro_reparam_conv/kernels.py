@@ -35,7 +35,9 @@ from pyro.infer.util import is_validation_enabled
 from pyro.ops.provenance import extract_provenance
 from pyro.poutine import Trace
 from pyro.util import check_site_shape
-from torch.distributions import Distribution, Independent, Normal
+from torch.distributions import Distribution
+
+from .distributions import is_plain_normal, unwrap_independent
 
 __all__ = [
     "FAST",
@@ -44,30 +46,13 @@ __all__ = [
     "analytic_kl",
     "compact_normal_log_prob",
     "fast_log_densities",
-    "is_plain_normal",
     "normal_kl_sum",
     "reference_kl",
     "reference_log_densities",
     "squared_distance_sum",
-    "unwrap_independent",
 ]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-
-
-def unwrap_independent(d: Distribution) -> tuple[Distribution, int]:
-    ndims = 0
-    while isinstance(d, Independent):
-        ndims += d.reinterpreted_batch_ndims
-        d = d.base_dist
-    return d, ndims
-
-
-def is_plain_normal(d: Distribution) -> bool:
-    """A torch/Pyro ``Normal`` whose density is ``Normal``'s own (not a subclass's)."""
-    return isinstance(d, Normal) and (
-        type(d).log_prob is Normal.log_prob or getattr(type(d), "exact_normal_density", False)
-    )
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:

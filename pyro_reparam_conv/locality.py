@@ -34,8 +34,9 @@ from pyro.distributions.util import scale_and_mask
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine import Trace
 
-from .estimators import base
-from .kernels import compact_normal_log_prob, unwrap_independent
+from .distributions import unwrap_independent
+from .kernels import compact_normal_log_prob
+from .routing import CostLevel
 from .sparsity import distribution_tensors, union
 
 __all__ = [
@@ -48,7 +49,7 @@ __all__ = [
     "element_log_prob",
     "find_footprint",
     "footprint_from_analysis",
-    "describe",
+    "cost_level",
     "plan_footprints",
     "scaled_elements",
 ]
@@ -240,15 +241,16 @@ def footprint_from_analysis(analysis, model_trace: Trace, guide_trace: Trace, na
     return Footprint(name, map_shape, sums, sizes)
 
 
-def plan_footprints(analysis, model_trace: Trace, guide_trace: Trace, routes, dependencies,
-                    unknown: str = "") -> dict[str, Union[Footprint, str]]:  # fmt: skip
+def plan_footprints(
+    analysis, model_trace: Trace, guide_trace: Trace, plans, dependencies, unknown: str = ""
+) -> dict[str, Union[Footprint, str]]:
     """Per guide map site whose estimator splits its score per element: its
     :class:`Footprint`, or why its costs stay site-level. ``analysis``: the tracked step's
     :class:`~.sparsity.Analysis` (``None`` on an untracked step); ``dependencies``: which
     latents each ``(role, name)`` term depends on (``None``: unknown, for the reason
     ``unknown``)."""
     planned: dict[str, Union[Footprint, str]] = {}
-    for name in candidates(guide_trace, routes):
+    for name in candidates(guide_trace, plans):
         option = guide_trace.nodes[name]["infer"].get("rao_blackwell", "element")
         if option == "site":
             planned[name] = "infer['rao_blackwell']='site' set on the site"
@@ -268,13 +270,13 @@ def plan_footprints(analysis, model_trace: Trace, guide_trace: Trace, routes, de
     return planned
 
 
-def candidates(guide_trace: Trace, routes) -> list[str]:
+def candidates(guide_trace: Trace, plans) -> list[str]:
     """The guide map sites whose estimator splits its score per element (their
     ``infer['rao_blackwell']`` checked)."""
     found = []
-    for name, route in routes.items():
+    for name, plan in plans.items():
         site = guide_trace.nodes.get(name)
-        if site is None or not base.get(route.estimator).element_costs or site["fn"].event_dim < 2:
+        if site is None or not plan.estimator.element_costs or site["fn"].event_dim < 2:
             continue
         option = site["infer"].get("rao_blackwell", "element")
         if option not in RAO_BLACKWELL:
@@ -286,11 +288,12 @@ def candidates(guide_trace: Trace, routes) -> list[str]:
     return found
 
 
-def describe(planned: Union[Footprint, str]) -> str:
-    """The part of a route's reason that says which costs the site's score function gets."""
+def cost_level(planned: Union[Footprint, str]) -> CostLevel:
+    """The decision a route reports: element-level costs with the footprint, or site-level
+    costs and why."""
     if isinstance(planned, Footprint):
-        return f"element-level costs: footprint {planned.describe()}"
-    return f"site-level costs: {planned}"
+        return CostLevel(True, f"footprint {planned.describe()}")
+    return CostLevel(False, planned)
 
 
 def per_element(site: dict) -> Optional[torch.Tensor]:

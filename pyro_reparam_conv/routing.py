@@ -19,7 +19,7 @@ Routing never mutates a distribution.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Optional
 
 from pyro.poutine.messenger import Messenger
@@ -27,15 +27,18 @@ from pyro.poutine.subsample_messenger import _Subsample
 
 from .estimators import ESTIMATORS, base
 from .estimators.base import RoutingOptions
-from .estimators.baselines import BaselineSpec, parse_baseline
-from .sampling import distribution_name
+from .baselines import BaselineSpec, parse_baseline
+from .distributions import distribution_name
 
 __all__ = [
     "ESTIMATORS",
+    "CostLevel",
+    "KLDecision",
     "PlateNestingNeeded",
     "Route",
     "RouteMessenger",
     "RoutingOptions",
+    "SitePlan",
     "choose_estimator",
     "force_estimator",
     "is_latent",
@@ -48,20 +51,82 @@ class PlateNestingNeeded(RuntimeError):
 
 
 @dataclass(frozen=True)
+class KLDecision:
+    """Whether ``-KL(q || p)`` replaces a pathwise site's ``log p - log q``: ``applies``,
+    and what (the KL's name) or why not."""
+
+    applies: bool
+    reason: str
+
+    def __str__(self) -> str:
+        return f"analytic {self.reason}" if self.applies else f"no analytic KL: {self.reason}"
+
+
+@dataclass(frozen=True)
+class CostLevel:
+    """Which costs a score-function map site's score gets: per element of the map
+    (``element``; ``reason`` describes the footprint) or per plate element, and why."""
+
+    element: bool
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{'element' if self.element else 'site'}-level costs: {self.reason}"
+
+
+@dataclass(frozen=True)
 class Route:
-    """The estimator a guide site gets and why (``baseline``: its description, if it has one)."""
+    """The estimator a guide site gets and why, for users (``elbo.routes``).
+
+    ``because``: why the estimator (routing's choice); ``kl``, ``costs``: the decisions
+    made after routing (:class:`KLDecision`, :class:`CostLevel`); ``escaped``: how the
+    site's value left the tensor graph, if it did (its cost then counts every term after
+    that point in sampling order). ``reason`` renders them all; ``baseline`` describes its
+    baseline, if it has one."""
 
     site: str
     estimator: str
-    reason: str
+    because: str
     distribution: str
     baseline: Optional[str] = None
-    analytic_kl: bool = False
     forced: bool = False  # set by infer={"estimator": ...}, not chosen automatically
+    kl: Optional[KLDecision] = None
+    costs: Optional[CostLevel] = None
+    escaped: Optional[str] = None
+
+    @property
+    def analytic_kl(self) -> bool:
+        return self.kl is not None and self.kl.applies
+
+    @property
+    def reason(self) -> str:
+        parts = [self.because, *(str(d) for d in (self.kl, self.costs) if d is not None)]
+        if self.escaped is not None:
+            parts.append(
+                f"its value leaves the tensor graph ({self.escaped}): its cost counts every "
+                "term after that point in sampling order"
+            )
+        return "; ".join(parts)
 
     def __str__(self) -> str:
         extra = f", baseline: {self.baseline}" if self.baseline is not None else ""
         return f"{self.site}: {self.estimator} ({self.reason}{extra})"
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """Everything the ELBO does with one routed guide site, decided once per particle: its
+    :class:`Route` (what users see), the estimator object, its evaluation dim (``None``:
+    one draw) and its baseline spec (``None``: none)."""
+
+    route: Route
+    estimator: base.Estimator
+    dim: Optional[int] = None
+    baseline: Optional[BaselineSpec] = None
+
+    def decided(self, **changes) -> "SitePlan":
+        """The plan with its route's decisions (``kl``, ``costs``, ``escaped``) set."""
+        return replace(self, route=replace(self.route, **changes))
 
 
 def _unknown(name: str, requested: object) -> ValueError:
@@ -103,11 +168,7 @@ def _choose(name: str, fn, infer: dict, options: RoutingOptions) -> tuple[base.E
     estimator = base.get(requested)
     why_not = estimator.why_not(fn)
     if why_not is not None:
-        hint = (
-            "; use 'score' or a reparameterizable distribution (e.g. a relaxed/Gumbel-softmax one)"
-            if requested == "pathwise"
-            else ""
-        )
+        hint = estimator.hint_when_refused
         raise ValueError(
             f"site {name!r}: infer['estimator']={requested!r} was requested but {why_not}, so "
             f"that estimator does not apply{hint}"
@@ -125,12 +186,11 @@ def is_latent(msg: dict) -> bool:
 class RouteMessenger(Messenger):
     """Routes each latent site of the guide it wraps and lets the site's estimator draw it.
 
-    After the guide has run, ``routes`` maps each latent site to its :class:`Route`,
-    ``baselines`` each site whose estimator takes a baseline to its :class:`BaselineSpec`,
-    and ``dims`` each site with several evaluations to its evaluation dim, allocated
-    leftwards from ``first_available_dim`` (``None``: ``max_plate_nesting`` is not known
-    yet, and such a site raises :class:`PlateNestingNeeded`). Use a fresh messenger per
-    guide run.
+    After the guide has run, ``plans`` maps each latent site to its :class:`SitePlan`
+    (its route, estimator, evaluation dim and baseline); a site with several evaluations
+    gets an evaluation dim allocated leftwards from ``first_available_dim`` (``None``:
+    ``max_plate_nesting`` is not known yet, and such a site raises
+    :class:`PlateNestingNeeded`). Use a fresh messenger per guide run.
     """
 
     def __init__(
@@ -143,9 +203,15 @@ class RouteMessenger(Messenger):
         self.default_baseline = default_baseline
         self.options = options
         self.first_available_dim = first_available_dim
-        self.routes: dict[str, Route] = {}
-        self.baselines: dict[str, BaselineSpec] = {}
-        self.dims: dict[str, int] = {}
+        self.plans: dict[str, SitePlan] = {}
+
+    @property
+    def routes(self) -> dict[str, Route]:
+        return {name: plan.route for name, plan in self.plans.items()}
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {name: plan.dim for name, plan in self.plans.items() if plan.dim is not None}
 
     def _pyro_sample(self, msg: dict) -> None:
         if not is_latent(msg):
@@ -154,11 +220,11 @@ class RouteMessenger(Messenger):
         estimator, reason = choose_estimator(name, fn, msg["infer"], self.options)
         spec = None
         if estimator.uses_baseline:
-            spec = self.baselines[name] = parse_baseline(name, msg["infer"], self.default_baseline)
-        self.routes[name] = Route(
+            spec = parse_baseline(name, msg["infer"], self.default_baseline)
+        route = Route(
             site=name,
             estimator=estimator.name,
-            reason=reason,
+            because=reason,
             distribution=distribution_name(fn),
             baseline=spec.describe() if spec is not None else None,
             forced=msg["infer"].get("estimator") is not None,
@@ -167,7 +233,8 @@ class RouteMessenger(Messenger):
         if estimator.evaluations(fn) > 1:
             if self.first_available_dim is None:
                 raise PlateNestingNeeded(name)
-            dim = self.dims[name] = self.first_available_dim - len(self.dims)
+            dim = self.first_available_dim - len(self.dims)
+        self.plans[name] = SitePlan(route, estimator, dim, spec)
         estimator.draw(msg, dim)
 
 

@@ -38,7 +38,6 @@ PARAMETERIZATIONS: tuple[str, ...] = ("variance", "softplus", "log")
 __all__ = [
     "PARAMETERIZATIONS",
     "NoiseReusingNormal",
-    "distribution_name",
     "elementwise_normal",
     "enable_validation",
     "is_validation_enabled",
@@ -198,15 +197,6 @@ def elementwise_normal(
         with torch.no_grad():
             _check_mapped_variance(var_name, var, variance, parameterization)
     return NoiseReusingNormal(mean, variance.sqrt(), validate_args=False)
-
-
-def distribution_name(fn) -> str:
-    """``fn``'s name as reports show it, wrappers included: ``"Independent(Normal)"``."""
-    names = []
-    while fn is not None:
-        names.append(getattr(type(fn), "display_name", type(fn).__name__))
-        fn = getattr(fn, "base_dist", None)
-    return "(".join(names) + ")" * (len(names) - 1)
 
 
 class NoiseReusingNormal(dist.Normal):

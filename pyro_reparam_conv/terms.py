@@ -10,12 +10,12 @@ the surrogate whose gradient is the routed estimator are sums of per-site terms:
 where each guide site's ``(log q, score_function, entropy_term)`` are its score parts as its
 estimator gives them (:mod:`.estimators`); latent sites are routed, observed guide sites and
 guide factors keep their distribution's own parts. An analytic-KL pair (the fast path,
-:mod:`.estimators.analytic_kl`) enters both sums as one ``-KL(q || p)`` row. This is the
+:mod:`.analytic_kl`) enters both sums as one ``-KL(q || p)`` row. This is the
 surrogate of Pyro's ``Trace_ELBO``, with two differences that keep every expectation and
 lower the variance: a score-function term's cost counts only the terms that depend on its
 site (Rao-Blackwellization, Schulman et al. 2015), per element of the site's plates (Pyro's
 :class:`~pyro.infer.util.MultiFrameTensor`; batch dims that no plate declares are summed, so
-no independence is assumed where none is declared); and baselines (:mod:`.estimators.baselines`)
+no independence is assumed where none is declared); and baselines (:mod:`.baselines`)
 are subtracted from it. A score-function part whose dependencies are not tracked (a guide
 factor with ``has_rsample=False``) is charged with every term, as ``Trace_ELBO`` does.
 
@@ -31,13 +31,12 @@ from typing import Any, Mapping, Optional
 import torch
 from pyro.distributions.util import is_identically_zero
 from pyro.infer.util import MultiFrameTensor
-from pyro.ops.provenance import extract_provenance
+from pyro.ops.provenance import ProvenanceTensor, extract_provenance
 from pyro.poutine import Trace
 
 from .dependencies import SiteKey, ordered_dependencies
-from .estimators import base
-from .estimators.baselines import BaselineSpec
-from .estimators.pathwise import partially_reparameterized
+from .baselines import BaselineSpec
+from .distributions import partially_reparameterized
 from .evaluations import (
     evaluations_of,
     expectation,
@@ -47,9 +46,16 @@ from .evaluations import (
     weighted_terms,
 )
 from .locality import Footprint, per_element, scaled_elements
-from .routing import Route
+from .routing import Route, SitePlan
 
-__all__ = ["ParticleTerms", "SiteTerm", "add_terms", "may_need_costs", "particle_terms"]
+__all__ = [
+    "ParticleTerms",
+    "SiteTerm",
+    "add_terms",
+    "may_need_costs",
+    "needs_cost",
+    "particle_terms",
+]
 
 
 def add_terms(terms) -> Any:
@@ -88,6 +94,14 @@ class SiteTerm:
     score_weight: Any = 1.0
     particle_dim: Optional[int] = None
 
+    def __post_init__(self) -> None:
+        # the one place that strips provenance from what the table holds: on a tracked step
+        # the distributions' parameters carry it into every term computed from them
+        for field_name in ("elbo", "surrogate", "score", "cost", "score_weight"):
+            value = getattr(self, field_name)
+            if isinstance(value, ProvenanceTensor):
+                object.__setattr__(self, field_name, extract_provenance(value)[0])
+
     @property
     def label(self) -> str:
         """``"x (model)"``, ``"z (guide)"`` or ``"z (analytic KL)"``."""
@@ -125,19 +139,22 @@ class ParticleTerms:
         return [row.label for row in self.rows if not row.finite]
 
 
-def may_need_costs(guide_trace: Trace, routes: Mapping[str, Route]) -> bool:
-    """Whether some guide site may have a score-function part, and so need a cost (read
-    from the estimators and distributions, before any log-density is computed)."""
-    for name, site in guide_trace.nodes.items():
-        if site["type"] != "sample":
-            continue
-        route, fn = routes.get(name), site["fn"]
-        if route is not None:
-            if base.get(route.estimator).has_score_function(fn):
-                return True
-        elif not getattr(fn, "has_rsample", False) or partially_reparameterized(fn):
-            return True
-    return False
+def needs_cost(fn, plan: Optional[SitePlan]) -> bool:
+    """Whether a guide site may carry a score-function part or an estimator's own surrogate
+    term, and so needs its cost (read from its estimator and distribution, before any
+    log-density is computed): the one rule for every reader."""
+    if plan is not None:
+        return plan.estimator.has_score_function(fn) or plan.estimator.has_own_surrogate
+    return not getattr(fn, "has_rsample", False) or partially_reparameterized(fn)
+
+
+def may_need_costs(guide_trace: Trace, plans: Mapping[str, SitePlan]) -> bool:
+    """Whether some guide sample site needs its cost (:func:`needs_cost`)."""
+    return any(
+        needs_cost(site["fn"], plans.get(name))
+        for name, site in guide_trace.nodes.items()
+        if site["type"] == "sample"
+    )
 
 
 def _costs(
@@ -239,101 +256,97 @@ def _per_element(footprint: Footprint, model_trace: Trace, site: dict, evaluatio
             values = average(scaled_elements(node, per), node["fn"].event_dim)
         else:  # no per-element density: the term per element of its batch shape
             values = expectation(node["log_prob"], evaluations, label, kept, detach=True)
-        cost = cost + box_sum(extract_provenance(values)[0].detach())
+        cost = cost + box_sum(values.detach())
     weight = _score_weight(site["log_prob"], evaluations, label)
     if isinstance(weight, torch.Tensor):
         weight = weight.reshape(weight.shape + (1,) * event)
-    # on a tracked step the distributions' parameters carry provenance: plain tensors here
-    score, cost = extract_provenance(score)[0], extract_provenance(cost)[0]
     return score, _fit_to(cost, score), weight
+
+
+def _model_row(site: dict, evaluations) -> SiteTerm:
+    """A model site's row: ``log p``, averaged over the evaluations it has."""
+    name = site["name"]
+    if evaluations:
+        lp = site["log_prob"]
+        elbo, surrogate = weighted_terms(lp, lp, evaluations, f"{name!r} (model)")
+    else:
+        elbo = surrogate = site["log_prob_sum"]
+    return SiteTerm(name, "model", None, elbo, surrogate)
+
+
+def _guide_terms(site: dict, parts, evaluations) -> tuple[Any, Any]:
+    """A guide site's ELBO term ``-log q`` and surrogate term ``-entropy_term``."""
+    entropy = parts.entropy_term
+    surrogate_t = 0.0 if is_identically_zero(entropy) else -entropy
+    if evaluations:
+        label = f"{site['name']!r} (guide)"
+        return weighted_terms(-site["log_prob"], surrogate_t, evaluations, label)
+    surrogate = surrogate_t.sum() if isinstance(surrogate_t, torch.Tensor) else 0.0
+    return -site["log_prob_sum"], surrogate
+
+
+def _guide_row(site, plan, parts, cost, evaluations, footprint, model_trace) -> SiteTerm:
+    """A guide site's row: its terms, and where it has a score function, the score with its
+    cost (per element of its map with a ``footprint``) and weights."""
+    name = site["name"]
+    elbo, surrogate = _guide_terms(site, parts, evaluations)
+    score, score_weight, event_dims = None, 1.0, 0
+    has_score = not is_identically_zero(parts.score_function)
+    if footprint is not None and has_score:
+        score, cost, score_weight = _per_element(footprint, model_trace, site, evaluations)
+        event_dims = site["fn"].event_dim
+    elif cost is not None:
+        if has_score:
+            score = parts.score_function
+            score_weight = _score_weight(score, evaluations, f"{name!r} (guide)")
+        cost = _fit_to(cost, site["log_prob"] if score is None else score)
+        if plan is not None:
+            own = plan.estimator.surrogate(site, cost, plan.dim)
+            if isinstance(own, torch.Tensor):
+                own = expectation(own, evaluations, f"{name!r}", {name}, detach=True)
+                surrogate = surrogate + own.sum()
+    return SiteTerm(
+        name, "guide", plan.estimator.name if plan else None, elbo, surrogate, score,
+        cost if score is not None else None, plan.baseline if plan else None, score_weight,
+        _particle_dim(site, score, event_dims),
+    )  # fmt: skip
 
 
 def particle_terms(
     model_trace: Trace,
     guide_trace: Trace,
-    routes: Mapping[str, Route],
-    baselines: Mapping[str, BaselineSpec],
+    plans: Mapping[str, SitePlan],
     kl: Mapping[str, torch.Tensor],
     dependencies: Optional[Mapping[SiteKey, frozenset]],
-    dims: Mapping[str, int] = {},
     footprints: Mapping[str, Footprint] = {},
 ) -> ParticleTerms:
-    """The table of one particle whose traces hold their log-densities and score parts.
+    """The table of one particle whose traces hold their log-densities and score parts, in
+    one walk: model rows, guide rows (with the costs of the sites that need them,
+    :func:`needs_cost`), analytic-KL rows.
 
-    ``kl``: the analytic-KL sites and their ``KL(q || p)``; ``dependencies``: which latent
-    sites each ``(role, name)`` term depends on (``None``: unknown, then the sampling order
-    stands in for latent sites); ``dims``: the evaluation dim of each site evaluated at
-    several values; ``footprints``: the score-function sites whose costs are per element
+    ``plans``: each routed guide site's :class:`~.routing.SitePlan`; ``kl``: the
+    analytic-KL sites and their ``KL(q || p)``; ``dependencies``: which latent sites each
+    ``(role, name)`` term depends on (``None``: unknown, then the sampling order stands in
+    for latent sites); ``footprints``: the score-function sites whose costs are per element
     of their map (:mod:`.locality`).
     """
-    evaluations = evaluations_of(guide_trace, routes, dims)
-    rows: list[SiteTerm] = []
-    for name, site in model_trace.nodes.items():
-        if site["type"] == "sample" and name not in kl:
-            if evaluations:
-                lp = site["log_prob"]
-                elbo, surrogate = weighted_terms(lp, lp, evaluations, f"{name!r} (model)")
-            else:
-                elbo = surrogate = site["log_prob_sum"]
-            rows.append(SiteTerm(name, "model", None, elbo, surrogate))
-    guide_rows: list[tuple[dict, Optional[Route], Any]] = []
-    targets: dict[str, dict] = {}
+    evaluations = evaluations_of(guide_trace, plans)
+    sample = [(n, s) for n, s in model_trace.nodes.items() if s["type"] == "sample"]
+    rows = [_model_row(site, evaluations) for name, site in sample if name not in kl]
+    guide = []
     for name, site in guide_trace.nodes.items():
-        if site["type"] != "sample" or name in kl:
-            continue
-        route = routes.get(name)
-        estimator = base.get(route.estimator) if route else None
-        parts = estimator.score_parts(site) if estimator else site["score_parts"]
-        guide_rows.append((site, estimator, parts))
-        own = estimator is not None and type(estimator).surrogate is not base.Estimator.surrogate
-        if own or not is_identically_zero(parts.score_function):
-            targets[name] = site
+        if site["type"] == "sample" and name not in kl:
+            plan = plans.get(name)
+            parts = plan.estimator.score_parts(site) if plan else site["score_parts"]
+            guide.append((site, plan, parts))
+    targets = {s["name"]: s for s, plan, _ in guide if needs_cost(s["fn"], plan)}
     if dependencies is None and targets:
-        dependencies = ordered_dependencies(model_trace, guide_trace, set(targets) & set(routes))
+        dependencies = ordered_dependencies(model_trace, guide_trace, set(targets) & set(plans))
     costs = _costs(model_trace, guide_trace, targets, dependencies, evaluations) if targets else {}
-    for site, estimator, parts in guide_rows:
-        name = site["name"]
-        entropy = parts.entropy_term
-        surrogate_t = 0.0 if is_identically_zero(entropy) else -entropy
-        if evaluations:
-            label = f"{name!r} (guide)"
-            elbo, surrogate = weighted_terms(-site["log_prob"], surrogate_t, evaluations, label)
-        else:
-            elbo = -site["log_prob_sum"]
-            surrogate = surrogate_t.sum() if isinstance(surrogate_t, torch.Tensor) else 0.0
-        score = cost = None
-        score_weight: Any = 1.0
-        event_dims = 0
-        if name in footprints and not is_identically_zero(parts.score_function):
-            score, cost, score_weight = _per_element(
-                footprints[name], model_trace, site, evaluations
-            )
-            event_dims = site["fn"].event_dim
-        elif name in targets:
-            if not is_identically_zero(parts.score_function):
-                score = parts.score_function
-                score_weight = _score_weight(score, evaluations, f"{name!r} (guide)")
-            cost = _fit_to(costs[name], site["log_prob"] if score is None else score)
-            if estimator is not None:
-                own = estimator.surrogate(site, cost, dims.get(name))
-                if isinstance(own, torch.Tensor):
-                    exclude = {name}
-                    own = expectation(own, evaluations, f"{name!r}", exclude, detach=True)
-                    surrogate = surrogate + own.sum()
-        rows.append(
-            SiteTerm(
-                name,
-                "guide",
-                estimator.name if estimator else None,
-                elbo,
-                surrogate,
-                score,
-                cost if score is not None else None,
-                baselines.get(name),
-                score_weight,
-                _particle_dim(site, score, event_dims),
-            )
-        )
-    for name, value in kl.items():
-        rows.append(SiteTerm(name, "kl", "pathwise", -value, -value))
+    for site, plan, parts in guide:
+        footprint = footprints.get(site["name"])
+        cost = costs.get(site["name"])
+        rows.append(_guide_row(site, plan, parts, cost, evaluations, footprint, model_trace))
+    rows += [SiteTerm(name, "kl", plans[name].estimator.name, -v, -v) for name, v in kl.items()]
+    routes = {name: plan.route for name, plan in plans.items()}
     return ParticleTerms(model_trace, guide_trace, routes, tuple(rows), dependencies or {})

@@ -20,7 +20,7 @@ from pyro.distributions.util import scale_and_mask
 
 from pyro_reparam_conv import ESTIMATORS, RoutedELBO, force_estimator
 from pyro_reparam_conv.estimators import Estimator, get, register, unregister
-from pyro_reparam_conv.kernels import unwrap_independent
+from pyro_reparam_conv.distributions import unwrap_independent
 
 
 class StickingTheLanding(Estimator):

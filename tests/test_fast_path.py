@@ -405,7 +405,7 @@ def test_compact_normal_log_prob_with_one_scale_equals_log_prob_with_gradients()
 def test_site_kl_with_a_one_value_prior_equals_kl_divergence(p_loc, p_scale, site_scale):
     """The few-pass KL sum (standard and general one-value priors, scaled sites) equals
     torch's kl_divergence summed: value, gradients and second derivatives."""
-    from pyro_reparam_conv.estimators.analytic_kl import site_kl
+    from pyro_reparam_conv.analytic_kl import site_kl
 
     torch.manual_seed(1)
     m = torch.randn(3, 2, 5, requires_grad=True)
@@ -420,7 +420,7 @@ def test_site_kl_with_a_one_value_prior_equals_kl_divergence(p_loc, p_scale, sit
 
 def test_site_kl_with_a_learnable_one_value_prior():
     """A prior loc/scale that requires grad gets its gradient (plain autograd path)."""
-    from pyro_reparam_conv.estimators.analytic_kl import site_kl
+    from pyro_reparam_conv.analytic_kl import site_kl
 
     torch.manual_seed(2)
     m = torch.randn(4, 3, requires_grad=True)

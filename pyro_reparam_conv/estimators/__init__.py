@@ -8,8 +8,10 @@
 - :mod:`.score`: score-function (REINFORCE) terms.
 - :mod:`.measure_valued`: Weibull / double-sided Maxwell differences for Normal sites
   (unbiased for costs that are not differentiable; opt-in only).
-- :mod:`.baselines`: control variates for score-function terms.
-- :mod:`.analytic_kl`: where ``-KL(q || p)`` replaces a pathwise site's ``log p - log q``.
+
+What the ELBO does around them lives outside this package: baselines of score-function
+terms (:mod:`pyro_reparam_conv.baselines`) and the analytic KL of the fast path
+(:mod:`pyro_reparam_conv.analytic_kl`).
 
 A new estimator is one module here that registers an :class:`~.base.Estimator` subclass,
 plus its import line below (see ``docs/architecture.md``).

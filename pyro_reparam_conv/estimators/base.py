@@ -92,6 +92,14 @@ class Estimator:
     #: whether :meth:`weights` are per element of the site's plates (enumeration): then
     #: every term that depends on the site must lie inside the site's plates
     local_weights: ClassVar[bool] = False
+    #: whether the fast path may replace the site's ``log p - log q`` by ``-KL(q || p)``
+    #: (its draw is reparameterized and its terms differentiated as they are)
+    takes_analytic_kl: ClassVar[bool] = False
+    #: whether its gradient differentiates the cost through the draw: biased where the cost
+    #: is not differentiable in the site (what ``audit_gradients(check_bias=True)`` tests)
+    through_the_cost: ClassVar[bool] = False
+    #: what an error adds when the estimator is requested for a site it does not apply to
+    hint_when_refused: ClassVar[str] = ""
 
     def why_not(self, fn) -> Optional[str]:
         """``None`` if the estimator applies to distribution ``fn``, else the reason it does not."""
@@ -132,6 +140,11 @@ class Estimator:
         """A surrogate term of the estimator's own, from the site's cost (detached, the site's
         batch shape, one entry per evaluation along ``dim``), to be maximized; default none."""
         return 0.0
+
+    @property
+    def has_own_surrogate(self) -> bool:
+        """Whether it overrides :meth:`surrogate` (its term then needs the site's cost)."""
+        return type(self).surrogate is not Estimator.surrogate
 
     def score_parts(self, site: dict) -> ScoreParts:
         """``(log_prob, score_function, entropy_term)`` of a traced guide site: ``log_prob``

@@ -26,8 +26,7 @@ import torch
 from pyro.distributions import Bernoulli
 from pyro.distributions.score_parts import ScoreParts
 
-from ..kernels import unwrap_independent
-from ..sampling import distribution_name
+from ..distributions import distribution_name, unwrap_independent
 from .base import Estimator, register
 
 __all__ = ["DisarmEstimator"]

@@ -19,19 +19,28 @@ keep their own estimators within each of the ``K`` evaluations.
 
 from __future__ import annotations
 
+import weakref
+
 from typing import Optional
 
 from pyro.distributions.score_parts import ScoreParts
 
-from ..sampling import distribution_name
+from ..distributions import distribution_name
 from .base import Estimator, RoutingOptions, register
 
 __all__ = ["EnumerateEstimator"]
 
 
+_SIZES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def support_size(fn) -> int:
-    """The number of values of one element of ``fn``'s finite support."""
-    return fn.enumerate_support(expand=False).shape[0]
+    """The number of values of one element of ``fn``'s finite support (found once per
+    distribution object: routing asks several times per site)."""
+    size = _SIZES.get(fn)
+    if size is None:
+        size = _SIZES[fn] = fn.enumerate_support(expand=False).shape[0]
+    return size
 
 
 class EnumerateEstimator(Estimator):

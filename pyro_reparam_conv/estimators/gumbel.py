@@ -23,8 +23,7 @@ from pyro.distributions import Bernoulli, OneHotCategorical
 from pyro.distributions.score_parts import ScoreParts
 from pyro.distributions.util import scale_and_mask
 
-from ..kernels import unwrap_independent
-from ..sampling import distribution_name
+from ..distributions import distribution_name, unwrap_independent
 from .base import Estimator, register
 
 __all__ = ["GumbelStraightThrough"]

@@ -61,8 +61,7 @@ from pyro.distributions import Independent
 from pyro.distributions.score_parts import ScoreParts
 from pyro.distributions.torch_distribution import ExpandedDistribution
 
-from ..kernels import is_plain_normal
-from ..sampling import distribution_name
+from ..distributions import distribution_name, is_plain_normal
 from .base import Estimator, register
 
 __all__ = [

@@ -14,33 +14,21 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pyro.distributions.distribution import Distribution
-from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
-
-from ..sampling import distribution_name
+from ..distributions import distribution_name, partially_reparameterized
 from .base import Estimator, register
 
-__all__ = ["PathwiseEstimator", "partially_reparameterized"]
-
-# wrappers whose score_parts pass their base distribution's parts through
-_DELEGATING = (MaskedDistribution.score_parts, ExpandedDistribution.score_parts)
-
-
-def partially_reparameterized(fn) -> bool:
-    """Whether ``fn`` overrides Pyro's default ``score_parts`` (which has no score-function
-    part for a distribution with ``rsample``), as rejection samplers do."""
-    while getattr(type(fn), "score_parts", None) in _DELEGATING:
-        fn = fn.base_dist
-    return (
-        getattr(type(fn), "score_parts", Distribution.score_parts) is not Distribution.score_parts
-    )
-
+__all__ = ["PathwiseEstimator"]
 
 class PathwiseEstimator(Estimator):
     """Differentiate through ``rsample``; needs a distribution that has it."""
 
     name = "pathwise"
     priority = 0
+    takes_analytic_kl = True
+    through_the_cost = True
+    hint_when_refused = (
+        "; use 'score' or a reparameterizable distribution (e.g. a relaxed/Gumbel-softmax one)"
+    )
 
     def why_not(self, fn) -> Optional[str]:
         if getattr(fn, "has_rsample", False):

@@ -13,21 +13,18 @@ kernels of :mod:`pyro_reparam_conv.kernels`.
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import TYPE_CHECKING, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
 from pyro.distributions import Delta
 from pyro.distributions.util import scale_and_mask
-from pyro.ops.provenance import extract_provenance
 from pyro.poutine import Trace
 
-from ..kernels import FAST, Kernels, unwrap_independent
-from ..sampling import distribution_name
-from .pathwise import partially_reparameterized
+from .distributions import distribution_name, partially_reparameterized, unwrap_independent
+from .kernels import FAST, Kernels
+from .evaluations import spans
+from .routing import KLDecision, SitePlan
 
-if TYPE_CHECKING:  # routes are built by routing, which imports the estimators
-    from ..routing import Route
 
 __all__ = ["kl_name", "plan_kl", "site_kl"]
 
@@ -45,7 +42,7 @@ def site_kl(guide_site: dict, model_site: dict, kernels: Kernels = FAST) -> torc
         kl = kernels.kl_sum(q, p)
         if kl is not None:
             return kl if scale == 1.0 else scale * kl
-    kl, _ = extract_provenance(kernels.kl(q, p))
+    kl = kernels.kl(q, p)  # on a tracked step with provenance: the table strips it
     return scale_and_mask(kl, scale=scale, mask=guide_site["mask"]).sum()
 
 
@@ -94,7 +91,7 @@ def _evaluated(guide_site: dict, dims: Mapping[str, int]) -> Optional[str]:
     """Why not, when the guide distribution has the evaluation dim of another site."""
     shape = guide_site["fn"].batch_shape
     for site, dim in dims.items():
-        if len(shape) >= -dim and shape[dim] > 1:
+        if spans(shape, dim) > 1:
             return f"it depends on {site!r}, whose values are evaluated side by side"
     return None
 
@@ -102,22 +99,23 @@ def _evaluated(guide_site: dict, dims: Mapping[str, int]) -> Optional[str]:
 def plan_kl(
     model_trace: Trace,
     guide_trace: Trace,
-    routes: Mapping[str, Route],
+    plans: Mapping[str, SitePlan],
     priors: Optional[Mapping[str, frozenset]],
     kernels: Kernels = FAST,
-    dims: Mapping[str, int] = {},
-) -> tuple[dict[str, torch.Tensor], dict[str, Route]]:
-    """``KL(q || p)`` (scaled, masked, summed) of each pathwise site where it is exact, and
-    the routes with ``analytic_kl`` and the reason updated.
+) -> tuple[dict[str, torch.Tensor], dict[str, SitePlan]]:
+    """``KL(q || p)`` (scaled, masked, summed) of each site whose estimator takes it
+    (:attr:`~.estimators.base.Estimator.takes_analytic_kl`) where it is exact, and the plans
+    with their :class:`~.routing.KLDecision`.
 
     ``priors`` maps each latent model site to the latents its prior's parameters depend on
-    (``None``: unknown, and no site gets the KL); ``dims`` the evaluation dim of each site
-    evaluated at several values (a KL that has such a dim would need its weights: no KL).
+    (``None``: unknown, and no site gets the KL); a KL that has the evaluation dim of a
+    site evaluated at several values would need its weights: no KL.
     """
     kl: dict[str, torch.Tensor] = {}
-    planned = dict(routes)
-    for name, route in routes.items():
-        if route.estimator != "pathwise":
+    planned = dict(plans)
+    dims = {name: plan.dim for name, plan in plans.items() if plan.dim is not None}
+    for name, plan in plans.items():
+        if not plan.estimator.takes_analytic_kl:
             continue
         model_site, guide_site = model_trace.nodes.get(name), guide_trace.nodes[name]
         depends_on = None if priors is None else priors.get(name, frozenset())
@@ -130,8 +128,8 @@ def plan_kl(
             except ValueError as e:
                 why_not = str(e)
         if why_not is None:
-            reason = f"{route.reason}; analytic {kl_name(guide_site['fn'], model_site['fn'])}"
-            planned[name] = replace(route, analytic_kl=True, reason=reason)
+            decision = KLDecision(True, kl_name(guide_site["fn"], model_site["fn"]))
         else:
-            planned[name] = replace(route, reason=f"{route.reason}; no analytic KL: {why_not}")
+            decision = KLDecision(False, why_not)
+        planned[name] = plan.decided(kl=decision)
     return kl, planned

@@ -1,0 +1,73 @@
+"""What a :class:`~.elbo.RoutedELBO` learns about a model across steps, in one object.
+
+- ``dependencies``: the :class:`~.dependencies.DependencyCache` (what tracked steps found
+  per structure key);
+- ``verified``: the structure keys whose values side by side were checked one at a time;
+- ``avoid``: per site, the estimators found not to work for it, with why (its values side
+  by side fail), which routing then skips;
+- ``fold``: whether values side by side pass the model's convolutions folded
+  (:mod:`.folding`).
+
+Only ``avoid`` changes what a later step computes in a way the next tracked step cannot find
+again by itself, so :meth:`Learned.state_dict` saves it (checkpoints); the rest is derived
+again. :meth:`Learned.remedy` makes, for a failed particle, the next change to retry with
+(each at most once per particle and estimator, all undone when the retries fail too).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from .dependencies import DependencyCache
+from .estimators.base import RoutingOptions
+from .evaluations import avoid_after_failure
+
+__all__ = ["Learned"]
+
+
+class Learned:
+    """What the ELBO knows about the model's structure (see the module docstring)."""
+
+    def __init__(self, dependency_tracking: str = "cached") -> None:
+        self.dependencies = DependencyCache(dependency_tracking)
+        self.verified: set[tuple] = set()
+        self.avoid: dict[str, dict[str, str]] = {}  # site -> {estimator: why not}
+        self.fold = False
+
+    def routing_options(self, max_enumerate: int) -> RoutingOptions:
+        return RoutingOptions(max_enumerate, self.avoid)
+
+    def remedy(self, error: Exception, plans, tried: dict) -> bool:
+        """Apply the next change to retry a particle with after ``error`` (its routes were
+        ``plans``), recording how to undo it in ``tried``: ``"fold"`` (values side by side
+        through convolutions folded), then ``"avoid"`` (the automatically routed side-by-side
+        sites routed elsewhere, :func:`avoid_after_failure`; again while that avoids an
+        estimator not avoided yet, so at most once per estimator). ``False`` when none is left. A
+        requested side-by-side estimator whose values fail the check raises the error that
+        says how to fix it."""
+        if not any(plan.dim is not None for plan in plans.values()):
+            return False
+        if "fold" not in tried and not self.fold:
+            tried["fold"] = (self.avoid, self.fold)
+            self.fold = True
+            return True
+        avoid = avoid_after_failure(plans, error)
+        if not avoid or all(e in self.avoid.get(s, {}) for s, es in avoid.items() for e in es):
+            return False  # nothing new to avoid
+        tried.setdefault("avoid", (self.avoid, self.fold))
+        self.avoid = {site: {**self.avoid.get(site, {}), **avoid.get(site, {})}
+                      for site in {*self.avoid, *avoid}}  # fmt: skip
+        self.fold = False  # the sites leave their values side by side
+        self.dependencies.clear()  # the routes change: track the retried particle
+        return True
+
+    def undo(self, tried: dict) -> None:
+        """Forget the changes of a particle whose retries failed too."""
+        for state in [tried[k] for k in ("fold", "avoid") if k in tried][:1]:
+            self.avoid, self.fold = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"avoid": {site: dict(reasons) for site, reasons in self.avoid.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.avoid = {site: dict(reasons) for site, reasons in state.get("avoid", {}).items()}
