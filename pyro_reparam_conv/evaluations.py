@@ -71,8 +71,9 @@ def evaluations_of(guide_trace: Trace, plans) -> list[Evaluation]:
         site, estimator, dim = guide_trace.nodes[name], plan.estimator, plan.dim
         plates = frozenset(f.dim for f in site["cond_indep_stack"] if f.vectorized)
         size = site["value"].shape[dim - site["fn"].event_dim]
-        weight = estimator.weights(site, dim)
-        found.append(Evaluation(name, dim, size, weight, estimator.local_weights, plates))
+        layout = estimator.layout
+        weight = layout.weights(site, dim)
+        found.append(Evaluation(name, dim, size, weight, layout.local_weights, plates))
     return found
 
 

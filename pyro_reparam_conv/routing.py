@@ -230,12 +230,12 @@ class RouteMessenger(Messenger):
             forced=msg["infer"].get("estimator") is not None,
         )
         dim = None
-        if estimator.evaluations(fn) > 1:
+        if estimator.layout.evaluations(fn) > 1:
             if self.first_available_dim is None:
                 raise PlateNestingNeeded(name)
             dim = self.first_available_dim - len(self.dims)
         self.plans[name] = SitePlan(route, estimator, dim, spec)
-        estimator.draw(msg, dim)
+        estimator.layout.draw(msg, dim)
 
 
 class ForceEstimatorMessenger(Messenger):

@@ -16,21 +16,24 @@ class with
 
 - ``name``: what ``infer={"estimator": name}`` and :func:`~..routing.force_estimator` use;
 - :meth:`Estimator.why_not`: ``None`` when it applies to a distribution, else the reason;
-- :meth:`Estimator.draw`: how the site's value is drawn (``None``: Pyro's own draw,
-  ``fn(*args)``, which is ``rsample`` for a distribution that has it);
-- :meth:`Estimator.score_parts`: the parts the site contributes, from the site as traced
-  (Pyro has already computed the distribution's own parts into ``site["score_parts"]``).
+- ``layout``: how the site's values are laid out (a :class:`Layout`): its ``draw`` (the
+  default leaves the value to Pyro's own draw, ``fn(*args)``, which is ``rsample`` for a
+  distribution that has it);
+- what the site adds to the surrogate: :meth:`Estimator.score_parts`, the parts the site
+  contributes, from the site as traced (Pyro has already computed the distribution's own
+  parts into ``site["score_parts"]``), and :meth:`Estimator.surrogate`, a term of its own.
 
-An estimator may also evaluate several values of its site in one particle
-(:meth:`Estimator.evaluations` > 1: the exact sum over a finite support, an antithetic
-pair). Routing then gives the site an *evaluation dim* left of every plate (where Pyro puts
-enumeration dims) and :meth:`Estimator.draw` lays the values out along it; the model and
-the rest of the guide see them side by side, and every term that depends on them has the
-dim too. The ELBO averages each term over the dim with :meth:`Estimator.weights` (``q(k)``
-for enumeration, differentiable: its gradient is exact; ``1/2`` for an antithetic pair),
-and :meth:`Estimator.surrogate` may add a term of its own computed from the site's cost per
-evaluation (DisARM's). ``local_weights`` says whether the weights are per element of the
-site's plates; then every term that depends on the site must lie inside those plates.
+A layout may evaluate several values of the site in one particle
+(:meth:`Layout.evaluations` > 1: the exact sum over a finite support, an antithetic pair).
+Routing then gives the site an *evaluation dim* left of every plate (where Pyro puts
+enumeration dims) and :meth:`Layout.draw` lays the values out along it; the model and the
+rest of the guide see them side by side, and every term that depends on them has the dim
+too. The ELBO averages each term over the dim with :meth:`Layout.weights` (``q(k)`` for
+enumeration, differentiable: its gradient is exact; ``1/2`` for an antithetic pair), and
+:meth:`Estimator.surrogate` may add a term of its own computed from the site's cost per
+evaluation (DisARM's). ``Layout.local_weights`` says whether the weights are per element
+of the site's plates; then every term that depends on the site must lie inside those
+plates.
 
 :func:`register` adds an instance under its name (:func:`unregister` removes it);
 :data:`ESTIMATORS` lists the registered names (a live view, in registration order), and
@@ -50,12 +53,37 @@ from pyro.distributions.score_parts import ScoreParts
 __all__ = [
     "ESTIMATORS",
     "Estimator",
+    "Layout",
     "RoutingOptions",
     "automatic",
     "get",
     "register",
     "unregister",
 ]
+
+
+class Layout:
+    """How an estimator lays out its site's values in one particle: one draw (this class:
+    Pyro's own draw, ``rsample`` where the distribution has it), or several values side by
+    side along an evaluation dim, which the ELBO averages with :meth:`weights`."""
+
+    #: whether :meth:`weights` are per element of the site's plates (enumeration): then
+    #: every term that depends on the site must lie inside the site's plates
+    local_weights: ClassVar[bool] = False
+
+    def evaluations(self, fn) -> int:
+        """How many values of the site one particle evaluates side by side (1: one draw)."""
+        return 1
+
+    def draw(self, msg: dict, dim: Optional[int] = None) -> None:
+        """Set ``msg["value"]`` for a latent site, or leave it ``None`` for Pyro's own draw.
+        With :meth:`evaluations` > 1, ``dim`` is the site's evaluation dim (counted from the
+        right of the batch shape, as a plate's): lay the values out along it."""
+
+    def weights(self, site: dict, dim: int) -> Any:
+        """How the ELBO averages the site's evaluations along ``dim``: a tensor broadcastable
+        to the site's batch shape, or a number, summing to 1 over ``dim`` (default: equal)."""
+        return 1.0 / site["value"].shape[dim - site["fn"].event_dim]
 
 
 @dataclass(frozen=True)
@@ -89,9 +117,9 @@ class Estimator:
     #: with the terms in its footprint only (:mod:`pyro_reparam_conv.locality`)
     element_costs: ClassVar[bool] = False
 
-    #: whether :meth:`weights` are per element of the site's plates (enumeration): then
-    #: every term that depends on the site must lie inside the site's plates
-    local_weights: ClassVar[bool] = False
+    #: how the site's values are laid out in one particle (:class:`Layout`; default: one
+    #: draw, Pyro's own)
+    layout: ClassVar["Layout"]
     #: whether the fast path may replace the site's ``log p - log q`` by ``-KL(q || p)``
     #: (its draw is reparameterized and its terms differentiated as they are)
     takes_analytic_kl: ClassVar[bool] = False
@@ -122,20 +150,6 @@ class Estimator:
         :meth:`surrogate` a term (either way the site needs its cost). Default: yes."""
         return True
 
-    def evaluations(self, fn) -> int:
-        """How many values of the site one particle evaluates side by side (1: one draw)."""
-        return 1
-
-    def draw(self, msg: dict, dim: Optional[int] = None) -> None:
-        """Set ``msg["value"]`` for a latent site, or leave it ``None`` for Pyro's own draw.
-        With :meth:`evaluations` > 1, ``dim`` is the site's evaluation dim (counted from the
-        right of the batch shape, as a plate's): lay the values out along it."""
-
-    def weights(self, site: dict, dim: int) -> Any:
-        """How the ELBO averages the site's evaluations along ``dim``: a tensor broadcastable
-        to the site's batch shape, or a number, summing to 1 over ``dim`` (default: equal)."""
-        return 1.0 / site["value"].shape[dim - site["fn"].event_dim]
-
     def surrogate(self, site: dict, cost: Any, dim: Optional[int]) -> Any:
         """A surrogate term of the estimator's own, from the site's cost (detached, the site's
         batch shape, one entry per evaluation along ``dim``), to be maximized; default none."""
@@ -152,6 +166,8 @@ class Estimator:
         cost carries the scale). Default: the distribution's own parts, as Pyro computes them."""
         return site["score_parts"]
 
+
+Estimator.layout = Layout()
 
 _REGISTRY: dict[str, Estimator] = {}
 

@@ -27,7 +27,7 @@ from pyro.distributions import Bernoulli
 from pyro.distributions.score_parts import ScoreParts
 
 from ..distributions import distribution_name, unwrap_independent
-from .base import Estimator, register
+from .base import Estimator, Layout, register
 
 __all__ = ["DisarmEstimator"]
 
@@ -37,22 +37,8 @@ def _bernoulli(fn) -> Optional[Bernoulli]:
     return base if isinstance(base, Bernoulli) else None
 
 
-class DisarmEstimator(Estimator):
-    """An antithetic pair of values, two evaluations, no baseline needed."""
-
-    name = "disarm"
-    priority = 20
-
-    def why_not(self, fn) -> Optional[str]:
-        if _bernoulli(fn) is None:
-            return f"{distribution_name(fn)} is not a Bernoulli"
-        return None
-
-    def because(self, fn) -> str:
-        return "Bernoulli: an antithetic pair"
-
-    def note(self, fn, infer: dict) -> str:
-        return "2 evaluations (b and its antithetic b~), unbiased"
+class AntitheticPair(Layout):
+    """``b = 1[u < p]`` and ``b~ = 1[1 - u < p]`` side by side, weighted 1/2 each."""
 
     def evaluations(self, fn) -> int:
         return 2
@@ -68,6 +54,25 @@ class DisarmEstimator(Estimator):
 
     def weights(self, site: dict, dim: int) -> float:
         return 0.5
+
+
+class DisarmEstimator(Estimator):
+    """An antithetic pair of values, two evaluations, no baseline needed."""
+
+    name = "disarm"
+    priority = 20
+    layout = AntitheticPair()
+
+    def why_not(self, fn) -> Optional[str]:
+        if _bernoulli(fn) is None:
+            return f"{distribution_name(fn)} is not a Bernoulli"
+        return None
+
+    def because(self, fn) -> str:
+        return "Bernoulli: an antithetic pair"
+
+    def note(self, fn, infer: dict) -> str:
+        return "2 evaluations (b and its antithetic b~), unbiased"
 
     def score_parts(self, site: dict) -> ScoreParts:
         return ScoreParts(site["log_prob"], 0.0, 0.0)  # all of its gradient: the surrogate

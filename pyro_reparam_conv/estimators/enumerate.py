@@ -26,7 +26,7 @@ from typing import Optional
 from pyro.distributions.score_parts import ScoreParts
 
 from ..distributions import distribution_name
-from .base import Estimator, RoutingOptions, register
+from .base import Estimator, Layout, RoutingOptions, register
 
 __all__ = ["EnumerateEstimator"]
 
@@ -43,12 +43,31 @@ def support_size(fn) -> int:
     return size
 
 
+class Support(Layout):
+    """Every value of the finite support side by side, weighted by ``q(k)`` per element of
+    the site's plates."""
+
+    local_weights = True
+
+    def evaluations(self, fn) -> int:
+        return support_size(fn)
+
+    def draw(self, msg: dict, dim: Optional[int] = None) -> None:
+        fn = msg["fn"]
+        support = fn.enumerate_support(expand=False)
+        shape = (support.shape[0],) + (1,) * (-1 - dim) + tuple(fn.event_shape)
+        msg["value"] = support.reshape(shape)
+
+    def weights(self, site: dict, dim: int):
+        return site["unscaled_log_prob"].exp()  # q(k), per element, differentiable
+
+
 class EnumerateEstimator(Estimator):
     """The exact sum over the support, ``K`` evaluations side by side."""
 
     name = "enumerate"
     priority = 10
-    local_weights = True
+    layout = Support()
 
     def why_not(self, fn) -> Optional[str]:
         if getattr(fn, "has_enumerate_support", False):
@@ -69,18 +88,6 @@ class EnumerateEstimator(Estimator):
 
     def has_score_function(self, fn) -> bool:
         return False
-
-    def evaluations(self, fn) -> int:
-        return support_size(fn)
-
-    def draw(self, msg: dict, dim: Optional[int] = None) -> None:
-        fn = msg["fn"]
-        support = fn.enumerate_support(expand=False)
-        shape = (support.shape[0],) + (1,) * (-1 - dim) + tuple(fn.event_shape)
-        msg["value"] = support.reshape(shape)
-
-    def weights(self, site: dict, dim: int):
-        return site["unscaled_log_prob"].exp()  # q(k), per element, differentiable
 
     def score_parts(self, site: dict) -> ScoreParts:
         return ScoreParts(site["log_prob"], 0.0, site["log_prob"])

@@ -24,7 +24,7 @@ from pyro.distributions.score_parts import ScoreParts
 from pyro.distributions.util import scale_and_mask
 
 from ..distributions import distribution_name, unwrap_independent
-from .base import Estimator, register
+from .base import Estimator, Layout, register
 
 __all__ = ["GumbelStraightThrough"]
 
@@ -49,11 +49,31 @@ def _temperature(infer: dict) -> float:
     return float(tau)
 
 
+class StraightThrough(Layout):
+    """One hard draw whose gradient is the relaxed (Gumbel-softmax) sample's."""
+
+    def draw(self, msg: dict, dim: Optional[int] = None) -> None:
+        fn = msg["fn"]
+        tau = _temperature(msg["infer"])  # checked (naming the site) when routed
+        base, _ = unwrap_independent(fn)
+        logits = base.logits.expand(fn.batch_shape + fn.event_shape)
+        u = torch.rand(logits.shape, dtype=logits.dtype, device=logits.device)
+        u = u.clamp(torch.finfo(u.dtype).tiny, 1 - torch.finfo(u.dtype).eps)
+        if isinstance(base, Bernoulli):  # logistic noise: the difference of two Gumbels
+            soft = torch.sigmoid((logits + u.log() - (-u).log1p()) / tau)
+            hard = (soft > 0.5).to(soft.dtype)
+        else:
+            soft = torch.softmax((logits - (-u.log()).log()) / tau, -1)
+            hard = torch.nn.functional.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
+        msg["value"] = _StraightThrough.apply(hard, soft)
+
+
 class GumbelStraightThrough(Estimator):
     """Hard sample forward, relaxed gradient backward; biased, opt-in only."""
 
     name = "gumbel_st"
     automatic = False
+    layout = StraightThrough()
 
     def why_not(self, fn) -> Optional[str]:
         base, _ = unwrap_independent(fn)
@@ -70,21 +90,6 @@ class GumbelStraightThrough(Estimator):
 
     def has_score_function(self, fn) -> bool:
         return False
-
-    def draw(self, msg: dict, dim: Optional[int] = None) -> None:
-        fn = msg["fn"]
-        tau = _temperature(msg["infer"])  # checked (naming the site) when routed
-        base, _ = unwrap_independent(fn)
-        logits = base.logits.expand(fn.batch_shape + fn.event_shape)
-        u = torch.rand(logits.shape, dtype=logits.dtype, device=logits.device)
-        u = u.clamp(torch.finfo(u.dtype).tiny, 1 - torch.finfo(u.dtype).eps)
-        if isinstance(base, Bernoulli):  # logistic noise: the difference of two Gumbels
-            soft = torch.sigmoid((logits + u.log() - (-u).log1p()) / tau)
-            hard = (soft > 0.5).to(soft.dtype)
-        else:
-            soft = torch.softmax((logits - (-u.log()).log()) / tau, -1)
-            hard = torch.nn.functional.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
-        msg["value"] = _StraightThrough.apply(hard, soft)
 
     def score_parts(self, site: dict) -> ScoreParts:
         # -log q differentiated through the (straight-through) value only: its direct

@@ -62,7 +62,7 @@ from pyro.distributions.score_parts import ScoreParts
 from pyro.distributions.torch_distribution import ExpandedDistribution
 
 from ..distributions import distribution_name, is_plain_normal
-from .base import Estimator, register
+from .base import Estimator, Layout, register
 
 __all__ = [
     "MAX_EVALUATIONS",
@@ -114,47 +114,14 @@ def _limit(infer: dict) -> int:
     return limit
 
 
-class MeasureValuedEstimator(Estimator):
-    """Weibull and double-sided Maxwell perturbations per element, ``1 + 3 n`` evaluations."""
+class Perturbations(Layout):
+    """The draw, then per element of the event its mean +, mean - and scale perturbations:
+    ``1 + 3 n`` values side by side, the ELBO's value the draw's alone."""
 
-    name = "measure_valued"
-    automatic = False  # it costs 1 + 3 n evaluations: only where asked
     local_weights = True  # plate elements are perturbed side by side: terms must be local
-
-    def why_not(self, fn) -> Optional[str]:
-        if _normal(fn) is None:
-            return f"{distribution_name(fn)} is not a Normal"
-        return None
 
     def evaluations(self, fn) -> int:
         return 1 + 3 * fn.event_shape.numel()
-
-    def too_many(self, fn, infer: dict) -> Optional[str]:
-        """Why a site of distribution ``fn`` with ``infer`` is refused (too many evaluations
-        for its ``max_evaluations``), or ``None``."""
-        count, limit = self.evaluations(fn), _limit(infer)
-        if count <= limit:
-            return None
-        n = fn.event_shape.numel()
-        return (
-            f"measure_valued would evaluate everything that depends on it {count} times side by "
-            f"side (1 + 3 per element x {n} elements of its event {tuple(fn.event_shape)}), more "
-            f"than max_evaluations={limit}; pass infer={{'estimator': 'measure_valued', "
-            f"'max_evaluations': {count}}} to allow it, or route the site to 'score'"
-        )
-
-    def note(self, fn, infer: dict) -> str:
-        coupled = _coupled(infer)
-        refused = self.too_many(fn, infer)
-        if refused:
-            raise ValueError(refused)
-        n = fn.event_shape.numel()
-        how = "coupled (common random numbers)" if coupled else "uncoupled"
-        elements = f"{n} element" + ("s" if n != 1 else "")
-        return (
-            f"{self.evaluations(fn)} evaluations side by side (the draw, then 3 per element x "
-            f"{elements}: mean +, mean -, scale), {how}, unbiased for any cost"
-        )
 
     def draw(self, msg: dict, dim: Optional[int] = None) -> None:
         fn, name = msg["fn"], msg["name"]
@@ -190,6 +157,47 @@ class MeasureValuedEstimator(Estimator):
         weight = torch.zeros(size, dtype=value.dtype, device=value.device)
         weight[0] = 1.0  # the ELBO's value is the draw's alone
         return weight.reshape((size,) + (1,) * (-dim - 1)).expand(shape)
+
+
+class MeasureValuedEstimator(Estimator):
+    """Weibull and double-sided Maxwell perturbations per element, ``1 + 3 n`` evaluations."""
+
+    name = "measure_valued"
+    automatic = False  # it costs 1 + 3 n evaluations: only where asked
+    layout = Perturbations()
+
+    def why_not(self, fn) -> Optional[str]:
+        if _normal(fn) is None:
+            return f"{distribution_name(fn)} is not a Normal"
+        return None
+
+    def too_many(self, fn, infer: dict) -> Optional[str]:
+        """Why a site of distribution ``fn`` with ``infer`` is refused (too many evaluations
+        for its ``max_evaluations``), or ``None``."""
+        count, limit = self.layout.evaluations(fn), _limit(infer)
+        if count <= limit:
+            return None
+        n = fn.event_shape.numel()
+        return (
+            f"measure_valued would evaluate everything that depends on it {count} times side by "
+            f"side (1 + 3 per element x {n} elements of its event {tuple(fn.event_shape)}), more "
+            f"than max_evaluations={limit}; pass infer={{'estimator': 'measure_valued', "
+            f"'max_evaluations': {count}}} to allow it, or route the site to 'score'"
+        )
+
+    def note(self, fn, infer: dict) -> str:
+        coupled = _coupled(infer)
+        refused = self.too_many(fn, infer)
+        if refused:
+            raise ValueError(refused)
+        n = fn.event_shape.numel()
+        how = "coupled (common random numbers)" if coupled else "uncoupled"
+        elements = f"{n} element" + ("s" if n != 1 else "")
+        count = self.layout.evaluations(fn)
+        return (
+            f"{count} evaluations side by side (the draw, then 3 per element x "
+            f"{elements}: mean +, mean -, scale), {how}, unbiased for any cost"
+        )
 
     def score_parts(self, site: dict) -> ScoreParts:
         return ScoreParts(site["log_prob"], 0.0, 0.0)  # all of its gradient: the surrogate

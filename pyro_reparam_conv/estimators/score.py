@@ -14,9 +14,17 @@ from __future__ import annotations
 
 from pyro.distributions.score_parts import ScoreParts
 
-from .base import Estimator, register
+from .base import Estimator, Layout, register
 
 __all__ = ["ScoreEstimator"]
+
+
+class Sampled(Layout):
+    """One draw without a gradient path (``fn.sample()``)."""
+
+    def draw(self, msg: dict, dim=None) -> None:
+        if msg["value"] is None:
+            msg["value"] = msg["fn"].sample(*msg["args"], **msg["kwargs"])
 
 
 class ScoreEstimator(Estimator):
@@ -26,10 +34,7 @@ class ScoreEstimator(Estimator):
     priority = 100
     uses_baseline = True
     element_costs = True
-
-    def draw(self, msg: dict, dim=None) -> None:
-        if msg["value"] is None:
-            msg["value"] = msg["fn"].sample(*msg["args"], **msg["kwargs"])
+    layout = Sampled()
 
     def score_parts(self, site: dict) -> ScoreParts:
         return ScoreParts(site["log_prob"], site["unscaled_log_prob"], 0.0)
