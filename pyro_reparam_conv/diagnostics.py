@@ -752,7 +752,7 @@ def compare_estimators(
                 skipped[name] = {k: v for f in forcers for k, v in f.skipped.items()}
                 routes = ", ".join(
                     f"{r.site}:{r.estimator}"
-                    + (f"({r.baseline})" if r.estimator == "score" else "")
+                    + (f"({r.baseline})" if r.baseline is not None else "")
                     for r in elbo.routes.values()
                 )
                 for p, (mean, var) in zip(found, moments):
