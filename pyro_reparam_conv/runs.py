@@ -255,24 +255,21 @@ def export(
 
 
 def prepare_out(out: Path, checkpoints: Sequence[Path], options: FitOptions) -> None:
-    """Before any work: refuse to replace existing checkpoints without ``--overwrite`` (or
-    ``--resume``), and make sure ``--out`` can be written."""
-    from .checkpoint import check_writable, refuse_overwrite
+    """Before any work (:meth:`~pyro_reparam_conv.train.Checkpointer.check_start`): refuse to
+    replace existing checkpoints without ``--overwrite`` (or ``--resume``), refuse
+    ``--resume`` with none to continue, and make sure ``--out`` can be written."""
+    from .train import Checkpointer
 
-    if options.resume and not any(path.exists() for path in checkpoints):
-        names = ", ".join(path.name for path in checkpoints)
-        raise ValueError(
-            f"--resume: no checkpoint to continue in {out} (looked for {names}); leave "
-            "out --resume to start afresh, or give the --out of the run to continue"
-        )
-    if not options.resume and not options.overwrite:
-        for path in checkpoints:
-            refuse_overwrite(
-                path,
-                "continue it with --resume, or pass --overwrite to replace it (or use "
-                "another --out)",
-            )
-    check_writable(out)
+    names = ", ".join(path.name for path in checkpoints)
+    Checkpointer.check_start(
+        checkpoints,
+        resume=options.resume,
+        overwrite=options.overwrite,
+        how="continue it with --resume, or pass --overwrite to replace it (or use another --out)",
+        folder=out,
+        missing=f"--resume: no checkpoint to continue in {out} (looked for {names}); leave "
+        "out --resume to start afresh, or give the --out of the run to continue",
+    )
 
 
 def fit(
