@@ -126,7 +126,6 @@ def _image_list(text: str) -> list[int]:
     return list(dict.fromkeys(found))
 
 
-
 # ----------------------------------------------------------------------- arguments
 COMPARE_COLUMNS = """\
 the table (one row per estimator and parameter; estimator_comparison.csv has them all):
@@ -143,6 +142,8 @@ the table (one row per estimator and parameter; estimator_comparison.csv has the
   agrees         z_vs_unbiased below the threshold for that many elements and draws; a
                  False for pathwise only: a cost not differentiable in a site
                  (docs/biased_pathwise.md)"""
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     positive = _int_at_least(1)
@@ -335,9 +336,7 @@ def _audit_parser(command: Callable[..., argparse.ArgumentParser]) -> None:
     _add_user_model_options(audit)
     _add_model_options(audit)
     _add_data_options(audit)
-    audit.add_argument(
-        "--seed", type=int, default=0, help="seed of the audit's draws (default 0)"
-    )
+    audit.add_argument("--seed", type=int, default=0, help="seed of the audit's draws (default 0)")
     audit.add_argument(
         "--check-bias",
         action="store_true",
@@ -448,7 +447,6 @@ def run_train(args: argparse.Namespace) -> int:
             return status
 
 
-
 def _in_commands(name: str) -> Callable[[argparse.Namespace], int]:
     """The command ``name`` of :mod:`pyro_reparam_conv.commands`, imported when it runs."""
 
@@ -527,9 +525,9 @@ def _run(args: argparse.Namespace) -> int:
     except (RankFailedError, KeyboardInterrupt, *_USER_ERRORS) as err:
         status = _report(err, args.command)
     finally:
-        if status not in (0, None) and not isinstance(status, dict):
+        if status not in (0, None):
             _remove_empty(created)
-    return status if isinstance(status, int) else 0
+    return status or 0
 
 
 def _missing_folders(folder: Optional[Path]) -> list[Path]:

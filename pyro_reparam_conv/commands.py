@@ -274,4 +274,3 @@ def run_compare(args: argparse.Namespace) -> int:
     print("the columns: `pyro-reparam-conv compare --help`")
     print(f"wrote estimator_comparison.csv/.png to {args.out}/")
     return 0
-

@@ -191,9 +191,7 @@ def _inspect_default(options: DemoOptions, data: _Data, vae, result, encoded: tu
     y_logits, z_mean, z_var = encoded
     device, seed = result.device, options.fit.seed
     batch = data.images[: options.fit.batch_size].to(device)
-    frame, variance = _encoder_variance(
-        vae, batch, len(data.images), options.variance_draws, seed
-    )
+    frame, variance = _encoder_variance(vae, batch, len(data.images), options.variance_draws, seed)
     plot_posterior(
         y_logits.softmax(-1).cpu().numpy(),
         data.labels.numpy(),

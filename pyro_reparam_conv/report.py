@@ -45,7 +45,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(c) for c in cells])
 
 
-
 def _variance(value: Optional[float]) -> str:
     return f"{float('nan') if value is None else value:.3g}"
 
@@ -157,4 +156,3 @@ def compare_table(frame) -> str:
         lines.append(f"  {star(name)}: {routes}")
         lines += [f"    {site} not {name}: {why}" for site, why in skipped.get(name, {}).items()]
     return "\n".join(lines)
-

@@ -385,4 +385,3 @@ def nothing_trained(checkpoint: Path, result, steps: int, record: dict) -> str:
         f"{checkpoint}: already at step {result.start_step} (--steps {steps}): nothing "
         f"trained; pass a larger --steps to continue it{stored}"
     )
-
