@@ -157,9 +157,23 @@ def _encoder_variance(vae, batch: torch.Tensor, num_data: int, draws: int, seed:
     return frame, encoder.groupby("estimator")["variance"].sum().to_dict()
 
 
-def _train_run(options: DemoOptions, data: _Data, name: str, say: Callable) -> tuple:
-    """Train run ``name``; returns ``(vae, result, record, measures, encoded)``: its
-    results record, ELBO and NMI, and ``q(y, z | x)`` of every image."""
+@dataclass(frozen=True)
+class _Trained:
+    """One run just trained: the model, :func:`~pyro_reparam_conv.train.train`'s result, the
+    run's record (``results_<name>.json``), its ELBO per image and NMI, its reconstructions
+    of the shown images and ``q(y, z | x)`` of every image (``y_logits, z_mean, z_var``)."""
+
+    vae: Any
+    result: Any
+    record: dict
+    elbo: float
+    nmi: float
+    reconstruction: Any
+    encoded: tuple
+
+
+def _train_run(options: DemoOptions, data: _Data, name: str, say: Callable) -> _Trained:
+    """Train run ``name`` and measure it."""
     from .metrics import normalized_mutual_information
 
     checkpoint = _checkpoint(options.out, name)
@@ -174,22 +188,25 @@ def _train_run(options: DemoOptions, data: _Data, name: str, say: Callable) -> t
     record = run_record(result, checkpoint)
     if record["trained_now"] == 0:
         say(nothing_trained(checkpoint, result, options.fit.steps, record))
-    measures = {
-        "elbo": _evaluate_elbo(vae, images, options.fit.seed),
-        "nmi": normalized_mutual_information(y_logits.argmax(-1).cpu(), data.labels),
-        "reconstruction": reconstruction,
-    }
-    return vae, result, record, measures, (y_logits, z_mean, z_var)
+    return _Trained(
+        vae=vae,
+        result=result,
+        record=record,
+        elbo=_evaluate_elbo(vae, images, options.fit.seed),
+        nmi=normalized_mutual_information(y_logits.argmax(-1).cpu(), data.labels),
+        reconstruction=reconstruction,
+        encoded=(y_logits, z_mean, z_var),
+    )
 
 
-def _inspect_default(options: DemoOptions, data: _Data, vae, result, encoded: tuple) -> tuple:
+def _inspect_default(options: DemoOptions, data: _Data, run: _Trained) -> tuple:
     """While the default run's parameters are the param store's: the encoder gradient
     variance of every run's routes, the posterior plot and the export; returns ``(frame,
     variance per run, exported files)``."""
     from .plots import plot_posterior
 
-    y_logits, z_mean, z_var = encoded
-    device, seed = result.device, options.fit.seed
+    vae, (y_logits, z_mean, z_var) = run.vae, run.encoded
+    device, seed = run.result.device, options.fit.seed
     batch = data.images[: options.fit.batch_size].to(device)
     frame, variance = _encoder_variance(vae, batch, len(data.images), options.variance_draws, seed)
     plot_posterior(
@@ -202,28 +219,31 @@ def _inspect_default(options: DemoOptions, data: _Data, vae, result, encoded: tu
     )
     shown = range(min(options.export_images, len(data.images)))
     exported = export(vae, data.images.to(device), options.out, options.num_samples, seed,
-                      result.losses, shown=shown, progress=options.fit.progress)  # fmt: skip
+                      run.result.losses, shown=shown, progress=options.fit.progress)  # fmt: skip
     return frame, variance, exported
 
 
-def _plot(options: DemoOptions, data: _Data, frame, curves: dict, reconstructions: dict) -> None:
+def _plot(options: DemoOptions, data: _Data, frame, trained: Mapping[str, _Trained]) -> None:
     """The estimator comparison (``.csv``/``.png``), the ELBO curves and reconstructions."""
     from .plots import plot_elbo_curves, plot_estimator_comparison, plot_reconstructions
 
     out = options.out
     frame.to_csv(out / "estimator_comparison.csv", index=False)
     plot_estimator_comparison(frame, out / "estimator_comparison.png")
+    curves = {name: run.result.losses for name, run in trained.items()}
     plot_elbo_curves(curves, out / "elbo_curves.png", num_data=len(data.images))
+    reconstructions = {name: run.reconstruction for name, run in trained.items()}
     plot_reconstructions(data.shown.numpy(), reconstructions, out / "reconstructions.png")
 
 
-def _record(name: str, result, record: dict, measures: dict, variance: dict) -> DemoRun:
+def _record(name: str, run: _Trained, variance: Mapping[str, float]) -> DemoRun:
+    record, result = run.record, run.result
     return DemoRun(
         name=name,
         routes=dict(record["routes"]),
         reasons=dict(record["reasons"]),
-        elbo_per_image=measures["elbo"],
-        nmi=measures["nmi"],
+        elbo_per_image=run.elbo,
+        nmi=run.nmi,
         encoder_grad_variance=variance.get(name),
         seconds_per_step=record.get("seconds_per_step"),
         threads=record.get("threads", torch.get_num_threads()),
@@ -248,21 +268,18 @@ def run_demo(options: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
     the way (a resume with nothing left to train). Returns the results as records."""
     prepare_out(options.out, [_checkpoint(options.out, name) for name in DEMO_RUNS], options.fit)
     data = _load(options)
-    trained, reconstructions = {}, {}
+    trained: dict[str, _Trained] = {}
     for name in DEMO_RUNS:
-        vae, result, record, measures, encoded = _train_run(options, data, name, say)
-        trained[name] = (result, record, measures)
-        reconstructions[name] = measures["reconstruction"]
+        trained[name] = _train_run(options, data, name, say)
         if name == "default":  # while its parameters are the param store's
-            frame, variance, exported = _inspect_default(options, data, vae, result, encoded)
-    curves = {name: result.losses for name, (result, _, _) in trained.items()}
-    _plot(options, data, frame, curves, reconstructions)
-    runs = tuple(_record(name, *trained[name], variance) for name in DEMO_RUNS)
+            frame, variance, exported = _inspect_default(options, data, trained[name])
+    _plot(options, data, frame, trained)
+    runs = tuple(_record(name, trained[name], variance) for name in DEMO_RUNS)
     return DemoResult(
         options=options,
         runs=runs,
         num_images=len(data.images),
-        device=str(trained["default"][0].device),
+        device=str(trained["default"].result.device),
         threads=torch.get_num_threads(),
         files=exported,
     )
