@@ -636,7 +636,8 @@ class Checkpointer:
     rank 0 of a process group). It saves atomically with a checksum
     (:func:`~pyro_reparam_conv.checkpoint.save_checkpoint`), loads for a resume refusing changed
     settings by name unless accepted (:meth:`load`), and makes the checks of an output folder
-    before any work (:meth:`check_start`, the command line's too)."""
+    before any work (:meth:`check_start`, the command line's too; :meth:`check_room`: the
+    folder is writable with room for a checkpoint before the first step)."""
 
     path: Optional[Path] = None
     every: int = 100
@@ -770,7 +771,9 @@ def train(
     ``max_plate_nesting`` is set from a trace); ``checkpoint_path`` and ``checkpoint_every``:
     the :class:`Checkpointer`; ``process_group``: ``"auto"`` (torch's default group, or one
     made from ``torchrun``'s environment), a ``ProcessGroup``, or ``None`` (this process
-    alone); every other argument is a field of :class:`TrainConfig`, which says what it does.
+    alone): rank 0 shows progress and writes checkpoints, every rank returns the same losses
+    and parameters; every other argument is a field of :class:`TrainConfig`, which says what
+    it does.
     :raises NonFiniteTrainingError, SettingsMismatchError, CheckpointExistsError,
         Interrupted, RankFailedError: see :class:`TrainConfig`.
     """
