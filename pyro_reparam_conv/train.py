@@ -38,9 +38,8 @@ import signal
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
@@ -68,8 +67,10 @@ from .sampling import validation_enabled
 
 __all__ = [
     "CHECKPOINT_VERSION",
+    "Checkpointer",
     "Interrupted",
     "NonFiniteTrainingError",
+    "TrainConfig",
     "TrainResult",
     "load_checkpoint",
     "load_params",
@@ -128,6 +129,59 @@ class TrainResult:
     #: seconds spent in collectives: ``exchange`` (status, loss; it absorbs waiting for the
     #: slowest rank) and ``all_reduce`` (gradients and baseline state); zeros on one process
     communication: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What one :func:`train` call does, checked and frozen (its arguments that are values).
+
+    ``model`` and ``guide`` are Pyro callables taking a minibatch ``data[idx]`` (and
+    ``num_data_kwarg=N`` unless that is ``None``); ``nn.Module`` s behind them (or behind their
+    bound methods) are moved to ``device``.
+
+    :raises NonFiniteTrainingError: naming the step and the sites (or parameters) that were
+        not finite; the parameters are left as after the last good step.
+    :raises SettingsMismatchError: on resume, naming each setting that differs.
+    :raises CheckpointExistsError: the checkpoint exists and neither ``resume`` nor
+        ``overwrite`` is set.
+    :raises Interrupted: after SIGINT/SIGTERM, once the checkpoint is written.
+    :raises RankFailedError: in a process group, on every rank, instead of any of the above
+        (it names the rank that failed, and chains the original error there).
+    """
+
+    #: total number of steps, counting those already in a resumed checkpoint
+    steps: int
+    #: images per step in all (the global batch, split over the ranks)
+    batch_size: int = 64
+    #: Adam's learning rate when no optimizer is given
+    lr: float = 1e-3
+    device: torch.device = torch.device("cpu")
+    seed: int = 0
+    #: continue from the checkpoint when it exists (else start afresh)
+    resume: bool = False
+    #: start afresh even though the checkpoint exists (replacing it at the first save);
+    #: without it (and without ``resume``) an existing checkpoint is an error
+    overwrite: bool = False
+    #: names of settings (see :func:`run_settings`; e.g. ``{"lr"}``) that may differ from the
+    #: resumed checkpoint's; any other difference is refused
+    allow_changed: frozenset = frozenset()
+    #: more settings to record and check on resume (e.g. the model's configuration); plain data
+    settings: dict = field(default_factory=dict)
+    #: show the progress bar (rank 0 only)
+    progress: bool = True
+    num_data_kwarg: Optional[str] = "num_data"
+    #: the progress bar's label
+    desc: str = "svi"
+    #: plain data stored in the checkpoint and not checked (e.g. where the data came from)
+    metadata: dict = field(default_factory=dict)
+    #: the global batch is computed as this many shards of ``batch_size / noise_shards``
+    #: images, each with noise re-seeded from ``(seed, step, shard)`` (default: the world
+    #: size; a multiple of it that divides ``batch_size``). The same value gives the same noise
+    #: on any number of processes, and bit-identical parameters on 1 or 2 (on more, equal to
+    #: float summation order); ``1`` on one process is the plain SVI step.
+    noise_shards: Optional[int] = None
+    #: seconds a collective waits for the other ranks of a process group ``train`` makes
+    timeout: float = distributed.DEFAULT_TIMEOUT
 
 
 def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
@@ -277,7 +331,8 @@ class _NonFiniteStep(Exception):
 
 @dataclass(frozen=True)
 class _Run:
-    """What every step of one :func:`train` call uses (fixed for the call)."""
+    """What every step of one :func:`train` call uses (fixed for the call): the live objects,
+    the data on the device, the minibatch order and the settings the checkpoint records."""
 
     model: Callable
     guide: Callable
@@ -288,6 +343,10 @@ class _Run:
     noise_shards: int
     seed: int
     path: Optional[Path]
+    config: Optional[TrainConfig] = None
+    data: Optional[torch.Tensor] = None
+    batches: Optional[_Batches] = None
+    settings: dict = field(default_factory=dict)
 
     @property
     def sharded(self) -> bool:
@@ -565,32 +624,98 @@ def _layout_note(refused: Mapping[str, tuple]) -> str:
     )
 
 
-def _checked_checkpoint(path: Path, settings: dict, allow_changed: Collection[str]) -> tuple:
-    """Load ``path`` and check its settings against ``settings``; returns ``(state, accepted
-    changes)`` or raises, naming every refused setting."""
-    state = load_checkpoint(path)
-    if state.get("settings") is None:
-        raise CheckpointError(
-            f"{path}: a version-1 checkpoint does not record the settings a resume must match "
-            "(learning rate, data, thread count, ...), so it cannot be resumed; export and "
-            "audit still read it. Start a new run (overwrite, or another folder)"
-        )
-    changed = changed_settings({**_LAYOUT_OF_OLDER_CHECKPOINTS, **state["settings"]}, settings)
-    refused = {name: values for name, values in changed.items() if name not in allow_changed}
-    if refused:
-        raise SettingsMismatchError(path, refused, note=_layout_note(refused))
-    return state, changed
+# ---------------------------------------------------------------- checkpoints
+#: what :func:`train` says to do about a checkpoint in the way
+_HOW = "pass resume=True to continue it, or overwrite=True to replace it"
 
 
-def _restore(state: dict, changed: Mapping, settings: dict, live: dict) -> None:
-    """Load a checked checkpoint ``state`` into the live objects (``model``, ``guide``,
-    ``optim``, ``elbo``, ``batches``).
+@dataclass(frozen=True)
+class Checkpointer:
+    """One run's checkpoint: where (``path``; ``None``: none), when (every ``every`` steps and
+    at the last one, on SIGINT/SIGTERM, never after a non-finite step), and by whom (``writes``:
+    rank 0 of a process group). It saves atomically with a checksum
+    (:func:`~pyro_reparam_conv.checkpoint.save_checkpoint`), loads for a resume refusing changed
+    settings by name unless accepted (:meth:`load`), and makes the checks of an output folder
+    before any work (:meth:`check_start`, the command line's too; :meth:`check_room`: the
+    folder is writable with room for a checkpoint before the first step)."""
+
+    path: Optional[Path] = None
+    every: int = 100
+    writes: bool = True
+
+    @staticmethod
+    def check_start(
+        paths: Iterable[Path],
+        *,
+        resume: bool,
+        overwrite: bool,
+        how: str = _HOW,
+        folder: Optional[Path] = None,
+        missing: Optional[str] = None,
+    ) -> None:
+        """Before any work: with ``resume``, ``missing`` (when given) is the error when none of
+        ``paths`` exists; without ``resume`` or ``overwrite`` an existing one is refused
+        (``CheckpointExistsError``; ``how`` says what to do instead); ``folder`` (when given)
+        is created and must be writable."""
+        paths = [Path(path) for path in paths]
+        if resume and missing is not None and not any(path.exists() for path in paths):
+            raise ValueError(missing)
+        if not resume and not overwrite:
+            for path in paths:
+                refuse_overwrite(path, how)
+        if folder is not None:
+            check_writable(folder)
+
+    def refuse_start(self, resume: bool, overwrite: bool) -> None:
+        """:meth:`check_start` of this checkpoint, by the process that writes it."""
+        if self.path is not None and self.writes:
+            self.check_start([self.path], resume=resume, overwrite=overwrite)
+
+    def due(self, step: int, last: int) -> bool:
+        """Whether step ``step`` of ``last`` is checkpointed."""
+        return step % self.every == 0 or step == last
+
+    def check_room(self, snapshot: Callable[[], dict]) -> None:
+        """The folder is writable, with room for the checkpoint ``snapshot()`` gives."""
+        if self.path is not None and self.writes:
+            size = len(encode_checkpoint(snapshot()))
+            check_writable(self.path.parent, size, self.path.name)
+
+    def save(self, snapshot: Callable[[], dict]) -> None:
+        """Write ``snapshot()`` (made only by the process that writes)."""
+        if self.path is not None and self.writes:
+            save_checkpoint(self.path, snapshot())
+
+    def load(self, settings: dict, allow_changed: Collection[str]) -> Optional[tuple]:
+        """``(state, accepted changes)`` of the checkpoint, checked against ``settings``;
+        ``None`` when there is none (or this process does not write it). A changed setting
+        not in ``allow_changed`` raises, naming every refused one."""
+        path = self.path
+        if path is None or not self.writes or not path.exists():
+            return None
+        state = load_checkpoint(path)
+        if state.get("settings") is None:
+            raise CheckpointError(
+                f"{path}: a version-1 checkpoint does not record the settings a resume must "
+                "match (learning rate, data, thread count, ...), so it cannot be resumed; "
+                "export and audit still read it. Start a new run (overwrite, or another folder)"
+            )
+        saved = {**_LAYOUT_OF_OLDER_CHECKPOINTS, **state["settings"]}
+        changed = changed_settings(saved, settings)
+        refused = {name: values for name, values in changed.items() if name not in allow_changed}
+        if refused:
+            raise SettingsMismatchError(path, refused, note=_layout_note(refused))
+        return state, changed
+
+
+def _restore(state: dict, changed: Mapping, run: _Run) -> None:
+    """Load a checked checkpoint ``state`` into the live objects of ``run``.
 
     Accepted changes take effect: optimizer hyperparameters are written into the restored
     optimizer state; another optimizer starts without state; other data, number of images or
     batch size start a new batch order; another seed re-seeds the RNGs from this step on."""
-    restore_params(state["params"], state["modules"], (live["model"], live["guide"]))
-    optim, elbo, batches = live["optim"], live["elbo"], live["batches"]
+    restore_params(state["params"], state["modules"], (run.model, run.guide))
+    optim, elbo, batches, settings = run.optim, run.elbo, run.batches, run.settings
     if "optimizer" not in changed:
         hyper = set(_optimizer_settings(optim)) & set(changed)
         optim.set_state(_with_hyperparameters(state["optim"], {k: settings[k] for k in hyper}))
@@ -642,64 +767,35 @@ def train(
 ) -> TrainResult:
     """Fit ``guide`` to ``model`` on ``data`` (``N, ...``) by SVI for ``steps`` steps in total.
 
-    :param model, guide: Pyro callables taking a minibatch ``data[idx]`` (and
-        ``num_data_kwarg=N`` unless that is ``None``); ``nn.Module`` s behind them (or behind
-        their bound methods) are moved to ``device``.
-    :param steps: total number of steps, counting those already in a resumed checkpoint.
-    :param batch_size: images per step in all (the global batch, split over the ranks).
-    :param lr: Adam's learning rate when ``optim`` is not given.
-    :param elbo: default ``RoutedELBO()``; an infinite ``max_plate_nesting`` is set from a trace.
-    :param checkpoint_path: where to save every ``checkpoint_every`` steps, at the end and on
-        SIGINT/SIGTERM (after the step in progress completes); never after a non-finite step.
-        Its folder is checked writable, with room for a checkpoint, before the first step.
-    :param resume: continue from ``checkpoint_path`` when it exists (else start afresh).
-    :param overwrite: start afresh even though ``checkpoint_path`` exists (replacing it at the
-        first save); without it (and without ``resume``) an existing checkpoint is an error.
-    :param allow_changed: names of settings (see :func:`run_settings`; e.g. ``{"lr"}``) that
-        may differ from the resumed checkpoint's; any other difference is refused.
-    :param settings: more settings to record and check on resume (e.g. the model's
-        configuration); plain data.
-    :param metadata: plain data stored in the checkpoint and not checked (e.g. where the
-        data came from).
-    :param process_group: data-parallel training (see :mod:`pyro_reparam_conv.distributed`):
-        ``"auto"`` uses torch's default process group when one is initialized, or makes one
-        from ``torchrun``'s environment (gloo on the CPU, NCCL with ``cuda:LOCAL_RANK``);
-        a ``ProcessGroup`` is used as it is; ``None`` trains in this process alone. Rank 0
-        shows the progress bar and writes the checkpoints; every rank returns the same
-        losses and ends with the same parameters.
-    :param noise_shards: the global batch is computed as this many shards of
-        ``batch_size / noise_shards`` images, each with noise re-seeded from ``(seed, step,
-        shard)`` (default: the world size; a multiple of it that divides ``batch_size``). The
-        same value gives the same noise on any number of processes, and bit-identical
-        parameters on 1 or 2 (on more, equal to float summation order); ``1`` on one process
-        is the plain SVI step.
-    :param timeout: seconds a collective waits for the other ranks of a process group that
-        ``train`` makes itself.
-    :raises NonFiniteTrainingError: naming the step and the sites (or parameters) that were
-        not finite; the parameters are left as after the last good step.
-    :raises SettingsMismatchError: on resume, naming each setting that differs.
-    :raises CheckpointExistsError: ``checkpoint_path`` exists and neither ``resume`` nor
-        ``overwrite`` is set.
-    :raises Interrupted: after SIGINT/SIGTERM, once the checkpoint is written.
-    :raises RankFailedError: in a process group, on every rank, instead of any of the above
-        (it names the rank that failed, and chains the original error there).
+    ``optim``: default Adam at ``lr``; ``elbo``: default ``RoutedELBO()`` (an infinite
+    ``max_plate_nesting`` is set from a trace); ``checkpoint_path`` and ``checkpoint_every``:
+    the :class:`Checkpointer`; ``process_group``: ``"auto"`` (torch's default group, or one
+    made from ``torchrun``'s environment), a ``ProcessGroup``, or ``None`` (this process
+    alone): rank 0 shows progress and writes checkpoints, every rank returns the same losses
+    and parameters; every other argument is a field of :class:`TrainConfig`, which says what
+    it does.
+    :raises NonFiniteTrainingError, SettingsMismatchError, CheckpointExistsError,
+        Interrupted, RankFailedError: see :class:`TrainConfig`.
     """
-    arguments = dict(locals())  # handed on to _train, with the ones checked below replaced
     if steps < 0 or batch_size < 1 or checkpoint_every < 1:
         raise ValueError("steps must be >= 0, batch_size and checkpoint_every >= 1")
     if not isinstance(data, torch.Tensor) or data.ndim < 1 or len(data) == 0:
         raise ValueError("data must be a non-empty tensor with the images along dim 0")
-    checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
     if elbo is None:
         from .elbo import RoutedELBO
 
         elbo = RoutedELBO()
     optim = optim if optim is not None else pyro.optim.Adam({"lr": lr})
-    device = resolve_device(device)
-    with distributed.joined(process_group, device, timeout) as group:
-        device = distributed.rank_device(device, group)
-        checked = dict(elbo=elbo, optim=optim, device=device, checkpoint_path=checkpoint_path)
-        return _train(group, **{**arguments, **checked})
+    config = TrainConfig(
+        steps, batch_size, lr, resolve_device(device), seed, resume, overwrite,
+        frozenset(allow_changed), dict(settings or {}), progress, num_data_kwarg, desc,
+        dict(metadata or {}), noise_shards, timeout,
+    )  # fmt: skip
+    path = Path(checkpoint_path) if checkpoint_path is not None else None
+    checkpointer = Checkpointer(path, checkpoint_every)
+    with distributed.joined(process_group, config.device, timeout) as group:
+        config = replace(config, device=distributed.rank_device(config.device, group))
+        return _train(model, guide, data, optim, elbo, config, checkpointer, group)
 
 
 def _parameters(model: Callable, guide: Callable) -> dict:
@@ -712,159 +808,143 @@ def _parameters(model: Callable, guide: Callable) -> dict:
     }
 
 
-def _train(group: distributed.Group, **arguments) -> TrainResult:
-    """:func:`train` in ``group``, given its arguments (checked, ``optim`` and ``elbo`` made)."""
-    opts = SimpleNamespace(**arguments)
-    model, guide, data = opts.model, opts.guide, opts.data
-    elbo, optim, device, checkpoint_path = opts.elbo, opts.optim, opts.device, opts.checkpoint_path
+@dataclass
+class _Progress:
+    """What a run has done so far: its losses (one per step, resumed ones included), the step
+    it started from, the accepted changes, the history of the runs that wrote the checkpoint,
+    and the state from before the step in progress (``None`` between steps)."""
+
+    losses: list
+    history: list
+    start: int = 0
+    changed: dict = field(default_factory=dict)
+    before: Optional[dict] = None
+
+
+def _train(model, guide, data, optim, elbo, config: TrainConfig, checkpointer: Checkpointer,
+           group: distributed.Group) -> TrainResult:  # fmt: skip
+    """:func:`train` in ``group`` with ``optim`` and ``elbo`` made and ``config`` checked."""
+    checkpointer = replace(checkpointer, writes=checkpointer.writes and group.main)
+    run = _set_up(model, guide, data, optim, elbo, config, checkpointer, group)
+    progress = _resume(run, checkpointer)
+    with distributed.all_or_none(group, "set-up"):  # fail now, not after checkpoint_every steps
+        checkpointer.check_room(lambda: _snapshot(run, progress))
+    timer = {"exchange": 0.0, "all_reduce": 0.0}  # seconds in collectives
+    t0 = time.perf_counter()
+    _loop(run, progress, checkpointer, timer)
+    return _result(run, progress, time.perf_counter() - t0, timer)
+
+
+def _set_up(model, guide, data, optim, elbo, config: TrainConfig, checkpointer: Checkpointer,
+            group: distributed.Group) -> _Run:  # fmt: skip
+    """Check the set-up, move modules and data to the device, register the parameters with
+    one trace (identical for fresh and resumed runs); returns the run's fixed objects."""
     num_data = len(data)
-    batches = _Batches(num_data, opts.batch_size, opts.seed)
+    batches = _Batches(num_data, config.batch_size, config.seed)
     with distributed.all_or_none(group, "set-up"):
-        shards = distributed.resolve_noise_shards(opts.noise_shards, group.size, batches.batch_size)
-        if checkpoint_path is not None and not opts.resume and not opts.overwrite and group.main:
-            refuse_overwrite(
-                checkpoint_path, "pass resume=True to continue it, or overwrite=True to replace it"
-            )
+        shards = distributed.resolve_noise_shards(config.noise_shards, group.size,
+                                                  batches.batch_size)  # fmt: skip
+        checkpointer.refuse_start(config.resume, config.overwrite)
         current = run_settings(
-            optim=optim,
-            elbo=elbo,
-            data=data,
-            batch_size=batches.batch_size,
-            seed=opts.seed,
-            device=device,
-            world_size=group.size,
-            noise_shards=shards,
-            extra=opts.settings,
-        )
-        unknown = sorted(set(opts.allow_changed) - set(current))
+            optim=optim, elbo=elbo, data=data, batch_size=batches.batch_size, seed=config.seed,
+            device=config.device, world_size=group.size, noise_shards=shards,
+            extra=config.settings,
+        )  # fmt: skip
+        unknown = sorted(set(config.allow_changed) - set(current))
         if unknown:
             raise ValueError(
                 f"allow_changed names unknown setting(s) {unknown}; the settings are "
                 f"{', '.join(current)}"
             )
         for module in modules_behind(model, guide):
-            module.to(device)
-        data = data.to(device)
-        kwargs = {opts.num_data_kwarg: num_data} if opts.num_data_kwarg else {}
-
-        # Set-up identical for fresh and resumed runs: register parameters with one trace.
-        pyro.set_rng_seed(opts.seed)
+            module.to(config.device)
+        data = data.to(config.device)
+        kwargs = {config.num_data_kwarg: num_data} if config.num_data_kwarg else {}
+        pyro.set_rng_seed(config.seed)
         first = distributed.shard_rows(batches.next(), shards, 0)
         nesting = register_params(model, guide, data[first], **kwargs)
         if getattr(elbo, "max_plate_nesting", 0) == float("inf"):
             elbo.max_plate_nesting = nesting
-        batches = _Batches(num_data, opts.batch_size, opts.seed)
-        pyro.set_rng_seed(opts.seed)
+        batches = _Batches(num_data, config.batch_size, config.seed)
+        pyro.set_rng_seed(config.seed)
+    return _Run(model, guide, elbo, optim, kwargs, group, shards, config.seed, checkpointer.path,
+                config, data, batches, current)  # fmt: skip
 
-    losses: list[float] = []
-    start, changed, found = 0, {}, None
-    history = [_history_entry(0, "start", {})]
-    if opts.resume and checkpoint_path is not None:
+
+def _resume(run: _Run, checkpointer: Checkpointer) -> _Progress:
+    """Continue from the checkpoint (read and checked by rank 0, restored on every rank) when
+    ``resume`` finds one; else start, every rank from rank 0's parameters."""
+    group, found = run.group, None
+    if run.config.resume and checkpointer.path is not None:
         with distributed.all_or_none(group, "resume"):  # rank 0 reads and checks the file
-            if group.main and checkpoint_path.exists():
-                found = _checked_checkpoint(checkpoint_path, current, opts.allow_changed)
+            found = checkpointer.load(run.settings, run.config.allow_changed)
         found = distributed.broadcast_object(group, found, "resume")
-    if found is not None:
-        state, changed = found
-        live = dict(model=model, guide=guide, optim=optim, elbo=elbo, batches=batches)
-        with distributed.all_or_none(group, "resume"):
-            _restore(state, changed, current, live)
-        losses, start = list(state["losses"]), int(state["step"])
-        history = [*state.get("history", []), _history_entry(start, "resume", changed)]
-    elif group.distributed:  # every rank starts from rank 0's values
-        values = distributed.broadcast_object(
-            group, _parameters(model, guide) if group.main else None, "set-up"
-        )
-        with distributed.all_or_none(group, "set-up"):
-            restore_params(values["params"], values["modules"], (model, guide))
+    if found is None:
+        if group.distributed:  # every rank starts from rank 0's values
+            values = distributed.broadcast_object(
+                group, _parameters(run.model, run.guide) if group.main else None, "set-up"
+            )
+            with distributed.all_or_none(group, "set-up"):
+                restore_params(values["params"], values["modules"], (run.model, run.guide))
+        return _Progress(losses=[], history=[_history_entry(0, "start", {})])
+    state, changed = found
+    with distributed.all_or_none(group, "resume"):
+        _restore(state, changed, run)
+    start = int(state["step"])
+    history = [*state.get("history", []), _history_entry(start, "resume", changed)]
+    return _Progress(list(state["losses"]), history, start, changed)
 
-    elbo_state_dict = getattr(elbo, "state_dict", None)
-    elbo_load_state = getattr(elbo, "load_state_dict", None)
 
-    def step_state() -> dict:
-        """What a step changes besides parameters and optimizer: taken before each step, so
-        an interrupt raised inside a step can be checkpointed as the last completed step."""
-        return {
-            "elbo": elbo_state_dict() if callable(elbo_state_dict) else None,
-            "batches": batches.state_dict(),
-            "rng": _rng_state(device),
-        }
+def _step_state(run: _Run) -> dict:
+    """What a step changes besides parameters and optimizer: taken before each step, so an
+    interrupt raised inside a step can be checkpointed as the last completed step."""
+    state_dict = getattr(run.elbo, "state_dict", None)
+    return {
+        "elbo": state_dict() if callable(state_dict) else None,
+        "batches": run.batches.state_dict(),
+        "rng": _rng_state(run.config.device),
+    }
 
-    def abandon(before: dict) -> None:
-        """Leave gradients and the ELBO's state (baseline averages) as after the last good
-        step."""
-        zero_grads({p for _, p in pyro.get_param_store().named_parameters()})
-        if before["elbo"] is not None and callable(elbo_load_state):
-            elbo_load_state(before["elbo"])
 
-    def snapshot(before_step: Optional[dict] = None) -> dict:
-        return {
-            "version": CHECKPOINT_VERSION,
-            "step": len(losses),
-            "losses": list(losses),
-            **_parameters(model, guide),
-            "optim": optim.get_state(),
-            **(before_step if before_step is not None else step_state()),
-            "num_data": num_data,
-            "batch_size": batches.batch_size,
-            "seed": opts.seed,
-            "settings": current,
-            "history": history,
-            "metadata": dict(opts.metadata or {}),
-        }
+def _abandon(run: _Run, before: dict) -> None:
+    """Leave gradients and the ELBO's state (baseline averages) as after the last good step."""
+    zero_grads({p for _, p in pyro.get_param_store().named_parameters()})
+    load_state = getattr(run.elbo, "load_state_dict", None)
+    if before["elbo"] is not None and callable(load_state):
+        load_state(before["elbo"])
 
-    def checkpoint(before_step: Optional[dict] = None) -> None:
-        if checkpoint_path is not None and group.main:
-            save_checkpoint(checkpoint_path, snapshot(before_step))
 
-    with distributed.all_or_none(group, "set-up"):  # fail now, not after checkpoint_every steps
-        if checkpoint_path is not None and group.main:
-            size = len(encode_checkpoint(snapshot()))
-            check_writable(checkpoint_path.parent, size, checkpoint_path.name)
+def _snapshot(run: _Run, progress: _Progress, before: Optional[dict] = None) -> dict:
+    """The checkpoint of the last completed step (``before``: the state from before the step
+    in progress; ``None``: now)."""
+    return {
+        "version": CHECKPOINT_VERSION,
+        "step": len(progress.losses),
+        "losses": list(progress.losses),
+        **_parameters(run.model, run.guide),
+        "optim": run.optim.get_state(),
+        **(before if before is not None else _step_state(run)),
+        "num_data": len(run.data),
+        "batch_size": run.batches.batch_size,
+        "seed": run.seed,
+        "settings": run.settings,
+        "history": progress.history,
+        "metadata": dict(run.config.metadata),
+    }
 
+
+def _loop(run: _Run, progress: _Progress, checkpointer: Checkpointer, timer: dict) -> None:
+    """The steps, with the progress bar, SIGINT/SIGTERM deferred to the end of a step."""
     from tqdm.auto import tqdm
 
-    steps = opts.steps
-    run = _Run(model, guide, elbo, optim, kwargs, group, shards, opts.seed, checkpoint_path)
-    shown = opts.progress and group.main
-    bar = tqdm(total=steps, initial=min(start, steps), disable=not shown, desc=opts.desc)
-    running = None
-    timer = {"exchange": 0.0, "all_reduce": 0.0}  # seconds in collectives
-    before: Optional[dict] = None  # state before the step in progress; None between steps
-    t0 = time.perf_counter()
+    config = run.config
+    shown = config.progress and run.group.main
+    bar = tqdm(total=config.steps, initial=min(progress.start, config.steps),
+               disable=not shown, desc=config.desc)  # fmt: skip
     try:
         with _deferred_signals() as received:
             try:
-                for step in range(start + 1, steps + 1):
-                    before = step_state()
-                    try:
-                        loss, agreed = _step(
-                            run, step, batches.next(), data, before, received, timer
-                        )
-                    except Exception:
-                        abandon(before)
-                        raise
-                    before = None
-                    losses.append(loss)
-                    per_image = -loss / num_data
-                    running = per_image if running is None else 0.95 * running + 0.05 * per_image
-                    if step % 10 == 0 or step == steps:
-                        bar.set_postfix_str(f"elbo/image {running:.4g}", refresh=False)
-                    bar.update(1)
-                    if step % opts.checkpoint_every == 0 or step == steps:
-                        with distributed.all_or_none(group, f"the checkpoint of step {step}"):
-                            checkpoint()
-                    # in a process group every rank stops after the same step: the first
-                    # whose exchange saw a signal on any rank
-                    stop = agreed if group.distributed else _first(received)
-                    if stop:
-                        raise Interrupted(stop)
-                # a signal after the last step's exchange: every rank stops with it
-                stop = _first(received)
-                if group.distributed:
-                    stop = distributed.exchange(group, None, where="the end", signum=stop).signum
-                if stop:
-                    raise Interrupted(stop)
+                _steps(run, progress, checkpointer, bar, received, timer)
             except KeyboardInterrupt:
                 # SIGINT/SIGTERM in the main thread are deferred to the end of a step; a
                 # KeyboardInterrupt raised inside a step (another thread, or by the model
@@ -872,27 +952,73 @@ def _train(group: distributed.Group, **arguments) -> TrainResult:
                 # holds the last completed step (the parameters are unchanged unless the
                 # interrupt hit the optimizer update itself). Signals stay deferred while
                 # this checkpoint is written.
-                if before is not None:
-                    abandon(before)
-                checkpoint(before)
+                if progress.before is not None:
+                    _abandon(run, progress.before)
+                checkpointer.save(lambda: _snapshot(run, progress, progress.before))
                 raise
     finally:
         bar.close()
-    seconds = time.perf_counter() - t0
-    done = max(len(losses) - start, 0)
+
+
+def _steps(run: _Run, progress: _Progress, checkpointer: Checkpointer, bar, received: list,
+           timer: dict) -> None:  # fmt: skip
+    """Steps ``start + 1 .. steps``, checkpointed when due; stops after the step in progress on
+    a signal (in a process group: every rank after the same step)."""
+    steps, group = run.config.steps, run.group
+    running = None
+    for step in range(progress.start + 1, steps + 1):
+        progress.before = _step_state(run)
+        try:
+            loss, agreed = _step(
+                run, step, run.batches.next(), run.data, progress.before, received, timer
+            )
+        except Exception:
+            _abandon(run, progress.before)
+            raise
+        progress.before = None
+        progress.losses.append(loss)
+        running = _show(bar, running, loss / len(run.data), step, steps)
+        if checkpointer.due(step, steps):
+            with distributed.all_or_none(group, f"the checkpoint of step {step}"):
+                checkpointer.save(lambda: _snapshot(run, progress))
+        # in a process group every rank stops after the same step: the first whose
+        # exchange saw a signal on any rank
+        stop = agreed if group.distributed else _first(received)
+        if stop:
+            raise Interrupted(stop)
+    # a signal after the last step's exchange: every rank stops with it
+    stop = _first(received)
+    if group.distributed:
+        stop = distributed.exchange(group, None, where="the end", signum=stop).signum
+    if stop:
+        raise Interrupted(stop)
+
+
+def _show(bar, running: Optional[float], loss_per_image: float, step: int, steps: int) -> float:
+    """The progress bar after ``step``, with a running average of the ELBO per image."""
+    per_image = -loss_per_image
+    running = per_image if running is None else 0.95 * running + 0.05 * per_image
+    if step % 10 == 0 or step == steps:
+        bar.set_postfix_str(f"elbo/image {running:.4g}", refresh=False)
+    bar.update(1)
+    return running
+
+
+def _result(run: _Run, progress: _Progress, seconds: float, timer: dict) -> TrainResult:
+    done = max(len(progress.losses) - progress.start, 0)
     return TrainResult(
-        losses=losses,
-        step=len(losses),
+        losses=progress.losses,
+        step=len(progress.losses),
         seconds=seconds,
         seconds_per_step=seconds / done if done else float("nan"),
-        device=device,
-        elbo=elbo,
-        checkpoint_path=checkpoint_path,
-        start_step=start,
-        changed=changed,
-        world_size=group.size,
-        rank=group.rank,
-        noise_shards=shards,
+        device=run.config.device,
+        elbo=run.elbo,
+        checkpoint_path=run.path,
+        start_step=progress.start,
+        changed=progress.changed,
+        world_size=run.group.size,
+        rank=run.group.rank,
+        noise_shards=run.noise_shards,
         communication=dict(timer),
     )
 

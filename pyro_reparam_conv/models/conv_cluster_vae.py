@@ -65,6 +65,13 @@ class ConvClusterVAE(PyroModule):
     encoder's first outputs): much larger ones leave all but one cluster unused.
     """
 
+    #: the latent sample sites, in the order the guide draws them: the cluster ``y`` and the
+    #: latent map ``z`` (``{site}_infer`` is each one's ``infer`` dict)
+    SITES = ("y", "z")
+    #: prefixes of the encoder's parameter names (the conv body and the ``z`` head; ``q(y |
+    #: x)`` is computed from them): what the demo's encoder gradient variance sums over
+    ENCODER_PREFIXES = ("encoder.", "z_head.")
+
     def __init__(
         self,
         image_shape: tuple[int, int, int] = (1, 8, 8),
