@@ -86,6 +86,8 @@ class DemoRun:
     losses: tuple = ()
     #: steps this call trained (0: a resume with nothing left to train)
     trained_now: int = 0
+    #: per score-function map site, its cost level and why (a route's ``CostLevel``)
+    costs: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -242,6 +244,7 @@ def _record(name: str, run: _Trained, variance: Mapping[str, float]) -> DemoRun:
         name=name,
         routes=dict(record["routes"]),
         reasons=dict(record["reasons"]),
+        costs=dict(record.get("costs", {})),
         elbo_per_image=run.elbo,
         nmi=run.nmi,
         encoder_grad_variance=variance.get(name),

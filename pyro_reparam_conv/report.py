@@ -76,8 +76,8 @@ def demo_report(result: DemoResult) -> str:
         f"against the digit labels. Encoder gradient variance: {options.variance_draws} "
         "single-particle draws of each run's routes at the default run's final parameters."
     )
-    costs = runs["z_score"].reasons.get("z", "").rpartition("; ")[2]
-    if "costs" in costs:  # element- or site-level costs of z on the score function, and why
+    costs = runs["z_score"].costs.get("z")
+    if costs:  # element- or site-level costs of z on the score function, and why
         report += f"\nz_score: {costs}."
     return report
 

@@ -367,6 +367,7 @@ def run_record(result, checkpoint: Path) -> dict:
         "threads": torch.get_num_threads(),
         "routes": {site: r.estimator for site, r in result.elbo.routes.items()},
         "reasons": {site: r.reason for site, r in result.elbo.routes.items()},
+        "costs": {site: str(r.costs) for site, r in result.elbo.routes.items() if r.costs},
         "described": [str(r) for r in result.elbo.routes.values()],
     }
     if trained > 0:

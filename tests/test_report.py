@@ -13,7 +13,8 @@ from pyro_reparam_conv.models import ConvClusterVAE
 from pyro_reparam_conv.report import demo_report, write_demo_results
 from pyro_reparam_conv.runs import FitOptions
 
-Z_REASON = "Normal has rsample; forced; element-level costs: 9 of 64 pixels per element"
+Z_COSTS = "element-level costs: 9 of 64 pixels per element"
+Z_REASON = f"Normal has rsample; forced; {Z_COSTS}"
 
 
 def result(out: Path) -> DemoResult:
@@ -25,6 +26,7 @@ def result(out: Path) -> DemoResult:
             name=name,
             routes={"y": "enumerate", "z": "score" if name == "z_score" else "pathwise"},
             reasons={"z": Z_REASON} if name == "z_score" else {},
+            costs={"z": Z_COSTS} if name == "z_score" else {},
             elbo_per_image=-12.3456,
             nmi=0.5,
             encoder_grad_variance=None if name == "y_score" else 1234.5,
