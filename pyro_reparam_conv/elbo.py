@@ -105,14 +105,23 @@ def _local(footprints: Mapping[str, Any]) -> dict[str, Footprint]:
     return {name: f for name, f in footprints.items() if isinstance(f, Footprint)}
 
 
-def _tracked(analysis, model_trace, guide_trace=None) -> dict:
-    """The prior dependencies of a tracked step (with ``guide_trace``: the term
-    dependencies, once log-densities are computed): provenance, and the sampling-order rule
-    after each escape the analysis recorded."""
-    order, escapes = analysis.order, analysis.escapes
+def _order(analysis, model_trace) -> dict:
+    """The sampling order of each program on a tracked step (a guide that runs the model
+    itself records no separate model order: the model trace's order then)."""
+    model = analysis.order["model"] or [n for n, s in model_trace.nodes.items()
+                                        if s["type"] == "sample"]  # fmt: skip
+    return {"guide": analysis.order["guide"], "model": model}
+
+
+def _tracked(analysis, model_trace, guide_trace=None):
+    """The prior dependencies of a tracked step: provenance, and the sampling-order rule
+    after each escape the analysis recorded. With ``guide_trace`` (once log-densities are
+    computed): the term dependencies so, and those of provenance alone."""
+    order, escapes = _order(analysis, model_trace), analysis.escapes
     if guide_trace is None:
         return with_escapes(prior_dependencies(model_trace), escapes, order, "model")
-    return with_escapes(term_dependencies(model_trace, guide_trace), escapes, order)
+    provenance = term_dependencies(model_trace, guide_trace)
+    return with_escapes(provenance, escapes, order), provenance
 
 
 def _decided(plans: Mapping[str, SitePlan], footprints, escapes) -> dict[str, SitePlan]:
@@ -135,8 +144,10 @@ def _dependencies(analysis, cached, model_trace, guide_trace, plans, untracked):
     footprints of this step, from its analysis (then ``found`` is what to cache), from the
     cache, or neither (``untracked`` says why)."""
     if analysis is not None:
-        terms = _tracked(analysis, model_trace, guide_trace)
-        footprints = plan_footprints(analysis, model_trace, guide_trace, plans, terms)
+        terms, provenance = _tracked(analysis, model_trace, guide_trace)
+        footprints = plan_footprints(
+            analysis, model_trace, guide_trace, plans, terms, provenance=provenance
+        )
         priors = _tracked(analysis, model_trace)
         return terms, footprints, Dependencies(terms, priors, footprints, tuple(analysis.escapes))
     if cached is not None:

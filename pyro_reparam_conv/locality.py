@@ -206,9 +206,11 @@ def _locality(term: str, sums: BoxSum, map_shape, batch: int, channels: int):
 
 
 def footprint_from_analysis(analysis, model_trace: Trace, guide_trace: Trace, name: str,
-                            dependents) -> Union[Footprint, str]:  # fmt: skip
+                            dependents, traced=frozenset()) -> Union[Footprint, str]:  # fmt: skip
     """The footprints of latent map ``name`` in the model sites ``dependents`` from a tracked
-    step's :class:`~.sparsity.Analysis`, or why its costs stay site-level."""
+    step's :class:`~.sparsity.Analysis`, or why its costs stay site-level. A dependent in
+    ``traced`` (its log-density's provenance holds ``name``) whose terms no box reaches
+    depends on it in a way the analysis did not see: site-level costs."""
     node = guide_trace.nodes[name]
     if node["fn"].event_dim < 2:
         return "not a map (fewer than 2 event dims)"
@@ -229,6 +231,8 @@ def footprint_from_analysis(analysis, model_trace: Trace, guide_trace: Trace, na
         if isinstance(box, str):
             return box
         if box is None:
+            if term in traced:
+                return f"the analysis does not see how {term!r} depends on it"
             continue
         found = BoxSum.build(box, map_shape)
         site = model_trace.nodes[term]
@@ -242,13 +246,15 @@ def footprint_from_analysis(analysis, model_trace: Trace, guide_trace: Trace, na
 
 
 def plan_footprints(
-    analysis, model_trace: Trace, guide_trace: Trace, plans, dependencies, unknown: str = ""
+    analysis, model_trace: Trace, guide_trace: Trace, plans, dependencies, unknown: str = "",
+    provenance=None,
 ) -> dict[str, Union[Footprint, str]]:
     """Per guide map site whose estimator splits its score per element: its
     :class:`Footprint`, or why its costs stay site-level. ``analysis``: the tracked step's
     :class:`~.sparsity.Analysis` (``None`` on an untracked step); ``dependencies``: which
     latents each ``(role, name)`` term depends on (``None``: unknown, for the reason
-    ``unknown``)."""
+    ``unknown``); ``provenance``: the same from provenance alone (no escapes), which the
+    boxes must explain."""
     planned: dict[str, Union[Footprint, str]] = {}
     for name in candidates(guide_trace, plans):
         option = guide_trace.nodes[name]["infer"].get("rao_blackwell", "element")
@@ -264,8 +270,10 @@ def plan_footprints(
             planned[name] = f"guide site {others[0]!r} depends on it"
             continue
         model_sites = [n for role, n in dependent if role == "model" and n != name]
+        traced = {n for (role, n), deps in (provenance or {}).items()
+                  if role == "model" and name in deps}  # fmt: skip
         planned[name] = footprint_from_analysis(
-            analysis, model_trace, guide_trace, name, model_sites
+            analysis, model_trace, guide_trace, name, model_sites, traced
         )
     return planned
 

@@ -95,6 +95,8 @@ def op_name(func) -> tuple[str, bool]:
     name = getattr(func, "__name__", "")
     if name in ("__getitem__", "__setitem__"):
         return name[2:-2], False
+    if name == "__set__":  # a property's setter, e.g. ``t.data = other``: a write into t
+        return "set:" + getattr(getattr(func, "__self__", None), "__name__", "?"), True
     if name == "__get__":
         return "get:" + getattr(getattr(func, "__self__", None), "__name__", "?"), False
     if name.startswith("__") and name.endswith("__") and name[2:-2] in _DUNDER:
@@ -384,8 +386,8 @@ _NO_VALUES = frozenset({
     "stride", "is_contiguous", "element_size", "is_floating_point", "is_complex", "nelement",
     "ndimension", "get_device", "data_ptr", "storage_offset", "untyped_storage", "__len__",
     "__hash__", "__repr__", "__str__", "__format__", "retain_grad", "register_hook",
-    "requires_grad", "_is_view", "is_shared", "is_pinned", "has_names", "__reduce_ex__",
-    "__deepcopy__", "dim_order", "is_inference", "is_signed", "__dlpack_device__",
+    "requires_grad", "_is_view", "is_shared", "is_pinned", "has_names", "dim_order",
+    "is_inference", "is_signed", "__dlpack_device__",
 })  # fmt: skip
 
 

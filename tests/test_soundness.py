@@ -472,3 +472,29 @@ def test_measure_valued_and_the_bias_check_work_through_a_conv_step_decoder():
     check = audit.bias_checks["z"]
     assert check.reference == "measure_valued", check.note
     assert "z" in audit.pathwise_bias, str(audit)
+
+
+def test_a_value_written_through_data_keeps_every_later_term_in_its_cost():
+    """``buf.data = n`` hands n's value to a tensor without provenance: an escape."""
+
+    def model(x):
+        n = pyro.sample("n", dist.Poisson(torch.tensor(3.0)))
+        buf = torch.zeros(())
+        buf.data = n
+        pyro.sample("x", dist.Normal(0.5 * buf, 1.0), obs=x)
+
+    x = torch.tensor(4.0)
+    log_rate = torch.tensor(math.log(2.0), requires_grad=True)
+    n = torch.arange(0, 80.0)
+    q = dist.Poisson(log_rate.exp())
+    f = dist.Poisson(3.0).log_prob(n) + dist.Normal(0.5 * n, 1.0).log_prob(x) - q.log_prob(n)
+    (exact,) = torch.autograd.grad(-(q.log_prob(n).exp() * f).sum(), log_rate)
+    pyro.set_rng_seed(1)
+    elbo = RoutedELBO()
+    draws = []
+    for _ in range(1000):
+        loss = elbo.differentiable_loss(model, poisson_guide, x)
+        draws.append(torch.autograd.grad(loss, [pyro.param("log_rate").unconstrained()])[0])
+    mean, se = mean_and_se(draws)
+    assert abs(float(mean - exact)) < 4 * float(se), (float(mean), float(exact), float(se))
+    assert "leaves the tensor graph (in-place set:data)" in elbo.routes["n"].reason
