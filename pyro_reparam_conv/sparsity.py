@@ -226,11 +226,12 @@ class Analysis(TorchFunctionMode):
             in_place = True
         if name in _NO_VALUES:
             in_place = False  # requires_grad_ and the like change no value
-        if in_place or name == "setitem":
-            self._provenance_write(name, args, inputs)
+        target = _target(args, kwargs) if in_place or name == "setitem" else None
+        if target is not None:
+            self._provenance_write(name, target, inputs)
         result = func(*args, **kwargs)
-        if tainted or (in_place and inputs and inputs[0] in self.boxes):
-            self._follow(func, name, in_place, args, kwargs, result, tainted)
+        if tainted:
+            self._follow(func, name, target, args, kwargs, result, tainted)
         for t in _tensors(result):
             self._register(t)
         return result
@@ -250,12 +251,9 @@ class Analysis(TorchFunctionMode):
             for name in self.boxes[t]:
                 self.unknown.setdefault(name, f"its value leaves the tensor graph ({how})")
 
-    def _provenance_write(self, name: str, args, inputs) -> None:
+    def _provenance_write(self, name: str, target: torch.Tensor, inputs) -> None:
         """An in-place write of values with provenance into a tensor without it loses the
         provenance: an escape, from this point of sampling order on."""
-        target = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if target is None:
-            return
         written = frozenset().union(*(get_provenance(t) for t in inputs if t is not target),
                                     frozenset())  # fmt: skip
         if written and not written <= get_provenance(target) and not _in_validation():
@@ -281,25 +279,26 @@ class Analysis(TorchFunctionMode):
         others = [r() for r in self._storages.get(key, [])]
         return any(o is not None and o is not t for o in others) or t._base is not None
 
-    def _follow(self, func, name, in_place, args, kwargs, result, tainted) -> None:
+    def _follow(self, func, name, target, args, kwargs, result, tainted) -> None:
+        """Boxes of the op's results (or of its in-place ``target``) for every source map
+        that a tainted input carries."""
         names = {n for t in tainted for n in self.boxes[t]}
-        if in_place and args and isinstance(args[0], torch.Tensor):
-            names |= set(self.boxes.get(args[0], {}))
         for source in names:
             if source in self.unknown:
                 continue
             try:
-                self._apply(func, name, in_place, args, kwargs, result, source)
+                self._apply(func, name, target, args, kwargs, result, source)
             except Unknown as why:
                 self.unknown[source] = str(why)
             except Exception as error:  # noqa: BLE001 - a rule that fails is unknown
                 self.unknown[source] = f"{name}: {type(error).__name__}: {error}"
 
-    def _apply(self, func, name, in_place, args, kwargs, result, source) -> None:
+    def _apply(self, func, name, target, args, kwargs, result, source) -> None:
         k = 2 * self.ndim[source]
         box_of_arg = lambda t: self.box(t, source)  # noqa: E731
-        if in_place or name == "setitem":
-            target = args[0]
+        if target is not None:
+            if isinstance(kwargs.get("out"), (tuple, list)):
+                raise Unknown(f"{name} writes several outputs in place")
             old = box_of_arg(target)
             new = _in_place_box(name, args, kwargs, box_of_arg, k, target)
             grown = old is None or bool((new > old).any())
@@ -345,6 +344,17 @@ class Analysis(TorchFunctionMode):
             entry = {}
             self.boxes[t] = entry
         entry[source] = box
+
+
+def _target(args, kwargs) -> Optional[torch.Tensor]:
+    """The tensor an in-place op writes: its ``out=``, else its first argument."""
+    out = kwargs.get("out")
+    if isinstance(out, torch.Tensor):
+        return out
+    if out is not None:  # several outputs (the rules then say unknown): the first
+        outs = _tensors(out)
+        return outs[0] if outs else None
+    return args[0] if args and isinstance(args[0], torch.Tensor) else None
 
 
 def _in_validation() -> bool:
@@ -873,7 +883,7 @@ def _in_place_box(name, args, kwargs, box_of_arg, k, target) -> torch.Tensor:
             )
         return torch.maximum(old, written)
     if name in POINTWISE or name in ("copy", "fill", "zero", "requires_grad", "detach"):
-        others = [box_of_arg(t) for t in _tensors((args[1:], kwargs)) if t is not target]
+        others = [box_of_arg(t) for t in _tensors((args, kwargs)) if t is not target]
         return union([old] + [b for b in others if b is not None], target.shape, k, target.device)
     raise Unknown(f"in-place {name} on a tensor computed from the map")
 
