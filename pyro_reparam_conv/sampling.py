@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from pyro import enable_validation, validation_enabled
 from pyro.infer.util import is_validation_enabled
 
+from .sparsity import checks_only
+
 Parameterization = Literal["variance", "softplus", "log"]
 PARAMETERIZATIONS: tuple[str, ...] = ("variance", "softplus", "log")
 
@@ -71,6 +73,7 @@ def _check_finite(name: str, value: torch.Tensor) -> None:
     )
 
 
+@checks_only
 def _check_mapped_variance(
     var_name: str, raw: torch.Tensor, variance: torch.Tensor, parameterization: str
 ) -> None:
@@ -117,6 +120,7 @@ def validate_mean_var(
     return shape
 
 
+@checks_only
 def _validate_inputs(
     mean: torch.Tensor, var: torch.Tensor, parameterization: str, mean_name: str, var_name: str
 ) -> torch.Size:

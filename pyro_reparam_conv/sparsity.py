@@ -51,7 +51,16 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
-__all__ = ["Analysis", "Escape", "RULES", "Unknown", "distribution_tensors", "source_box", "union"]
+__all__ = [
+    "Analysis",
+    "Escape",
+    "RULES",
+    "Unknown",
+    "checks_only",
+    "distribution_tensors",
+    "source_box",
+    "union",
+]
 
 NEG = float("-inf")
 
@@ -357,12 +366,24 @@ def _target(args, kwargs) -> Optional[torch.Tensor]:
     return args[0] if args and isinstance(args[0], torch.Tensor) else None
 
 
+_CHECKS: set = set()
+
+
+def checks_only(fn: Callable) -> Callable:
+    """Mark ``fn`` as a check: it reads values only to raise when they are invalid, so a
+    value it turns into a Python bool is no escape (it changes nothing when it passes).
+    Distributions' own validation is recognised without it."""
+    _CHECKS.add(fn.__code__)
+    return fn
+
+
 def _in_validation() -> bool:
-    """Whether the caller is a distribution's argument or sample validation."""
+    """Whether the caller is a distribution's argument or sample validation, or a function
+    marked with :func:`checks_only`."""
     frame = sys._getframe(2)
     while frame is not None:
         code = frame.f_code
-        if code.co_name in ("_validate_sample", "_validate_args"):
+        if code in _CHECKS or code.co_name in ("_validate_sample", "_validate_args"):
             return True
         if code.co_name == "check" and code.co_filename.endswith("constraints.py"):
             return True
