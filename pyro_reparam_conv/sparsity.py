@@ -252,7 +252,10 @@ class Analysis(TorchFunctionMode):
         provenance = (
             frozenset().union(*(get_provenance(t) for t in inputs)) if inputs else frozenset()
         )
-        self.value_dependent.append(how)
+        if provenance or not _in_distribution():
+            # a sampler's own loop on values that carry no latent (a rejection sampler's
+            # uniforms) decides that site's value only, not which tensors feed which
+            self.value_dependent.append(how)
         if provenance:
             position = self.positions[self.role]
             self.escapes.append(Escape(self.role, position, provenance, how))
@@ -390,6 +393,17 @@ def _in_validation() -> bool:
         if code.co_name == "__init__" and code.co_filename.endswith(
             ("distributions/distribution.py", "distributions/independent.py")
         ):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _in_distribution() -> bool:
+    """Whether the caller is code of a torch or Pyro distribution (its sampler, its density)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename.replace("\\", "/")
+        if "/torch/distributions/" in name or "/pyro/distributions/" in name:
             return True
         frame = frame.f_back
     return False
