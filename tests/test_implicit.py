@@ -165,15 +165,13 @@ def _inverse(name, phi, z0):
     return torch.stack([z1, z2], -1)
 
 
-@pytest.mark.parametrize("name", list(PHI))
-def test_each_draws_derivative_is_the_inverse_cdfs(name):
-    """dz/dphi of every draw (value exactly the draw) against central differences of the
-    inverse CDF at the same uniform, in float64."""
+def _jacobian(name, mixture="responsibilities"):
+    """``(z0, dz/dphi of each element of 6 draws, central differences of the inverse CDF)``."""
     phi = torch.tensor(PHI[name], dtype=F64, requires_grad=True)
     torch.manual_seed(3)
     fn = BUILD[name](phi)
     z0 = fn.sample((6,))
-    z = implicit_value(fn.expand((6,)), z0)
+    z = implicit_value(fn.expand((6,)), z0, mixture)
     assert torch.equal(z.detach(), z0)
     flat = z.reshape(-1)
     jac = torch.stack([torch.autograd.grad(v, phi, retain_graph=True)[0] for v in flat])
@@ -185,7 +183,34 @@ def test_each_draws_derivative_is_the_inverse_cdfs(name):
         with torch.no_grad():
             plus, minus = _inverse(name, phi + step, z0), _inverse(name, phi - step, z0)
         fd.append(((plus - minus) / (2 * h)).reshape(-1))
-    torch.testing.assert_close(jac, torch.stack(fd, -1), rtol=1e-5, atol=1e-6)
+    return z0, jac, torch.stack(fd, -1)
+
+
+@pytest.mark.parametrize("name", [n for n in PHI if n != "mixture_2d"] + ["mixture_2d-transform"])
+def test_each_draws_derivative_is_the_inverse_cdfs(name):
+    """dz/dphi of every draw (value exactly the draw) against central differences of the
+    inverse CDF at the same uniform, in float64 (the 2D mixture: everything by the
+    distributional transform)."""
+    _, jac, fd = _jacobian(*name.split("-"))
+    torch.testing.assert_close(jac, fd, rtol=1e-5, atol=1e-6)
+
+
+def test_a_diagonal_mixtures_weights_by_the_transform_components_by_responsibilities():
+    """The default for a mixture of diagonal components: dz/dlogits is the distributional
+    transform's (the inverse CDF's), dz_j/dloc_kj = r_k(z) and dz_j/dlog_scale_kj = r_k(z)
+    (z_j - loc_kj), with r_k the posterior responsibility of component k at the draw."""
+    z0, jac, fd = _jacobian("mixture_2d")
+    torch.testing.assert_close(jac[:, :2], fd[:, :2], rtol=1e-5, atol=1e-6)
+    phi = torch.tensor(PHI["mixture_2d"], dtype=F64)
+    loc, log_s = phi[2:6].reshape(2, 2), phi[6:10].reshape(2, 2)
+    joint = phi[:2].log_softmax(-1) + dist.Normal(loc, log_s.exp()).log_prob(z0.unsqueeze(-2)).sum(-1)
+    r = joint.softmax(-1)  # (6, K)
+    expected = torch.zeros(6, 2, 10, dtype=F64)
+    for k in range(2):
+        for j in range(2):
+            expected[:, j, 2 + 2 * k + j] = r[:, k]
+            expected[:, j, 6 + 2 * k + j] = r[:, k] * (z0[:, j] - loc[k, j])
+    torch.testing.assert_close(jac[:, 2:], expected.reshape(12, 10)[:, 2:], rtol=1e-9, atol=1e-12)
 
 
 def test_a_normal_draws_derivative_is_its_noise():
@@ -245,6 +270,7 @@ CASES = (
     + [("lognormal_mixture", "bump")]
     + [(n, c) for n in ("von_mises_series", "von_mises_normal") for c in COSTS_CIRCLE]
     + [("mixture_2d", c) for c in COSTS_PLANE]
+    + [("mixture_2d-transform", c) for c in COSTS_PLANE]
 )
 
 
@@ -253,12 +279,13 @@ def test_mean_gradient_matches_quadrature(name, cost):
     """Per-draw gradients of f(z) from independent copies of the parameters (one row each),
     their mean within 4.5 standard errors of the gradient of E[f] by quadrature."""
     f = {**COSTS_LINE, **COSTS_CIRCLE, **COSTS_PLANE}[cost]
+    name, *mixture = name.split("-")
     phi = torch.tensor(PHI[name], dtype=F64)
     n = 3000
     rows = phi.expand(n, -1).clone().requires_grad_(True)
     torch.manual_seed(4)
     fn = BUILD[name](rows)
-    z = implicit_value(fn, fn.sample())
+    z = implicit_value(fn, fn.sample(), *mixture)
     (draws,) = torch.autograd.grad(f(z).sum(), rows)
     assert bool(torch.isfinite(draws).all())
     assert_unbiased({cost: draws}, {cost: _quadrature_gradient(name, f, phi)})
