@@ -30,7 +30,6 @@ per estimate (model, guide and backward pass), and the ratios to the implicit ro
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path

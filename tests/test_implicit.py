@@ -203,7 +203,9 @@ def test_a_diagonal_mixtures_weights_by_the_transform_components_by_responsibili
     torch.testing.assert_close(jac[:, :2], fd[:, :2], rtol=1e-5, atol=1e-6)
     phi = torch.tensor(PHI["mixture_2d"], dtype=F64)
     loc, log_s = phi[2:6].reshape(2, 2), phi[6:10].reshape(2, 2)
-    joint = phi[:2].log_softmax(-1) + dist.Normal(loc, log_s.exp()).log_prob(z0.unsqueeze(-2)).sum(-1)
+    joint = phi[:2].log_softmax(-1) + dist.Normal(loc, log_s.exp()).log_prob(z0.unsqueeze(-2)).sum(
+        -1
+    )
     r = joint.softmax(-1)  # (6, K)
     expected = torch.zeros(6, 2, 10, dtype=F64)
     for k in range(2):
@@ -226,7 +228,11 @@ def test_a_normal_draws_derivative_is_its_noise():
 
 
 # ------------------------------------------------------- mean gradients vs quadrature
-COSTS_LINE = {"square": lambda z: (z - 0.5) ** 2, "sin": torch.sin, "bump": lambda z: (-z * z).exp()}
+COSTS_LINE = {
+    "square": lambda z: (z - 0.5) ** 2,
+    "sin": torch.sin,
+    "bump": lambda z: (-z * z).exp(),
+}
 COSTS_CIRCLE = {  # continuous on the circle, so E[f] has no boundary term at +-pi
     "cos": torch.cos,
     "sin2": lambda z: torch.sin(2 * z),
@@ -375,8 +381,8 @@ ROUTES = {
     "bernoulli": (dist.Bernoulli(0.3), "enumerate", "Bernoulli has no rsample; support of 2"),
     "categorical": (dist.Categorical(logits=torch.zeros(3)), "enumerate",
                     "Categorical has no rsample; support of 3"),
-    "poisson": (dist.Poisson(3.0), "score", "Poisson has no rsample; Poisson has no finite "
-                "support to enumerate; Poisson is not a Bernoulli"),
+    "poisson": (dist.Poisson(3.0), "score", ("Poisson has no rsample; Poisson has no finite "
+                "support to enumerate; Poisson is not a Bernoulli")),
     "beta_mixture": (dist.MixtureSameFamily(MIX, dist.Beta(torch.ones(2), 2.0)), "score",
                      "its components: Beta has no cdf"),
 }  # fmt: skip

@@ -24,17 +24,33 @@ shapes, event shapes and plates as usual):
   ACM Algorithm 518) for concentration below 50 (its Bessel ratios by a trapezoid rule on
   the circle rather than his recurrence) and his corrected normal approximation above (the
   choices of ``scipy.stats.vonmises`` and, with fewer digits, TFP's ``von_mises_cdf``:
-  about 12 digits), differentiable by autograd in the angle and the concentration; ``F(z; loc, kappa) = von_mises_cdf(z - loc, kappa)``, unwrapped so that it
-  is continuous and increasing on the real line;
+  about 12 digits), differentiable by autograd in the angle and the concentration;
+  ``F(z; loc, kappa) = von_mises_cdf(z - loc, kappa)``, unwrapped so that it is continuous
+  and increasing on the real line. The draw lies in ``[-pi, pi)``: a cost of an angle must
+  be continuous on the circle (periodic), or its jump at ``+-pi`` is a cost not
+  differentiable in the site (biased, as for any pathwise gradient; the bias check sees it);
 - ``MixtureSameFamily`` of such components. Univariate components: ``F(z) = sum_k w_k
   F_k(z)``. Diagonal multivariate components (``Independent(univariate, 1)``, event of ``D``
   dims): the distributional transform (Graves 2016, "Stochastic Backpropagation through
-  Mixture Density Distributions"), dimension by dimension, with the conditional CDF of
-  ``z_d`` given ``z_<d``: ``F_d(z_d | z_<d) = sum_k pi_k^d F_kd(z_d)``, ``pi_k^d`` the
-  posterior weights ``w_k prod_{j<d} q_kj(z_j)`` normalized. The implicit derivative of
-  ``z_d`` is the total one, ``-(dF_d/dphi + sum_{j<d} dF_d/dz_j dz_j/dphi) / q_d(z_d |
-  z_<d)``: the dimensions are built in order, each ``F_d`` from the differentiable ``z_<d``
-  already built, so autograd composes it (``D`` evaluations of the components' densities).
+  Mixture Density Distributions") maps ``z`` to ``D`` uniforms dimension by dimension, with
+  the conditional CDF of ``z_d`` given ``z_<d``, ``F_d(z_d | z_<d) = sum_k pi_kd F_kd(z_d)``,
+  ``pi_kd`` the posterior weights ``w_k prod_{j<d} q_kj(z_j)`` normalized; the implicit
+  derivative of ``z_d`` is the total one, ``-(dF_d/dphi + sum_{j<d} dF_d/dz_j dz_j/dphi) /
+  q_d(z_d | z_<d)``. In more than one dimension the velocity ``dz/dphi`` is not unique: any
+  field ``v`` with ``dq/dphi + div(q v) = 0`` (the continuity equation) gives an unbiased
+  gradient, and one may be chosen per parameter (Jankowiak & Obermeyer 2018, "Pathwise
+  Derivatives Beyond the Reparameterization Trick"). The default
+  (``infer={"implicit_mixture": "responsibilities"}``) takes the transform's field for the
+  mixture weights only, and for the parameters of component ``k`` its own implicit field
+  weighted by its posterior responsibility, ``dz_j/dphi_k = r_k(z) (-(dF_kj(z_j)/dphi_k) /
+  q_kj(z_j))`` with ``r_k = w_k q_k(z) / q(z)`` (it solves the continuity equation because
+  each component's field solves its own; in one dimension both are the transform's). On
+  ``benchmarks/implicit.py``'s mixture the transform's field for the components' parameters
+  has 28x the variance of this one. The transform's field for the weights is linear in the
+  derivatives of ``z_<d``: a unit lower-triangular system, solved at once
+  (``torch.linalg.solve_triangular``) with ``dF_d/dz_j`` from the components' scores at the
+  draw. ``infer={"implicit_mixture": "transform"}`` takes the transform's field for every
+  parameter, dimension by dimension (``D`` evaluations of the components' densities).
 
 Routing prefers it to every estimator for distributions without ``rsample`` (priority 5:
 after ``pathwise``, before enumeration); discrete distributions and distributions whose
