@@ -467,3 +467,36 @@ def test_compare_estimators_and_the_bias_check_see_it():
     check = audit.bias_checks["z"]
     assert check.reference == "score" and not check.biased
     assert audit.pathwise_bias == {}
+
+
+def diag_model():
+    with pyro.plate("N", 2):
+        pyro.sample("z", dist.Normal(torch.zeros(2, 3), 1.0).to_event(1))
+
+
+def diag_guide(option=None):
+    logits = param("diag_logits", torch.zeros(2, 2))
+    loc = param("diag_loc", torch.tensor([[-1.0, 0.0, 1.0], [1.0, 0.5, -1.0]]))
+    infer = {} if option is None else {"implicit_mixture": option}
+    with pyro.plate("N", 2):
+        comps = dist.Normal(loc, 0.8).to_event(1)
+        pyro.sample(
+            "z", dist.MixtureSameFamily(dist.Categorical(logits=logits), comps), infer=infer
+        )
+
+
+@pytest.mark.parametrize("option", [None, "transform"])
+def test_a_diagonal_mixture_in_a_plate_with_vectorized_particles(option):
+    pyro.set_rng_seed(10)
+    elbo = RoutedELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=1)
+    loss = elbo.differentiable_loss(diag_model, lambda: diag_guide(option))
+    grads = torch.autograd.grad(loss, [pyro.param("diag_logits"), pyro.param("diag_loc")])
+    assert all(bool(torch.isfinite(g).all()) and bool(g.abs().sum() > 0) for g in grads)
+    reason = elbo.routes["z"].reason
+    expected = "dimension by dimension" if option else "weighted by their responsibilities"
+    assert elbo.routes["z"].estimator == "implicit" and expected in reason, reason
+
+
+def test_a_bad_mixture_option_names_the_site():
+    with pytest.raises(ValueError, match=r"site 'z': infer\['implicit_mixture'\] must be one of"):
+        RoutedELBO().loss(diag_model, lambda: diag_guide("exact"))

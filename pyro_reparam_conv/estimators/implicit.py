@@ -67,7 +67,13 @@ from typing import Optional
 import torch
 from pyro.distributions.score_parts import ScoreParts
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
-from torch.distributions import Independent, MixtureSameFamily, VonMises
+from torch.distributions import (
+    Distribution,
+    Independent,
+    MixtureSameFamily,
+    TransformedDistribution,
+    VonMises,
+)
 
 from ..distributions import distribution_name
 from .base import Estimator, Layout, RoutingOptions, register
@@ -184,12 +190,25 @@ def _cdf_why_not(fn) -> Optional[str]:
         return None if why is None else f"{name}: its components: {why}"
     if fn.event_shape:
         return f"{name} is not univariate (event shape {tuple(fn.event_shape)}) nor a mixture"
-    try:
+    if getattr(type(fn), "cdf", Distribution.cdf) is Distribution.cdf:
+        return f"{name} has no cdf"
+    if type(fn) in _CDF_WORKS:
+        return None
+    try:  # on a draw, the global random state left as it was
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             fn.cdf(fn.sample())
     except NotImplementedError:
         return f"{name} has no cdf"
+    except Exception as error:  # noqa: BLE001 - any failure: no usable cdf, say which
+        first = (str(error).strip().splitlines() or [""])[0]
+        return f"{name}: its cdf could not be evaluated on a draw ({type(error).__name__}: {first})"
+    if not isinstance(fn, TransformedDistribution):  # its transforms decide, per instance
+        _CDF_WORKS.add(type(fn))
     return None
+
+
+#: distribution classes whose cdf was evaluated on a draw (the check is not repeated)
+_CDF_WORKS: set = set()
 
 
 def _cdf(fn, value: torch.Tensor) -> torch.Tensor:
