@@ -500,3 +500,13 @@ def test_a_diagonal_mixture_in_a_plate_with_vectorized_particles(option):
 def test_a_bad_mixture_option_names_the_site():
     with pytest.raises(ValueError, match=r"site 'z': infer\['implicit_mixture'\] must be one of"):
         RoutedELBO().loss(diag_model, lambda: diag_guide("exact"))
+
+
+def test_a_bad_mixture_option_on_a_univariate_mixture_names_the_site_too():
+    guide = lambda: pyro.sample(  # noqa: E731
+        "z",
+        dist.MixtureSameFamily(MIX, dist.Normal(torch.zeros(2), 1.0)),
+        infer={"implicit_mixture": "exact"},
+    )
+    with pytest.raises(ValueError, match=r"site 'z': infer\['implicit_mixture'\] must be one of"):
+        RoutedELBO().loss(lambda: pyro.sample("z", dist.Normal(0.0, 1.0)), guide)

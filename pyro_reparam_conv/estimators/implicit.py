@@ -373,11 +373,11 @@ class ImplicitEstimator(Estimator):
         return "" if _unwrap(fn).support.is_discrete else self.why_not(fn)
 
     def note(self, fn, infer: dict) -> str:
-        base = _unwrap(fn)
+        base, option = _unwrap(fn), _mixture_option(infer)  # a bad option: an error here
         if isinstance(base, MixtureSameFamily):
             if not base.event_shape:
                 how = "its mixture's cdf sum_k w_k F_k"
-            elif _mixture_option(infer) == "transform":
+            elif option == "transform":
                 how = "the distributional transform of its mixture, dimension by dimension"
             else:
                 how = (
