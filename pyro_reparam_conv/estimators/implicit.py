@@ -280,14 +280,17 @@ def _responsibilities(fn: MixtureSameFamily, z0: torch.Tensor) -> torch.Tensor:
         probe = fixed.detach().expand(shape).clone().requires_grad_(True)
         log_q = component.log_prob(probe)
         (score,) = torch.autograd.grad(log_q.sum(), probe)
-    log_q, tiny = log_q.detach(), torch.finfo(z0.dtype).tiny
+    tiny = torch.finfo(z0.dtype).tiny
+    usable = log_q.detach().exp() > tiny  # elsewhere no gradient, and no NaN from 0 * inf
+    score = torch.where(usable, score, torch.zeros_like(score))
+    log_q = log_q.detach().clamp_min(-1e30)  # finite: sums and softmaxes stay defined
     # components: sum_k r_k(z0) (-(dF_kd / dphi) / q_kd), r_k = w_k q_k(z0) / q(z0)
     resp = torch.softmax(log_w.detach() + log_q.sum(-1), -1).unsqueeze(-1)
-    usable = log_q.exp() > tiny
     step = (cdfs - cdfs.detach()) / torch.where(usable, log_q.exp(), torch.ones_like(log_q))
     moved = -(resp * torch.where(usable, step, torch.zeros_like(step))).sum(-2)
     # weights: the distributional transform, linearized at z0 (first derivatives are exact)
-    prior = log_w.detach().unsqueeze(-1) + log_q.cumsum(-1) - log_q  # log w_k q_k(z0_<d)
+    before = torch.cat([torch.zeros_like(log_q[..., :1]), log_q[..., :-1]], -1).cumsum(-1)
+    prior = log_w.detach().unsqueeze(-1) + before  # log w_k q_k(z0_<d)
     post = torch.softmax(prior, -2)  # pi_kd
     cdf = (post * cdfs.detach()).sum(-2, keepdim=True)  # F_d(z0_d | z0_<d)
     density = torch.logsumexp(prior + log_q, -2, keepdim=True) - torch.logsumexp(prior, -2, True)
