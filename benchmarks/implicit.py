@@ -1,19 +1,21 @@
 """Issue 22 benchmark: implicit reparameterization gradients for guides without rsample.
 
-Run (about 2 minutes on a 2-core CPU, one torch thread)::
+Run (about 35 s on a 2-core CPU, one torch thread; `--dim 64` about 40 s)::
 
-    .venv/bin/python benchmarks/implicit.py [--draws 400] [--vae-draws 40] [--seed 0]
+    .venv/bin/python benchmarks/implicit.py [--draws 400] [--vae-draws 40] [--seed 0] [--dim 8]
 
 Per model and estimator, from ``--draws`` independent gradient estimates of the loss
 (``compare_estimators``, the same seed for every row): the total variance of the gradient
 in the guide's parameters (the sum over their elements of the per-draw variance), the time
 per estimate (model, guide and backward pass), and the ratios to the implicit row:
 
-1. **Mixture guide**: ``z ~ N(0, I_8)``, ``x ~ N(z, 0.5^2 I)`` observed, and a guide that is
-   a mixture of 3 diagonal Gaussians on ``R^8`` (separated means, unequal weights).
+1. **Mixture guide**: ``z ~ N(0, I_D)`` (``--dim``, 8), ``x ~ N(z, 0.5^2 I)`` observed, a guide
+   that is a mixture of 3 diagonal Gaussians on ``R^D`` (separated means, unequal weights).
    ``implicit``: torch's ``MixtureSameFamily`` (no rsample), routed automatically to the
-   implicit gradient (the distributional transform, dimension by dimension); ``MixtureOf
-   DiagNormals pathwise``: Pyro's ``MixtureOfDiagNormals`` with the same parameters (its own
+   implicit gradient (the weights by the distributional transform, the components by
+   their responsibilities; "all by the transform": ``infer={"implicit_mixture":
+   "transform"}``); the variance is also shown for the components' parameters and the
+   weights apart; ``MixtureOfDiagNormals pathwise``: Pyro's ``MixtureOfDiagNormals`` with the same parameters (its own
    rsample, Jankowiak & Karaletsos 2019); the score function on the same ``MixtureSameFamily``
    with a decaying-average baseline, and with leave-one-out over 2 particles (each estimate
    averages 2 particles, so it costs about 2 steps).
