@@ -15,10 +15,10 @@ per estimate (model, guide and backward pass), and the ratios to the implicit ro
    implicit gradient (the weights by the distributional transform, the components by
    their responsibilities; "all by the transform": ``infer={"implicit_mixture":
    "transform"}``); the variance is also shown for the components' parameters and the
-   weights apart; ``MixtureOfDiagNormals pathwise``: Pyro's ``MixtureOfDiagNormals`` with the same parameters (its own
-   rsample, Jankowiak & Karaletsos 2019); the score function on the same ``MixtureSameFamily``
-   with a decaying-average baseline, and with leave-one-out over 2 particles (each estimate
-   averages 2 particles, so it costs about 2 steps).
+   weights apart; ``MixtureOfDiagNormals pathwise``: Pyro's ``MixtureOfDiagNormals`` with
+   the same parameters (its own rsample, Jankowiak & Obermeyer 2018); the score function on
+   the same ``MixtureSameFamily`` with a decaying-average baseline, and with leave-one-out
+   over 2 particles (each estimate averages 2 particles, so it costs about 2 steps).
 2. **Von Mises**: 8 angles, prior ``VonMises(0, 1)``, ``x_d ~ VonMises(z_d, 4)`` observed,
    guide ``VonMises(loc_d, kappa_d)``: implicit (the von Mises CDF) against the score
    function with both baselines (torch's von Mises has no rsample: no other pathwise
