@@ -679,7 +679,7 @@ def compare_estimators(
       draw and averages two samples -- compare ``variance * seconds_per_draw``;
     - the score variants run with ``fast_path=False`` too (it only concerns pathwise sites);
     - any other name in ``routing.ESTIMATORS`` (``"enumerate"``, ``"disarm"``,
-      ``"gumbel_st"``, ``"measure_valued"``, registered plug-ins): forced like
+      ``"gumbel_st"``, ``"measure_valued"``, ``"implicit"``, registered plug-ins): forced like
       ``"pathwise"``, on the sites it applies to (``"measure_valued"`` is refused on a site
       of more than its ``max_evaluations``: that is an error, not a skip).
 
@@ -702,7 +702,8 @@ def compare_estimators(
       ``m_ref``, ``se_ref`` the inverse-variance pooled mean of the *other* estimators in the
       table that are unbiased for any cost (:data:`UNBIASED_ESTIMATORS`: the score-function
       variants, ``measure_valued``, ``enumerate``, ``disarm``; not the pathwise gradient,
-      which needs a cost differentiable in the site, nor ``gumbel_st``); the largest over
+      which needs a cost differentiable in the site, nor ``implicit`` (likewise), nor
+      ``gumbel_st``); the largest over
       the parameter's elements. ``nan`` when no other such estimator is in the table;
     - ``agrees``: ``z_vs_unbiased <= z_threshold(numel, num_draws)`` (4 standard errors
       for a few elements, more for many: :func:`z_threshold`), ``None`` without a reference. A

@@ -8,6 +8,8 @@
 - :mod:`.score`: score-function (REINFORCE) terms.
 - :mod:`.measure_valued`: Weibull / double-sided Maxwell differences for Normal sites
   (unbiased for costs that are not differentiable; opt-in only).
+- :mod:`.implicit`: implicit reparameterization through a differentiable CDF (mixtures,
+  von Mises, any continuous univariate distribution without ``rsample``).
 
 What the ELBO does around them lives outside this package: baselines of score-function
 terms (:mod:`pyro_reparam_conv.baselines`) and the analytic KL of the fast path
@@ -25,6 +27,9 @@ from . import disarm, enumerate, gumbel  # noqa: F401
 
 # isort: split
 from . import measure_valued  # noqa: F401
+
+# isort: split
+from . import implicit  # noqa: F401
 from .base import ESTIMATORS, Estimator, get, register, unregister
 
 __all__ = ["ESTIMATORS", "Estimator", "get", "register", "unregister"]
