@@ -44,6 +44,7 @@ __all__ = [
     "prior_dependencies",
     "signature",
     "term_dependencies",
+    "untag_values",
 ]
 
 DEPENDENCY_TRACKING = ("cached", "always", "order")
@@ -58,6 +59,16 @@ class TagLatents(Messenger):
     def _pyro_post_sample(self, msg: dict) -> None:
         if is_latent(msg):
             msg["value"] = track_provenance(msg["value"], frozenset({msg["name"]}))
+
+
+def untag_values(*traces: Trace) -> None:
+    """Gives every latent site of ``traces`` back the value its distribution returned, in
+    place. Needed where a trace recorded the value after :class:`TagLatents` tagged it: an
+    effect-based guide (``GuideMessenger``) records its traces inside the handlers around it."""
+    for trace in traces:
+        for site in trace.nodes.values():
+            if is_latent(site):
+                site["value"] = extract_provenance(site["value"])[0]
 
 
 def _latents(trace: Trace) -> set[str]:

@@ -39,6 +39,7 @@ import torch
 from pyro.infer import ELBO
 from pyro.infer.util import is_validation_enabled, torch_backward, torch_item
 from pyro.poutine import Trace
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match
 
@@ -49,6 +50,7 @@ from .dependencies import (
     prior_dependencies,
     signature,
     term_dependencies,
+    untag_values,
 )
 from .estimators.analytic_kl import plan_kl
 from .estimators.baselines import DecayingAverages, normalize_kind, score_surrogate
@@ -71,12 +73,28 @@ class NonFiniteLossError(ValueError):
         super().__init__(f"ELBO loss is {loss}; non-finite log-density at: {where}")
 
 
+def effect_guide(guide) -> Optional[Messenger]:
+    """The effect-based guide behind ``guide`` (a :class:`~pyro.poutine.guide.GuideMessenger`
+    such as ``AutoNormalMessenger``, under any handlers), or ``None`` for a plain callable.
+    Such a guide runs the model itself and records both traces (Pyro's ``get_traces``)."""
+    unwrapped = poutine.unwrap(guide)
+    return unwrapped if isinstance(unwrapped, Messenger) else None
+
+
 def _traces(model, guide, args, kwargs, max_plate_nesting) -> tuple[Trace, Trace]:
-    """The first half of Pyro's ``get_importance_trace("flat", ...)``: guide and replayed
-    model traced, checked against each other, subsample sites pruned (no log-densities yet)."""
-    guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
-    replayed = poutine.replay(model, trace=guide_trace)
-    model_trace = poutine.trace(replayed, graph_type="flat").get_trace(*args, **kwargs)
+    """The first half of Pyro's ``get_importance_trace("flat", ...)``: guide and model traces
+    (the guide traced and the model replayed on it, or, for an effect-based guide, the pair
+    the guide records, as Pyro takes it), checked against each other, subsample sites pruned
+    (no log-densities yet)."""
+    messenger = effect_guide(guide)
+    if messenger is not None:
+        guide(*args, **kwargs)  # the handlers around it (routing, provenance) apply
+        model_trace, guide_trace = messenger.get_traces()
+        untag_values(model_trace, guide_trace)
+    else:
+        guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
+        replayed = poutine.replay(model, trace=guide_trace)
+        model_trace = poutine.trace(replayed, graph_type="flat").get_trace(*args, **kwargs)
     if is_validation_enabled():
         check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
         check_if_enumerated(guide_trace)
@@ -148,9 +166,19 @@ def _particle_terms(
 class RoutedELBO(ELBO):
     """Drop-in replacement for :class:`~pyro.infer.Trace_ELBO` with per-site estimator routing.
 
+    The arguments up to ``tail_adaptive_beta`` are :class:`~pyro.infer.ELBO`'s, in its order
+    and with its meaning; the routing options after them are keyword-only.
+
     :param num_particles: particles per estimate.
     :param max_plate_nesting: as for :class:`~pyro.infer.ELBO`.
+    :param max_iarange_nesting: Pyro's deprecated alias of ``max_plate_nesting`` (Pyro warns).
     :param vectorize_particles: draw all particles in one vectorized pass.
+    :param strict_enumeration_warning, ignore_jit_warnings, retain_graph: as for
+        :class:`~pyro.infer.ELBO`.
+    :param jit_options, tail_adaptive_beta: accepted and stored as ``Trace_ELBO`` accepts them,
+        and, as there, without effect: there is no JIT-compiled ``RoutedELBO``
+        (``JitTrace_ELBO``'s options do nothing here; the loss is computed eagerly) and the
+        tail-adaptive exponent belongs to ``TraceTailAdaptive_ELBO``.
     :param baseline: default baseline of score-routed sites: ``"auto"`` (leave-one-out with
         several particles, decaying average with one), ``"leave_one_out"``/``"loo"``,
         ``"decaying_avg"``/``"avg"``, or ``None`` for none. Sites override it through
@@ -175,11 +203,15 @@ class RoutedELBO(ELBO):
         self,
         num_particles: int = 1,
         max_plate_nesting: float = float("inf"),
+        max_iarange_nesting: Optional[float] = None,
         vectorize_particles: bool = False,
-        baseline: Optional[str] = "auto",
         strict_enumeration_warning: bool = True,
         ignore_jit_warnings: bool = False,
+        jit_options: Optional[dict] = None,
         retain_graph: Optional[bool] = None,
+        tail_adaptive_beta: float = -1.0,
+        *,
+        baseline: Optional[str] = "auto",
         dependency_tracking: str = "cached",
         fast_path: bool = True,
         max_enumerate: int = RoutingOptions.max_enumerate,
@@ -189,10 +221,13 @@ class RoutedELBO(ELBO):
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
+            max_iarange_nesting=max_iarange_nesting,
             vectorize_particles=vectorize_particles,
             strict_enumeration_warning=strict_enumeration_warning,
             ignore_jit_warnings=ignore_jit_warnings,
+            jit_options=jit_options,
             retain_graph=retain_graph,
+            tail_adaptive_beta=tail_adaptive_beta,
         )
         self.baseline = normalize_kind(baseline)
         if self.baseline == "leave_one_out" and num_particles < 2:
