@@ -26,7 +26,7 @@ from typing import Iterable, Mapping, Optional
 
 import torch
 from pyro.distributions.score_parts import ScoreParts
-from pyro.ops.provenance import extract_provenance, track_provenance
+from pyro.ops.provenance import detach_provenance, extract_provenance, track_provenance
 from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
 from torch.distributions import Distribution
@@ -54,11 +54,17 @@ SiteKey = tuple  # ("model" | "guide", site name)
 
 class TagLatents(Messenger):
     """Hands the code a provenance-tagged copy of every latent value (after the trace has
-    recorded the untagged value)."""
+    recorded the untagged value). A parameter's initial value computed from such values (an
+    autoguide that initializes its parameters from a prior, lazily) enters the param store
+    without provenance."""
 
     def _pyro_post_sample(self, msg: dict) -> None:
         if is_latent(msg):
             msg["value"] = track_provenance(msg["value"], frozenset({msg["name"]}))
+
+    def _pyro_param(self, msg: dict) -> None:
+        msg["args"] = tuple(detach_provenance(a) if isinstance(a, torch.Tensor) else a
+                            for a in msg["args"])  # fmt: skip
 
 
 def untag_values(*traces: Trace) -> None:
