@@ -13,18 +13,26 @@ Fast path (``fast_path=True``, the default): for a pathwise site whose model pri
 latent site with a closed-form ``KL(q || p)`` and whose prior parameters depend on no
 latent value, ``log p(z) - log q(z)`` is replaced in both the loss and the surrogate by
 ``-KL(q || p)`` (scaled and masked as the site is), as in Pyro's ``TraceMeanField_ELBO``:
-the same expectation and expected gradient, less variance. The loss then equals
-``TraceMeanField_ELBO``'s rather than ``Trace_ELBO``'s; ``fast_path=False`` restores the
-plain Monte Carlo terms. Whether a prior depends on latents is read from provenance
+the same expectation and expected gradient, and less variance where that term's own noise
+dominates (a guide far from the posterior); near the exact posterior the Monte Carlo terms
+cancel the likelihood's noise and vary less. With at least ``MEASURE_PARTICLES`` vectorized
+particles the ELBO measures which varies less, once per trace structure on a separate draw
+(:func:`~.estimators.analytic_kl.measure_kl`), and keeps the Monte Carlo terms where they
+win. The loss then equals ``TraceMeanField_ELBO``'s rather than ``Trace_ELBO``'s;
+``fast_path=False`` restores the plain Monte Carlo terms. Whether a prior depends on latents is read from provenance
 (:mod:`pyro_reparam_conv.dependencies`); with ``dependency_tracking="order"`` that
 information is missing and the fast path stays off. The fast path also computes with the
 kernels of :mod:`pyro_reparam_conv.kernels` (``RoutedELBO.kernels``), which equal Pyro's
 own functions. ``Route.analytic_kl`` and ``Route.reason`` say, per site, whether and why (not).
 
+An effect-based guide (``GuideMessenger``, e.g. ``AutoNormalMessenger``) runs the model
+itself; its traces are the pair it records, as in Pyro's ``get_importance_trace``.
+
 Each particle is one pure pass (:meth:`RoutedELBO.site_terms` returns its traces, routes and
 site-term table); the only state across steps is the decaying-average baselines
-(:meth:`~RoutedELBO.state_dict`) and the dependency cache (re-derived on the next tracked
-step, so not saved).
+and the estimators to avoid (:meth:`~RoutedELBO.state_dict`), and the dependency cache and
+the analytic-KL measurements per trace structure (re-derived on the next tracked step or
+measuring call, so not saved).
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ from .dependencies import (
     term_dependencies,
     untag_values,
 )
-from .estimators.analytic_kl import plan_kl
+from .estimators.analytic_kl import MEASURE_PARTICLES, measure_kl, plan_kl
 from .estimators.baselines import DecayingAverages, normalize_kind, score_surrogate
 from .evaluations import SideBySideError, avoid_after_failure, side_by_side_mismatch
 from .kernels import FAST, REFERENCE, Kernels
@@ -116,7 +124,7 @@ def _local(footprints: Mapping[str, Any]) -> dict[str, Footprint]:
 
 def _particle_terms(
     program, model_trace, guide_trace, router, cached, track, *, kernels, fast_path, nesting,
-    verify, untracked,
+    verify, untracked, measured=None,
 ) -> tuple[ParticleTerms, Optional[Dependencies]]:  # fmt: skip
     """One particle's site-term table from its traces (their log-densities computed here),
     and the dependencies found on a tracked step (``None`` otherwise).
@@ -124,13 +132,16 @@ def _particle_terms(
     ``program`` is ``(model, guide, args, kwargs)`` (the plain callables, for the footprint
     probe and the side-by-side check); ``router`` the guide's routing; ``cached`` the
     dependencies of this trace structure from an earlier tracked step, if any; ``untracked``
-    what a route says when neither is available."""
+    what a route says when neither is available; ``measured`` the sites whose analytic KL
+    was measured to add variance (:func:`~.estimators.analytic_kl.measure_kl`), with why."""
     model, guide, args, kwargs = program
     routes = router.routes
     priors = prior_dependencies(model_trace) if track else cached and cached.priors
     kl: Mapping[str, Any] = {}
     if fast_path:
-        kl, routes = plan_kl(model_trace, guide_trace, routes, priors, kernels, router.dims)
+        kl, routes = plan_kl(
+            model_trace, guide_trace, routes, priors, kernels, router.dims, measured or {}
+        )
     keep = track or may_need_costs(guide_trace, routes)
     if cached is not None:  # element-level costs: their per-element terms, once
         precompute(model_trace, guide_trace, _local(cached.footprints))
@@ -239,6 +250,7 @@ class RoutedELBO(ELBO):
         self.routes: dict[str, Route] = {}
         self._avoid: dict[str, dict[str, str]] = {}  # site -> {estimator: why not}
         self._verified: set[tuple] = set()  # structures whose values side by side are verified
+        self._kl_measured: dict[tuple, dict[str, str]] = {}  # structure -> {site: why no KL}
         self._averages = DecayingAverages()
         self._dependencies = DependencyCache(dependency_tracking)
 
@@ -304,11 +316,16 @@ class RoutedELBO(ELBO):
                 (model, guide, args, kwargs), model_trace, guide_trace, router, cached, track,
                 kernels=self.kernels if self.fast_path else REFERENCE, fast_path=self.fast_path,
                 nesting=nesting, verify=verify, untracked=self._dependencies.why_unknown,
+                measured=self._kl_measured.get(key),
             )  # fmt: skip
             if found is not None:
                 self._dependencies.store(key, found)
             if verify:
                 self._verified.add(key)
+            if self._should_measure(key, particle.routes, router.dims):
+                self._kl_measured[key] = self._measure_kl(model, guide, args, kwargs, particle)
+                if self._kl_measured[key]:  # fresh draws, independent of the measurement
+                    return self._particle(model, guide, args, kwargs)
             return particle
         except PlateNestingNeeded:
             raise
@@ -325,6 +342,30 @@ class RoutedELBO(ELBO):
             except Exception:  # not the sites' values side by side after all: as it was
                 self._avoid = before
                 raise
+
+    def _should_measure(self, key, routes, dims) -> bool:
+        """Whether this structure's analytic KL sites are to be measured now: once per
+        structure, with enough vectorized particles and no values side by side."""
+        return (
+            key not in self._kl_measured and self.vectorize_particles and not dims
+            and self.num_particles >= MEASURE_PARTICLES
+            and any(r.analytic_kl for r in routes.values())
+        )  # fmt: skip
+
+    def _measure_kl(self, model, guide, args, kwargs, particle: ParticleTerms) -> dict[str, str]:
+        """The analytic-KL sites of ``particle`` whose Monte Carlo terms give the ELBO less
+        variance, measured on a separate vectorized draw of all particles."""
+        options = RoutingOptions(self.options.max_enumerate, self._avoid)
+        router = RouteMessenger(self.default_baseline, options, -1 - int(self.max_plate_nesting))
+        nesting = self.max_plate_nesting
+        with torch.no_grad():
+            model_trace, guide_trace = _traces(model, router(guide), args, kwargs, nesting)
+            model_trace.compute_log_prob()
+            guide_trace.compute_log_prob()
+        sites = [name for name, r in particle.routes.items() if r.analytic_kl]
+        return measure_kl(
+            model_trace, guide_trace, sites, -int(nesting), self.num_particles, self.kernels
+        )
 
     def _get_trace(self, model, guide, args, kwargs) -> tuple[Trace, Trace]:
         """Pyro's per-particle hook (for code that walks an ELBO's traces): one particle's

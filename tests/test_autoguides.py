@@ -66,7 +66,9 @@ class NormalMessenger(GuideMessenger):
     def get_posterior(self, name, prior):
         loc = pyro.param(f"{name}_loc", torch.full(prior.batch_shape, 0.2))
         scale = pyro.param(
-            f"{name}_scale", torch.full(prior.batch_shape, 0.7), constraint=dist.constraints.positive
+            f"{name}_scale",
+            torch.full(prior.batch_shape, 0.7),
+            constraint=dist.constraints.positive,
         )
         return dist.Normal(loc, scale)
 
@@ -101,9 +103,9 @@ def test_messenger_guide_loss_and_gradients_equal_trace_elbo(guide_class, vector
         assert set(routed.routes) == {"z", "u"}  # the observed and factor sites are no routes
 
 
-def test_messenger_guide_fast_path_is_trace_mean_field():
-    """With the fast path, z's prior depends on no latent: its -KL replaces log p - log q,
-    found through the provenance of the messenger's own traces."""
+def test_messenger_guide_gets_the_analytic_kl_where_its_prior_depends_on_no_latent():
+    """z's prior depends on no latent: its -KL replaces log p - log q, found through the
+    provenance of the messenger's own traces; the loss keeps Trace_ELBO's expectation."""
     elbo = RoutedELBO()
     particle = elbo.site_terms(factor_model, NormalMessenger(factor_model), DATA)[0]
     assert elbo.routes["z"].analytic_kl
@@ -111,10 +113,11 @@ def test_messenger_guide_fast_path_is_trace_mean_field():
     for trace in (particle.model_trace, particle.guide_trace):  # tracked step: values untagged
         assert not isinstance(trace.nodes["z"]["value"], ProvenanceTensor)
     pyro.set_rng_seed(0)
-    many = dict(num_particles=4000, vectorize_particles=True, max_plate_nesting=1)
+    # one estimate's standard deviation is about 0.15 at 4,000 particles: 0.07 here
+    many = dict(num_particles=20000, vectorize_particles=True, max_plate_nesting=1)
     routed = RoutedELBO(**many).loss(factor_model, NormalMessenger(factor_model), DATA)
     plain = Trace_ELBO(**many).loss(factor_model, NormalMessenger(factor_model), DATA)
-    assert routed == pytest.approx(plain, abs=0.1)
+    assert routed == pytest.approx(plain, abs=0.4)
 
 
 def test_messenger_guide_with_an_enumerated_site_matches_trace_elbo_in_expectation():
@@ -136,7 +139,7 @@ def test_messenger_guide_with_an_enumerated_site_matches_trace_elbo_in_expectati
     routed = elbo.loss(model, Guide(model))
     assert elbo.routes["c"].estimator == "enumerate"
     plain = Trace_ELBO(**many).loss(model, Guide(model))
-    assert routed == pytest.approx(plain, abs=0.1)
+    assert routed == pytest.approx(plain, abs=0.15)  # standard deviations: 0.03 and 0.01
 
 
 def test_constructor_takes_every_argument_of_pyros_elbo_in_its_order():
