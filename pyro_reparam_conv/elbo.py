@@ -19,9 +19,9 @@ cancel the likelihood's noise and vary less. With at least ``MEASURE_PARTICLES``
 particles the ELBO measures which varies less, once per trace structure on a separate draw
 (:func:`~.estimators.analytic_kl.measure_kl`), and keeps the Monte Carlo terms where they
 win. The loss then equals ``TraceMeanField_ELBO``'s rather than ``Trace_ELBO``'s;
-``fast_path=False`` restores the plain Monte Carlo terms. Whether a prior depends on latents is read from provenance
-(:mod:`pyro_reparam_conv.dependencies`); with ``dependency_tracking="order"`` that
-information is missing and the fast path stays off. The fast path also computes with the
+``fast_path=False`` restores the plain Monte Carlo terms. Whether a prior depends on
+latents is read from provenance (:mod:`pyro_reparam_conv.dependencies`); with
+``dependency_tracking="order"`` that information is missing and the fast path stays off. The fast path also computes with the
 kernels of :mod:`pyro_reparam_conv.kernels` (``RoutedELBO.kernels``), which equal Pyro's
 own functions. ``Route.analytic_kl`` and ``Route.reason`` say, per site, whether and why (not).
 

@@ -116,12 +116,12 @@ def run_module(checkout: Path, suite: str, substituted: bool, fast_path: str, re
         [str(Path(__file__).resolve().parent), str(ROOT), str(checkout)]))  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "junit.xml"
-        cmd = [sys.executable, "-m", "pytest", *plugin, "-q", "-p", "no:cacheprovider",
+        cmd = [sys.executable, "-m", "pytest", *plugin, "-q", "--tb=no", "-p", "no:cacheprovider",
                f"--junitxml={report}", suite, *select, *rest]  # fmt: skip
         shown = " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
         label = f"substituted, fast_path={fast_path}" if substituted else "Pyro's own ELBOs"
         print(f"\n$ (cd {checkout} && {shown})  # {label}", flush=True)
-        subprocess.run(cmd, cwd=checkout, env=env, stdout=subprocess.DEVNULL, check=False)
+        subprocess.run(cmd, cwd=checkout, env=env, check=False)
         return outcomes(report) if report.exists() else {}
 
 
@@ -174,6 +174,7 @@ def main(argv: list[str]) -> int:
         plain = run_module(checkout, suite, False, fast_path, rest)
         routed = run_module(checkout, suite, True, fast_path, rest)
         row, bad, fine = compare(suite, plain, routed)
+        print(f"\n{row}" + "".join(f"\n  fails substituted only: {t}" for t in bad), flush=True)
         rows.append(row)
         unexpected += bad
         expected += fine

@@ -116,10 +116,11 @@ def measure_kl(
     cancel the likelihood's noise (zero variance at the exact posterior). Each site is
     compared with every other site's Monte Carlo terms in place."""
     with torch.no_grad():
-        total = sum(_per_particle(site["log_prob"], dim, n)
-                    for site in model_trace.nodes.values() if "log_prob" in site)  # fmt: skip
-        total = total - sum(_per_particle(site["log_prob"], dim, n)
-                            for site in guide_trace.nodes.values() if "log_prob" in site)  # fmt: skip
+        model = [_per_particle(s["log_prob"], dim, n) for s in model_trace.nodes.values()
+                 if "log_prob" in s]  # fmt: skip
+        guide = [_per_particle(s["log_prob"], dim, n) for s in guide_trace.nodes.values()
+                 if "log_prob" in s]  # fmt: skip
+        total = sum(model) - sum(guide)
         kept: dict[str, str] = {}
         for name in sites:
             q_site, p_site = guide_trace.nodes[name], model_trace.nodes[name]
