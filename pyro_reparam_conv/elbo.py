@@ -21,9 +21,9 @@ particles the ELBO measures which varies less, once per trace structure on a sep
 win. The loss then equals ``TraceMeanField_ELBO``'s rather than ``Trace_ELBO``'s;
 ``fast_path=False`` restores the plain Monte Carlo terms. Whether a prior depends on
 latents is read from provenance (:mod:`pyro_reparam_conv.dependencies`); with
-``dependency_tracking="order"`` that information is missing and the fast path stays off. The fast path also computes with the
-kernels of :mod:`pyro_reparam_conv.kernels` (``RoutedELBO.kernels``), which equal Pyro's
-own functions. ``Route.analytic_kl`` and ``Route.reason`` say, per site, whether and why (not).
+``dependency_tracking="order"`` that information is missing and the fast path stays off.
+The fast path also computes with the kernels of :mod:`pyro_reparam_conv.kernels`
+(``RoutedELBO.kernels``), which equal Pyro's own functions. ``Route.analytic_kl`` and ``Route.reason`` say, per site, whether and why (not).
 
 An effect-based guide (``GuideMessenger``, e.g. ``AutoNormalMessenger``) runs the model
 itself; its traces are the pair it records, as in Pyro's ``get_importance_trace``.
