@@ -6,7 +6,7 @@ Usage (the checkout is a pyro-ppl/pyro source tree of the installed version, e.g
 nothing is fetched here)::
 
     .venv/bin/python tools/pyro_suites.py PATH/TO/pyro [--fast-path {on,off}]
-        [--modules SUBSTRING,...] [PYTEST ARGS...]
+        [--modules SUBSTRING,...] [--junit-dir DIR] [PYTEST ARGS...]
 
 Each module of :data:`SUITES` that the checkout has runs in pytest inside the checkout
 (Pyro's ``setup.cfg``: warnings are errors, float64) once plainly and once with this file
@@ -92,10 +92,14 @@ def pytest_configure(config) -> None:  # pytest plugin hook: runs before collect
 
 def outcomes(junit_xml: Path) -> dict[str, str]:
     """Test id -> ``"passed"``, ``"failed"`` (errors included), ``"skipped"`` or
-    ``"xfailed"``, read from pytest's JUnit XML report."""
+    ``"xfailed"``, read from pytest's JUnit XML report. Ids are those of the plain run: a
+    test parametrized by the ELBO class is named after the class, ``RoutedAsTrace_ELBO``
+    when substituted, ``Trace_ELBO`` here."""
     results: dict[str, str] = {}
     for case in ET.parse(junit_xml).getroot().iter("testcase"):
-        test = f"{case.get('classname')}::{case.get('name')}"
+        name = case.get("name", "").replace(RoutedAsTrace_ELBO.__name__, "Trace_ELBO")
+        name = name.replace(RoutedAsTraceGraph_ELBO.__name__, "TraceGraph_ELBO")
+        test = f"{case.get('classname')}::{name}"
         tags = {child.tag: child for child in case}
         if "failure" in tags or "error" in tags:
             results[test] = "failed"
@@ -107,22 +111,24 @@ def outcomes(junit_xml: Path) -> dict[str, str]:
     return results
 
 
-def run_module(checkout: Path, suite: str, substituted: bool, fast_path: str, rest) -> dict:
+def run_module(checkout: Path, suite: str, substituted: bool, fast_path: str, rest,
+               junit_dir: Path) -> dict:  # fmt: skip
     """One pytest run of ``suite`` in ``checkout`` (``substituted``: with this plugin);
-    its outcomes per test."""
+    its outcomes per test (the JUnit XML report is left in ``junit_dir``)."""
     select = ["-k", SUITES[suite]] if SUITES[suite] else []
     plugin = ["-p", "pyro_suites"] if substituted else []
     env = dict(os.environ, ROUTED_FAST_PATH=fast_path, PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).resolve().parent), str(ROOT), str(checkout)]))  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "junit.xml"
-        cmd = [sys.executable, "-m", "pytest", *plugin, "-q", "--tb=no", "-p", "no:cacheprovider",
-               f"--junitxml={report}", suite, *select, *rest]  # fmt: skip
-        shown = " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
-        label = f"substituted, fast_path={fast_path}" if substituted else "Pyro's own ELBOs"
-        print(f"\n$ (cd {checkout} && {shown})  # {label}", flush=True)
-        subprocess.run(cmd, cwd=checkout, env=env, check=False)
-        return outcomes(report) if report.exists() else {}
+    kind = "substituted" if substituted else "plain"
+    report = junit_dir / f"{kind}-{suite.replace('/', '.')}.xml"
+    report.unlink(missing_ok=True)  # a report left by an earlier run is not this run's
+    cmd = [sys.executable, "-m", "pytest", *plugin, "-q", "--tb=no", "-p", "no:cacheprovider",
+           f"--junitxml={report}", suite, *select, *rest]  # fmt: skip
+    shown = " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
+    label = f"substituted, fast_path={fast_path}" if substituted else "Pyro's own ELBOs"
+    print(f"\n$ (cd {checkout} && {shown})  # {label}", flush=True)
+    subprocess.run(cmd, cwd=checkout, env=env, check=False)
+    return outcomes(report) if report.exists() else {}
 
 
 def count(results: dict[str, str], outcome: str) -> int:
@@ -153,32 +159,32 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     checkout, rest = Path(argv[0]).resolve(), argv[1:]
-    fast_path, modules = "on", None
-    while rest[:1] in (["--fast-path"], ["--modules"]):
-        if rest[0] == "--fast-path":
-            fast_path = rest[1]
-        else:
-            modules = rest[1].split(",")
-        rest = rest[2:]
+    options = {"--fast-path": "on", "--modules": "", "--junit-dir": ""}
+    while rest[:1] and rest[0] in options:
+        options[rest[0]], rest = rest[1], rest[2:]
+    fast_path, modules = options["--fast-path"], options["--modules"].split(",")
+    junit_dir = Path(options["--junit-dir"] or tempfile.mkdtemp(prefix="pyro_suites-"))
+    junit_dir.mkdir(parents=True, exist_ok=True)
     missing = [s for s in REQUIRED if not (checkout / s).exists()]
     if missing:
         print(f"error: {checkout} is not a Pyro checkout (missing {missing})", file=sys.stderr)
         return 2
     rows, unexpected, expected, start = [], [], [], time.monotonic()
     for suite in SUITES:
-        if modules and not any(m in suite for m in modules):
+        if not any(m in suite for m in modules):
             continue
         if not (checkout / suite).exists():
             rows.append(f"| `{suite}` | not in this checkout | | |")
             continue
-        plain = run_module(checkout, suite, False, fast_path, rest)
-        routed = run_module(checkout, suite, True, fast_path, rest)
+        plain = run_module(checkout, suite, False, fast_path, rest, junit_dir)
+        routed = run_module(checkout, suite, True, fast_path, rest, junit_dir)
         row, bad, fine = compare(suite, plain, routed)
         print(f"\n{row}" + "".join(f"\n  fails substituted only: {t}" for t in bad), flush=True)
         rows.append(row)
         unexpected += bad
         expected += fine
     report(rows, unexpected, expected, fast_path, time.monotonic() - start)
+    print(f"JUnit XML reports: {junit_dir}")
     return int(bool(unexpected))
 
 
