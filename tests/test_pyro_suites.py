@@ -16,6 +16,7 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="py
 <testcase classname="tests.infer.test_x" name="test_d"><skipped type="pytest.skip" /></testcase>
 <testcase classname="tests.infer.test_x" name="test_e"><skipped type="pytest.xfail" /></testcase>
 <testcase classname="tests.infer.test_x" name="test_particle_gradient[reparam]" />
+<testcase classname="tests.infer.test_x" name="test_f[RoutedAsTraceGraph_ELBO-1]" />
 </testsuite></testsuites>"""
 
 
@@ -30,6 +31,7 @@ def test_outcomes_count_errors_as_failures(tmp_path):
         "tests.infer.test_x::test_d": "skipped",
         "tests.infer.test_x::test_e": "xfailed",
         "tests.infer.test_x::test_particle_gradient[reparam]": "passed",
+        "tests.infer.test_x::test_f[TraceGraph_ELBO-1]": "passed",  # the plain run's id
     }
 
 
