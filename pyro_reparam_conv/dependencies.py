@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from pyro.distributions.score_parts import ScoreParts
-from pyro.ops.provenance import extract_provenance, track_provenance
+from pyro.ops.provenance import detach_provenance, extract_provenance, track_provenance
 from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
 
@@ -44,6 +44,7 @@ __all__ = [
     "prior_dependencies",
     "signature",
     "term_dependencies",
+    "untag_values",
     "with_escapes",
 ]
 
@@ -56,7 +57,9 @@ class TagLatents(Messenger):
     """Hands the code a provenance-tagged copy of every latent value (after the trace has
     recorded the untagged value). With an ``analysis`` (:class:`~.sparsity.Analysis`), also
     records the sampling order of ``role``'s program and, in the model, starts following
-    the elements of the latent maps that ``sources()`` names."""
+    the elements of the latent maps that ``sources()`` names. A parameter's initial value
+    computed from tagged values (an autoguide that initializes its parameters from a prior,
+    lazily) enters the param store without provenance."""
 
     def __init__(self, analysis=None, role: str = "guide", sources=lambda: ()) -> None:
         super().__init__()
@@ -76,6 +79,20 @@ class TagLatents(Messenger):
             msg["value"] = track_provenance(msg["value"], frozenset({msg["name"]}))
             if analysis is not None and self.role == "model" and msg["name"] in self.sources():
                 analysis.add_source(msg["name"], msg["value"])
+
+    def _pyro_param(self, msg: dict) -> None:
+        msg["args"] = tuple(detach_provenance(a) if isinstance(a, torch.Tensor) else a
+                            for a in msg["args"])  # fmt: skip
+
+
+def untag_values(*traces: Trace) -> None:
+    """Gives every latent site of ``traces`` back the value its distribution returned, in
+    place. Needed where a trace recorded the value after :class:`TagLatents` tagged it: an
+    effect-based guide (``GuideMessenger``) records its traces inside the handlers around it."""
+    for trace in traces:
+        for site in trace.nodes.values():
+            if is_latent(site):
+                site["value"] = extract_provenance(site["value"])[0]
 
 
 def with_escapes(found: dict, escapes, order: Mapping[str, list], role_of=None) -> dict:

@@ -13,13 +13,21 @@ Fast path (``fast_path=True``, the default): for a pathwise site whose model pri
 latent site with a closed-form ``KL(q || p)`` and whose prior parameters depend on no
 latent value, ``log p(z) - log q(z)`` is replaced in both the loss and the surrogate by
 ``-KL(q || p)`` (scaled and masked as the site is), as in Pyro's ``TraceMeanField_ELBO``:
-the same expectation and expected gradient, less variance. The loss then equals
-``TraceMeanField_ELBO``'s rather than ``Trace_ELBO``'s; ``fast_path=False`` restores the
-plain Monte Carlo terms. Whether a prior depends on latents is read from provenance
-(:mod:`pyro_reparam_conv.dependencies`); with ``dependency_tracking="order"`` that
-information is missing and the fast path stays off. The fast path also computes with the
-kernels of :mod:`pyro_reparam_conv.kernels` (``RoutedELBO.kernels``), which equal Pyro's
-own functions. ``Route.analytic_kl`` and ``Route.reason`` say, per site, whether and why (not).
+the same expectation and expected gradient, and less variance where that term's own noise
+dominates (a guide far from the posterior); near the exact posterior the Monte Carlo terms
+cancel the likelihood's noise and vary less. With at least ``MEASURE_PARTICLES`` vectorized
+particles the ELBO measures which varies less, once per trace structure on a separate draw
+(:func:`~.analytic_kl.measure_kl`), and keeps the Monte Carlo terms where they
+win. The loss then equals ``TraceMeanField_ELBO``'s rather than ``Trace_ELBO``'s;
+``fast_path=False`` restores the plain Monte Carlo terms. Whether a prior depends on
+latents is read from provenance (:mod:`pyro_reparam_conv.dependencies`); with
+``dependency_tracking="order"`` that information is missing and the fast path stays off.
+The fast path also computes with the kernels of :mod:`pyro_reparam_conv.kernels`
+(``RoutedELBO.kernels``), which equal Pyro's own functions. ``Route.analytic_kl`` and
+``Route.reason`` say, per site, whether and why (not).
+
+An effect-based guide (``GuideMessenger``, e.g. ``AutoNormalMessenger``) runs the model
+itself; its traces are the pair it records, as in Pyro's ``get_importance_trace``.
 
 Each particle is one pure pass (:meth:`RoutedELBO.site_terms` returns its traces, routes and
 site-term table); the only state across steps is the decaying-average baselines
@@ -39,6 +47,7 @@ import torch
 from pyro.infer import ELBO
 from pyro.infer.util import is_validation_enabled, torch_backward, torch_item
 from pyro.poutine import Trace
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match
 
@@ -49,9 +58,10 @@ from .dependencies import (
     prior_dependencies,
     signature,
     term_dependencies,
+    untag_values,
     with_escapes,
 )
-from .analytic_kl import plan_kl
+from .analytic_kl import MEASURE_PARTICLES, measure_kl, plan_kl
 from .baselines import DecayingAverages, normalize_kind, score_surrogate
 from .evaluations import SideBySideError, side_by_side_mismatch
 from .kernels import FAST, REFERENCE, Kernels
@@ -75,13 +85,29 @@ class NonFiniteLossError(ValueError):
         super().__init__(f"ELBO loss is {loss}; non-finite log-density at: {where}")
 
 
+def effect_guide(guide) -> Optional[Messenger]:
+    """The effect-based guide behind ``guide`` (a :class:`~pyro.poutine.guide.GuideMessenger`
+    such as ``AutoNormalMessenger``, under any handlers), or ``None`` for a plain callable.
+    Such a guide runs the model itself and records both traces (Pyro's ``get_traces``)."""
+    unwrapped = poutine.unwrap(guide)
+    return unwrapped if isinstance(unwrapped, Messenger) else None
+
+
 def _traces(model, guide, args, kwargs, max_plate_nesting) -> tuple[Trace, Trace, Trace]:
-    """The first half of Pyro's ``get_importance_trace("flat", ...)``: guide and replayed
-    model traced, checked against each other, subsample sites pruned (no log-densities yet);
-    and the guide's subsample sites alone (the indices its plates drew)."""
-    guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
-    replayed = poutine.replay(model, trace=guide_trace)
-    model_trace = poutine.trace(replayed, graph_type="flat").get_trace(*args, **kwargs)
+    """The first half of Pyro's ``get_importance_trace("flat", ...)``: guide and model traces
+    (the guide traced and the model replayed on it, or, for an effect-based guide, the pair
+    the guide records, as Pyro takes it), checked against each other, subsample sites pruned
+    (no log-densities yet); and the guide's subsample sites alone (the indices its plates
+    drew)."""
+    messenger = effect_guide(guide)
+    if messenger is not None:
+        guide(*args, **kwargs)  # the handlers around it (routing, provenance) apply
+        model_trace, guide_trace = messenger.get_traces()
+        untag_values(model_trace, guide_trace)
+    else:
+        guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
+        replayed = poutine.replay(model, trace=guide_trace)
+        model_trace = poutine.trace(replayed, graph_type="flat").get_trace(*args, **kwargs)
     if is_validation_enabled():
         check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
         check_if_enumerated(guide_trace)
@@ -157,7 +183,7 @@ def _dependencies(analysis, cached, model_trace, guide_trace, plans, untracked):
 
 def _particle_terms(
     program, model_trace, guide_trace, plans, cached, analysis, *, kernels, fast_path, nesting,
-    verify, untracked,
+    verify, untracked, measured=None,
 ) -> tuple[ParticleTerms, Optional[Dependencies]]:  # fmt: skip
     """One particle's site-term table from its traces (their log-densities computed here),
     and the dependencies found on a tracked step (``None`` otherwise).
@@ -167,12 +193,13 @@ def _particle_terms(
     ``cached`` the dependencies of this trace structure from an earlier tracked step, if
     any; ``analysis`` the tracked step's :class:`~.sparsity.Analysis` (``None``: untracked);
     ``verify`` the guide's subsample sites when the values side by side are to be checked;
-    ``untracked`` what a route says when no dependencies are known."""
+    ``untracked`` what a route says when no dependencies are known; ``measured`` the sites
+    whose analytic KL was measured to add variance (:func:`~.analytic_kl.measure_kl`)."""
     track = analysis is not None
     priors = _tracked(analysis, model_trace) if track else cached and cached.priors
     kl: Mapping[str, Any] = {}
     if fast_path:
-        kl, plans = plan_kl(model_trace, guide_trace, plans, priors, kernels)
+        kl, plans = plan_kl(model_trace, guide_trace, plans, priors, kernels, measured or {})
     keep = track or may_need_costs(guide_trace, plans)
     if cached is not None:  # element-level costs: their per-element terms, once
         precompute(model_trace, guide_trace, _local(cached.footprints))
@@ -202,9 +229,19 @@ class _AttemptFailed(Exception):
 class RoutedELBO(ELBO):
     """Drop-in replacement for :class:`~pyro.infer.Trace_ELBO` with per-site estimator routing.
 
+    The arguments up to ``tail_adaptive_beta`` are :class:`~pyro.infer.ELBO`'s, in its order
+    and with its meaning; the routing options after them are keyword-only.
+
     :param num_particles: particles per estimate.
     :param max_plate_nesting: as for :class:`~pyro.infer.ELBO`.
+    :param max_iarange_nesting: Pyro's deprecated alias of ``max_plate_nesting`` (Pyro warns).
     :param vectorize_particles: draw all particles in one vectorized pass.
+    :param strict_enumeration_warning, ignore_jit_warnings, retain_graph: as for
+        :class:`~pyro.infer.ELBO`.
+    :param jit_options, tail_adaptive_beta: accepted and stored as ``Trace_ELBO`` accepts them,
+        and, as there, without effect: there is no JIT-compiled ``RoutedELBO``
+        (``JitTrace_ELBO``'s options do nothing here; the loss is computed eagerly) and the
+        tail-adaptive exponent belongs to ``TraceTailAdaptive_ELBO``.
     :param baseline: default baseline of score-routed sites: ``"auto"`` (leave-one-out with
         several particles, decaying average with one), ``"leave_one_out"``/``"loo"``,
         ``"decaying_avg"``/``"avg"``, or ``None`` for none. Sites override it through
@@ -229,11 +266,15 @@ class RoutedELBO(ELBO):
         self,
         num_particles: int = 1,
         max_plate_nesting: float = float("inf"),
+        max_iarange_nesting: Optional[float] = None,
         vectorize_particles: bool = False,
-        baseline: Optional[str] = "auto",
         strict_enumeration_warning: bool = True,
         ignore_jit_warnings: bool = False,
+        jit_options: Optional[dict] = None,
         retain_graph: Optional[bool] = None,
+        tail_adaptive_beta: float = -1.0,
+        *,
+        baseline: Optional[str] = "auto",
         dependency_tracking: str = "cached",
         fast_path: bool = True,
         max_enumerate: int = RoutingOptions.max_enumerate,
@@ -243,10 +284,13 @@ class RoutedELBO(ELBO):
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
+            max_iarange_nesting=max_iarange_nesting,
             vectorize_particles=vectorize_particles,
             strict_enumeration_warning=strict_enumeration_warning,
             ignore_jit_warnings=ignore_jit_warnings,
+            jit_options=jit_options,
             retain_graph=retain_graph,
+            tail_adaptive_beta=tail_adaptive_beta,
         )
         self.baseline = normalize_kind(baseline)
         if self.baseline == "leave_one_out" and num_particles < 2:
@@ -358,7 +402,7 @@ class RoutedELBO(ELBO):
                 (model, guide, args, kwargs), model_trace, guide_trace, router.plans, cached,
                 analysis, kernels=self.kernels if self.fast_path else REFERENCE,
                 fast_path=self.fast_path, nesting=nesting, verify=subsamples if verify else None,
-                untracked=learned.dependencies.why_unknown,
+                untracked=learned.dependencies.why_unknown, measured=learned.kl_measured.get(key),
             )  # fmt: skip
         except PlateNestingNeeded:
             raise
@@ -369,7 +413,35 @@ class RoutedELBO(ELBO):
             learned.dependencies.store(key, found if analysis.reusable else None)
         if verify:
             learned.verified.add(key)
+        if self._should_measure(key, particle.routes, router.dims):
+            learned.kl_measured[key] = self._measure_kl(model, guide, args, kwargs, particle)
+            if learned.kl_measured[key]:  # fresh draws, independent of the measurement
+                return self._attempt(model, guide, args, kwargs)
         return particle
+
+    def _should_measure(self, key, routes, dims) -> bool:
+        """Whether this structure's analytic KL sites are to be measured now: once per
+        structure, with enough vectorized particles and no values side by side."""
+        return (
+            key not in self._learned.kl_measured and self.vectorize_particles and not dims
+            and self.num_particles >= MEASURE_PARTICLES
+            and any(r.analytic_kl for r in routes.values())
+        )  # fmt: skip
+
+    def _measure_kl(self, model, guide, args, kwargs, particle: ParticleTerms) -> dict[str, str]:
+        """The analytic-KL sites of ``particle`` whose Monte Carlo terms give the ELBO less
+        variance, measured on a separate vectorized draw of all particles."""
+        options = self._learned.routing_options(self.options.max_enumerate)
+        router = RouteMessenger(self.default_baseline, options, -1 - int(self.max_plate_nesting))
+        nesting = self.max_plate_nesting
+        with torch.no_grad():
+            model_trace, guide_trace, _ = _traces(model, router(guide), args, kwargs, nesting)
+            model_trace.compute_log_prob()
+            guide_trace.compute_log_prob()
+        sites = [name for name, r in particle.routes.items() if r.analytic_kl]
+        return measure_kl(
+            model_trace, guide_trace, sites, -int(nesting), self.num_particles, self.kernels
+        )
 
     def _get_trace(self, model, guide, args, kwargs) -> tuple[Trace, Trace]:
         """Pyro's per-particle hook (for code that walks an ELBO's traces): one particle's

@@ -6,7 +6,9 @@
 - ``avoid``: per site, the estimators found not to work for it, with why (its values side
   by side fail), which routing then skips;
 - ``fold``: whether values side by side pass the model's convolutions folded
-  (:mod:`.folding`).
+  (:mod:`.folding`);
+- ``kl_measured``: per structure key, the analytic-KL sites measured to give the ELBO more
+  variance than their Monte Carlo terms (:func:`~.analytic_kl.measure_kl`).
 
 Only ``avoid`` changes what a later step computes in a way the next tracked step cannot find
 again by itself, so :meth:`Learned.state_dict` saves it (checkpoints); the rest is derived
@@ -33,6 +35,7 @@ class Learned:
         self.verified: set[tuple] = set()
         self.avoid: dict[str, dict[str, str]] = {}  # site -> {estimator: why not}
         self.fold = False
+        self.kl_measured: dict[tuple, dict[str, str]] = {}  # structure -> {site: why no KL}
 
     def routing_options(self, max_enumerate: int) -> RoutingOptions:
         return RoutingOptions(max_enumerate, self.avoid)

@@ -470,3 +470,54 @@ def test_seed_workload_equals_pyro_on_the_same_draws(fast_path, reference, valid
             for k in expected[2]:
                 torch.testing.assert_close(got[2][k], expected[2][k], rtol=1e-5, atol=1e-6)
     assert elbo.routes["z"].analytic_kl == fast_path
+
+
+# ------------------------------------------------- measured: KL only where it lowers variance
+def conjugate_model(x):
+    mu = param("mu", 0.3)
+    z = pyro.sample("z", dist.Normal(mu, 1.0))
+    pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def exact_posterior_guide(x):
+    """q equal to the posterior of conjugate_model, built from the model's own param (as
+    Pyro's test_beta_binomial_elbo does): log p(x, z) - log q(z) = log p(x) for every z."""
+    mu = pyro.param("mu")
+    pyro.sample("z", dist.Normal((mu + x) / 2, math.sqrt(0.5)))
+
+
+VECTORIZED = dict(num_particles=200, vectorize_particles=True, max_plate_nesting=0)
+
+
+def test_exact_posterior_guide_keeps_the_zero_variance_monte_carlo_terms():
+    for seed in range(3):
+        pyro.set_rng_seed(seed)
+        param("mu", 0.3)
+        elbo = RoutedELBO(**VECTORIZED)
+        loss = elbo.differentiable_loss(conjugate_model, exact_posterior_guide, X)
+        route = elbo.routes["z"]
+        assert not route.analytic_kl and "measured" in route.reason, route.reason
+        mu = pyro.param("mu")
+        log_evidence = dist.Normal(mu, math.sqrt(2.0)).log_prob(X)
+        assert torch.allclose(loss, -log_evidence, atol=1e-5)
+        (grad,) = torch.autograd.grad(
+            loss, [pyro.get_param_store().get_param("mu").unconstrained()]
+        )
+        assert torch.allclose(grad, -(X - mu) / 2, atol=1e-5)  # every draw: no variance
+
+
+def test_far_from_the_posterior_the_analytic_kl_is_measured_to_win():
+    pyro.param("log_s", torch.tensor(FAR_LOG_S))
+    pyro.param("m", torch.tensor(FAR_M))
+    pyro.set_rng_seed(0)
+    elbo = RoutedELBO(**VECTORIZED)
+    elbo.loss(gaussian_model, gaussian_guide, X)
+    assert elbo.routes["z"].analytic_kl
+    assert "measured" not in elbo.routes["z"].reason
+
+
+def test_few_particles_are_not_measured():
+    elbo = RoutedELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=0)
+    param("mu", 0.3)
+    elbo.loss(conjugate_model, exact_posterior_guide, X)
+    assert elbo.routes["z"].analytic_kl

@@ -1,21 +1,25 @@
-"""Run Pyro's own ELBO test modules with ``RoutedELBO`` in place of ``Trace_ELBO`` and
-``TraceGraph_ELBO``.
+"""Run Pyro's own test modules twice, with Pyro's ELBOs and with ``RoutedELBO`` in place of
+``Trace_ELBO`` and ``TraceGraph_ELBO``, and report per module the tests that fail only
+substituted.
 
 Usage (the checkout is a pyro-ppl/pyro source tree of the installed version, e.g. 1.9.2;
 nothing is fetched here)::
 
-    .venv/bin/python tools/pyro_suites.py PATH/TO/pyro [--fast-path {on,off}] [PYTEST ARGS...]
+    .venv/bin/python tools/pyro_suites.py PATH/TO/pyro [--fast-path {on,off}]
+        [--modules SUBSTRING,...] [--junit-dir DIR] [PYTEST ARGS...]
 
-It runs pytest inside the checkout (Pyro's ``setup.cfg``: warnings are errors, float64)
-on ``tests/infer/test_valid_models.py``, ``tests/infer/test_gradient.py``, the
-``Trace_ELBO`` / ``TraceGraph_ELBO`` cases of ``tests/infer/test_inference.py`` and
-``tests/integration_tests/test_tracegraph_elbo.py``, with this file loaded as a pytest
-plugin: before collection it replaces ``pyro.infer.Trace_ELBO`` and
-``pyro.infer.TraceGraph_ELBO`` by two subclasses of :class:`RoutedELBO` (default options,
-or ``fast_path=False`` with ``--fast-path off``), so every test that names either ELBO
-runs ``RoutedELBO`` instead. Pyro's other ELBOs (``TraceEnum_ELBO``, the Jit ELBOs,
-``TraceMeanField_ELBO``, ...) are untouched. Expected differences, by design, are listed
-in :data:`EXPECTED` with the reason and reported separately.
+Each module of :data:`SUITES` that the checkout has runs in pytest inside the checkout
+(Pyro's ``setup.cfg``: warnings are errors, float64) once plainly and once with this file
+loaded as a pytest plugin: before collection it replaces ``pyro.infer.Trace_ELBO`` and
+``pyro.infer.TraceGraph_ELBO`` by two subclasses of :class:`RoutedELBO` (default options, or
+``fast_path=False`` with ``--fast-path off``), so every test that names either ELBO runs
+``RoutedELBO`` instead. Pyro's other ELBOs (``TraceEnum_ELBO``, the Jit ELBOs,
+``TraceMeanField_ELBO``, ...) are untouched. The table gives, per module, passed / failed
+(errors included) plainly and substituted, and the number that matters: tests that fail
+substituted but pass with Pyro's own ELBOs, named below it. Failures of plain Pyro in the
+same environment (missing optional packages such as funsor) are not RoutedELBO's. Expected
+differences, by design, are listed in :data:`EXPECTED` with the reason and do not count
+towards the exit status (1 if any other test fails substituted only).
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pyro.infer
@@ -33,17 +40,24 @@ sys.path.insert(0, str(ROOT))
 
 from pyro_reparam_conv import RoutedELBO  # noqa: E402
 
-SUITES = [
-    "tests/infer/test_valid_models.py",
-    "tests/infer/test_gradient.py",
-    "tests/infer/test_inference.py",
-    "tests/integration_tests/test_tracegraph_elbo.py",
-]
 # test_inference.py: only the tests that use Trace_ELBO / TraceGraph_ELBO
 INFERENCE_SELECTION = (
     "elbo_reparameterized or elbo_nonreparameterized or exponential_gamma or "
     "TestFixedModelGuide or duplicate or extra_samples or reparam_stable"
 )
+#: module -> its ``-k`` selection (``None``: all of it). The first four must exist.
+SUITES = {
+    "tests/infer/test_valid_models.py": None,
+    "tests/infer/test_gradient.py": None,
+    "tests/infer/test_inference.py": INFERENCE_SELECTION,
+    "tests/integration_tests/test_tracegraph_elbo.py": None,
+    "tests/infer/test_autoguide.py": None,
+    "tests/infer/test_predictive.py": None,
+    "tests/infer/test_svi.py": None,  # not in Pyro 1.9 (reported as absent)
+    "tests/infer/test_elbo_mapdata.py": None,
+    "tests/infer/reparam/test_conjugate.py": None,
+}
+REQUIRED = list(SUITES)[:4]
 
 #: test id substring -> why RoutedELBO differs by design (reported, not counted as failures)
 EXPECTED = {
@@ -76,33 +90,113 @@ def pytest_configure(config) -> None:  # pytest plugin hook: runs before collect
     pyro.infer.TraceGraph_ELBO = RoutedAsTraceGraph_ELBO
 
 
+def outcomes(junit_xml: Path) -> dict[str, str]:
+    """Test id -> ``"passed"``, ``"failed"`` (errors included), ``"skipped"`` or
+    ``"xfailed"``, read from pytest's JUnit XML report. Ids are those of the plain run: a
+    test parametrized by the ELBO class is named after the class, ``RoutedAsTrace_ELBO``
+    when substituted, ``Trace_ELBO`` here."""
+    results: dict[str, str] = {}
+    for case in ET.parse(junit_xml).getroot().iter("testcase"):
+        name = case.get("name", "").replace(RoutedAsTrace_ELBO.__name__, "Trace_ELBO")
+        name = name.replace(RoutedAsTraceGraph_ELBO.__name__, "TraceGraph_ELBO")
+        test = f"{case.get('classname')}::{name}"
+        tags = {child.tag: child for child in case}
+        if "failure" in tags or "error" in tags:
+            results[test] = "failed"
+        elif "skipped" in tags:
+            xfail = tags["skipped"].get("type") == "pytest.xfail"
+            results[test] = "xfailed" if xfail else "skipped"
+        else:
+            results[test] = "passed"
+    return results
+
+
+def run_module(checkout: Path, suite: str, substituted: bool, fast_path: str, rest,
+               junit_dir: Path) -> dict:  # fmt: skip
+    """One pytest run of ``suite`` in ``checkout`` (``substituted``: with this plugin);
+    its outcomes per test (the JUnit XML report is left in ``junit_dir``)."""
+    select = ["-k", SUITES[suite]] if SUITES[suite] else []
+    plugin = ["-p", "pyro_suites"] if substituted else []
+    env = dict(os.environ, ROUTED_FAST_PATH=fast_path, PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).resolve().parent), str(ROOT), str(checkout)]))  # fmt: skip
+    kind = "substituted" if substituted else "plain"
+    report = junit_dir / f"{kind}-{suite.replace('/', '.')}.xml"
+    report.unlink(missing_ok=True)  # a report left by an earlier run is not this run's
+    cmd = [sys.executable, "-m", "pytest", *plugin, "-q", "--tb=no", "-p", "no:cacheprovider",
+           f"--junitxml={report}", suite, *select, *rest]  # fmt: skip
+    shown = " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
+    label = f"substituted, fast_path={fast_path}" if substituted else "Pyro's own ELBOs"
+    print(f"\n$ (cd {checkout} && {shown})  # {label}", flush=True)
+    subprocess.run(cmd, cwd=checkout, env=env, check=False)
+    return outcomes(report) if report.exists() else {}
+
+
+def count(results: dict[str, str], outcome: str) -> int:
+    return sum(1 for o in results.values() if o == outcome)
+
+
+def expected_why(test: str):
+    return next((why for key, why in EXPECTED.items() if key in test), None)
+
+
+def compare(suite: str, plain: dict, routed: dict) -> tuple[str, list[str], list[str]]:
+    """The module's table row; the tests failing substituted only, unexpected and expected."""
+    only = sorted(t for t, o in routed.items() if o == "failed" and plain.get(t) == "passed")
+    expected = [t for t in only if expected_why(t)]
+    unexpected = [t for t in only if not expected_why(t)]
+
+    def cell(r):
+        extra = ", ".join(f"{count(r, o)} {o}" for o in ("xfailed", "skipped") if count(r, o))
+        return f"{count(r, 'passed')} / {count(r, 'failed')}" + (f" ({extra})" if extra else "")
+
+    shown = f"{len(unexpected)}" + (f" (+{len(expected)} by design)" if expected else "")
+    row = f"| `{suite}` | {cell(plain)} | {cell(routed)} | {shown} |"
+    return row, unexpected, expected
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0].startswith("-"):
         print(__doc__, file=sys.stderr)
         return 2
     checkout, rest = Path(argv[0]).resolve(), argv[1:]
-    fast_path = "on"
-    if rest[:1] == ["--fast-path"]:
-        fast_path, rest = rest[1], rest[2:]
-    missing = [s for s in SUITES if not (checkout / s).exists()]
+    options = {"--fast-path": "on", "--modules": "", "--junit-dir": ""}
+    while rest[:1] and rest[0] in options:
+        options[rest[0]], rest = rest[1], rest[2:]
+    fast_path, modules = options["--fast-path"], options["--modules"].split(",")
+    junit_dir = Path(options["--junit-dir"] or tempfile.mkdtemp(prefix="pyro_suites-"))
+    junit_dir.mkdir(parents=True, exist_ok=True)
+    missing = [s for s in REQUIRED if not (checkout / s).exists()]
     if missing:
         print(f"error: {checkout} is not a Pyro checkout (missing {missing})", file=sys.stderr)
         return 2
-    env = dict(os.environ, ROUTED_FAST_PATH=fast_path, PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).resolve().parent), str(ROOT), str(checkout)]))  # fmt: skip
-    total = 0
+    rows, unexpected, expected, start = [], [], [], time.monotonic()
     for suite in SUITES:
-        select = ["-k", INFERENCE_SELECTION] if suite.endswith("test_inference.py") else []
-        cmd = [sys.executable, "-m", "pytest", "-p", "pyro_suites", "-q", "-rfE", "-p",
-               "no:cacheprovider", suite, *select, *rest]  # fmt: skip
-        shown = " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
-        print(f"\n$ (cd {checkout} && {shown})  # fast_path={fast_path}", flush=True)
-        result = subprocess.run(cmd, cwd=checkout, env=env)
-        total = total or (result.returncode not in (0, 5))
-    print("\nexpected differences (by design):")
-    for test, why in EXPECTED.items():
-        print(f"  {test}: {why}")
-    return int(total)
+        if not any(m in suite for m in modules):
+            continue
+        if not (checkout / suite).exists():
+            rows.append(f"| `{suite}` | not in this checkout | | |")
+            continue
+        plain = run_module(checkout, suite, False, fast_path, rest, junit_dir)
+        routed = run_module(checkout, suite, True, fast_path, rest, junit_dir)
+        row, bad, fine = compare(suite, plain, routed)
+        print(f"\n{row}" + "".join(f"\n  fails substituted only: {t}" for t in bad), flush=True)
+        rows.append(row)
+        unexpected += bad
+        expected += fine
+    report(rows, unexpected, expected, fast_path, time.monotonic() - start)
+    print(f"JUnit XML reports: {junit_dir}")
+    return int(bool(unexpected))
+
+
+def report(rows, unexpected, expected, fast_path, seconds) -> None:
+    print(f"\nfast_path={fast_path}; passed / failed (errors included); {seconds:.0f} s\n")
+    print("| module | Pyro's ELBOs | RoutedELBO substituted | fail substituted only |")
+    print("|---|---|---|---|")
+    print("\n".join(rows))
+    print("\nfailing substituted only, passing with Pyro's ELBOs:")
+    print("\n".join(f"  {test}" for test in unexpected) or "  (none)")
+    print("expected differences (by design):")
+    print("\n".join(f"  {test}: {expected_why(test)}" for test in expected) or "  (none)")
 
 
 if __name__ == "__main__":
