@@ -61,6 +61,7 @@ from .locality import Footprint, cost_level, plan_footprints, precompute
 from .routing import PlateNestingNeeded, Route, RouteMessenger, RoutingOptions, SitePlan
 from .sparsity import Analysis
 from .terms import ParticleTerms, add_terms, may_need_costs, particle_terms
+from .weight_layers import WeightLayers, WeightUse
 
 __all__ = ["NonFiniteLossError", "RoutedELBO", "SideBySideError"]
 
@@ -308,6 +309,9 @@ class RoutedELBO(ELBO):
                 tried["nesting"] = None
                 self._guess_plate_nesting(model, guide, args, kwargs)
             except _AttemptFailed as failed:
+                if isinstance(failed.error, WeightUse):  # its layers stay plain from now on
+                    self._learned.layers[failed.error.site] = failed.error.reason
+                    continue
                 try:
                     retry = self._learned.remedy(failed.error, failed.plans, tried)
                 except Exception:  # a requested estimator that cannot work: how to fix it
@@ -325,7 +329,10 @@ class RoutedELBO(ELBO):
         first_dim = None if nesting == float("inf") else -1 - int(nesting)
         options = learned.routing_options(self.options.max_enumerate)
         router = RouteMessenger(self.default_baseline, options, first_dim)
-        traced_model, traced_guide = model, router(guide)
+        layers = learned.layers
+        skip = {name: why for name, why in layers.items() if why is not None}
+        weights = WeightLayers(lambda: router.plans, lambda name: name not in layers, skip)
+        traced_model, traced_guide = weights(model), weights.guide()(router(guide))
         analysis = Analysis() if track else None
         if track:
 
@@ -333,7 +340,7 @@ class RoutedELBO(ELBO):
                 return {n for n, p in router.plans.items() if p.estimator.element_costs}
 
             traced_guide = TagLatents(analysis, "guide")(traced_guide)
-            traced_model = TagLatents(analysis, "model", sources)(model)
+            traced_model = TagLatents(analysis, "model", sources)(traced_model)
         try:
             fold = FoldLeadingDims() if learned.fold else contextlib.nullcontext()
             with analysis if track else contextlib.nullcontext(), fold:
@@ -343,8 +350,9 @@ class RoutedELBO(ELBO):
             key = (signature(model_trace, guide_trace, router.routes), arguments)
             cached = None if track else learned.dependencies.lookup(key)
             verify = bool(router.dims) and (track or key not in learned.verified)
+            plans = learned.layer_decisions(router.plans, weights) if weights.fns else router.plans
             particle, found = _particle_terms(
-                (model, guide, args, kwargs), model_trace, guide_trace, router.plans, cached,
+                (model, guide, args, kwargs), model_trace, guide_trace, plans, cached,
                 analysis, kernels=self.kernels if self.fast_path else REFERENCE,
                 fast_path=self.fast_path, nesting=nesting, verify=subsamples if verify else None,
                 untracked=learned.dependencies.why_unknown,

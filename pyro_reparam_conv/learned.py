@@ -6,7 +6,10 @@
 - ``avoid``: per site, the estimators found not to work for it, with why (its values side
   by side fail), which routing then skips;
 - ``fold``: whether values side by side pass the model's convolutions folded
-  (:mod:`.folding`).
+  (:mod:`.folding`);
+- ``layers``: per weight site routed to flipout or local reparameterization and seen by a
+  step, ``None`` when its value was used only as one layer call's weight (its layers are
+  rewritten from then on), else why it stays a plain draw (:mod:`.weight_layers`).
 
 Only ``avoid`` changes what a later step computes in a way the next tracked step cannot find
 again by itself, so :meth:`Learned.state_dict` saves it (checkpoints); the rest is derived
@@ -16,11 +19,12 @@ again. :meth:`Learned.remedy` makes, for a failed particle, the next change to r
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from .dependencies import DependencyCache
 from .estimators.base import RoutingOptions
 from .evaluations import avoid_after_failure
+from .weight_layers import verdict
 
 __all__ = ["Learned"]
 
@@ -33,6 +37,24 @@ class Learned:
         self.verified: set[tuple] = set()
         self.avoid: dict[str, dict[str, str]] = {}  # site -> {estimator: why not}
         self.fold = False
+        self.layers: dict[str, Optional[str]] = {}
+
+    def layer_decisions(self, plans, weights) -> dict:
+        """``plans`` with each weight site's layer decision of this step
+        (:class:`~.weight_layers.WeightLayers` ``weights``); what the watched sites showed is
+        learned."""
+        decided = dict(plans)
+        for name in weights.fns:
+            if name in weights.watched:
+                found = verdict(weights.other.get(name), weights.layer_calls.get(name, 0))
+                self.layers[name] = found
+                text = found or "plain weight draw on its first step, while its uses are checked"
+            elif self.layers.get(name) is not None:
+                text = self.layers[name]
+            else:
+                text = weights.rewritten.get(name) or verdict(None, 0)
+            decided[name] = plans[name].decided(layers=text)
+        return decided
 
     def routing_options(self, max_enumerate: int) -> RoutingOptions:
         return RoutingOptions(max_enumerate, self.avoid)

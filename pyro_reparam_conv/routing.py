@@ -79,7 +79,9 @@ class Route:
     """The estimator a guide site gets and why, for users (``elbo.routes``).
 
     ``because``: why the estimator (routing's choice); ``kl``, ``costs``: the decisions
-    made after routing (:class:`KLDecision`, :class:`CostLevel`); ``escaped``: how the
+    made after routing (:class:`KLDecision`, :class:`CostLevel`; ``layers``: for a weight
+    site routed to flipout or local reparameterization, whether its layers were rewritten
+    this step or why it was a plain draw); ``escaped``: how the
     site's value left the tensor graph, if it did (its cost then counts every term after
     that point in sampling order). ``reason`` renders them all; ``baseline`` describes its
     baseline, if it has one."""
@@ -93,6 +95,7 @@ class Route:
     kl: Optional[KLDecision] = None
     costs: Optional[CostLevel] = None
     escaped: Optional[str] = None
+    layers: Optional[str] = None  # a weight site's layers: rewritten, or why a plain draw
 
     @property
     def analytic_kl(self) -> bool:
@@ -101,6 +104,8 @@ class Route:
     @property
     def reason(self) -> str:
         parts = [self.because, *(str(d) for d in (self.kl, self.costs) if d is not None)]
+        if self.layers is not None:
+            parts.append(self.layers)
         if self.escaped is not None:
             parts.append(
                 f"its value leaves the tensor graph ({self.escaped}): its cost counts every "
@@ -125,7 +130,7 @@ class SitePlan:
     baseline: Optional[BaselineSpec] = None
 
     def decided(self, **changes) -> "SitePlan":
-        """The plan with its route's decisions (``kl``, ``costs``, ``escaped``) set."""
+        """The plan with its route's decisions (``kl``, ``costs``, ``escaped``, ``layers``) set."""
         return _copy(self, route=_copy(self.route, **changes))
 
 

@@ -51,7 +51,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
-__all__ = ["Analysis", "Escape", "RULES", "Unknown", "distribution_tensors", "source_box", "union"]
+__all__ = ["Analysis", "Escape", "NO_VALUES", "RULES", "Unknown", "distribution_tensors", "source_box", "union"]
 
 NEG = float("-inf")
 
@@ -387,6 +387,8 @@ _NO_VALUES = frozenset({
     "requires_grad", "_is_view", "is_shared", "is_pinned", "has_names", "__reduce_ex__",
     "__deepcopy__", "dim_order", "is_inference", "is_signed", "__dlpack_device__",
 })  # fmt: skip
+#: operators that read no value of a tensor (its shape, dtype, ...; hooks, printing)
+NO_VALUES = _NO_VALUES
 
 
 # --------------------------------------------------------------------------- rules

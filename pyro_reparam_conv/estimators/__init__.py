@@ -8,6 +8,8 @@
 - :mod:`.score`: score-function (REINFORCE) terms.
 - :mod:`.measure_valued`: Weibull / double-sided Maxwell differences for Normal sites
   (unbiased for costs that are not differentiable; opt-in only).
+- :mod:`.flipout`: flipout and local reparameterization for Normal weights of linear and
+  conv layers (opt-in).
 
 What the ELBO does around them lives outside this package: baselines of score-function
 terms (:mod:`pyro_reparam_conv.baselines`) and the analytic KL of the fast path
@@ -24,7 +26,7 @@ from . import pathwise, score  # noqa: F401
 from . import disarm, enumerate, gumbel  # noqa: F401
 
 # isort: split
-from . import measure_valued  # noqa: F401
+from . import flipout, measure_valued  # noqa: F401
 from .base import ESTIMATORS, Estimator, get, register, unregister
 
 __all__ = ["ESTIMATORS", "Estimator", "get", "register", "unregister"]

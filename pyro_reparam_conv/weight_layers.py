@@ -1,0 +1,208 @@
+"""The layers of weight sites routed to flipout or local reparameterization, computed per
+example while the model runs (the math: :mod:`.estimators.flipout`).
+
+:class:`WeightLayers` is a messenger around the model run that also installs a
+``TorchFunctionMode``. For every latent site whose plan's estimator rewrites layers, it
+takes the value the model receives (after :class:`~.dependencies.TagLatents`, so it wraps
+the model inside it) and watches every torch operator the model applies to that tensor,
+matched by identity:
+
+- the tensor as the ``weight`` of one call of a layer in
+  :data:`~.estimators.flipout.LAYERS`, with the shape that layer takes: the call is the
+  estimator's (:meth:`~.estimators.flipout._WeightEstimator.layer`), with the guide's ``loc``
+  and ``scale`` (recorded by :meth:`WeightLayers.guide`);
+- any other operator that reads its values (``sparsity.NO_VALUES`` lists those that do not:
+  shape, dtype, ...), or a second layer call: the per-example weights would no longer be one
+  draw of ``q`` seen by all of the model. The step cannot be trusted, so :class:`WeightUse`
+  is raised (naming the site and the operator) and the ELBO recomputes the particle with the
+  plain weight draw for that site, from then on.
+
+A site the ELBO has not yet seen runs *watched* (``check=True``): the plain draw, every use
+recorded (:attr:`WeightLayers.other`, :attr:`WeightLayers.layer_calls`), and the ELBO decides
+from those uses (:func:`verdict`) whether later steps may rewrite its layer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional
+
+import torch
+from pyro.poutine.messenger import Messenger
+from torch.overrides import TorchFunctionMode
+
+from .estimators.flipout import LAYERS
+from .routing import SitePlan, is_latent
+from .sparsity import NO_VALUES, op_name
+
+__all__ = ["NOT_A_WEIGHT", "WeightLayers", "WeightUse", "rewrites_layers", "verdict"]
+
+#: what :meth:`WeightLayers.layer` returns where the value is not the call's weight
+NOT_A_WEIGHT = object()
+
+
+class WeightUse(Exception):
+    """A weight site routed to a layer estimator was used otherwise in the model (not a
+    ``RuntimeError``: Pyro's trace re-raises those as a new exception of the same type)."""
+
+    def __init__(self, site: str, how: str) -> None:
+        self.site, self.how = site, how
+        super().__init__(f"site {site!r}: its value is used {how}")
+
+    @property
+    def reason(self) -> str:
+        return f"plain weight draw: its value is used {self.how}"
+
+
+def rewrites_layers(plan: SitePlan) -> bool:
+    return hasattr(plan.estimator, "layer")
+
+
+def verdict(other: Optional[str], calls: int) -> Optional[str]:
+    """Why a watched site must stay a plain draw (``None``: its layer may be rewritten)."""
+    if other is not None:
+        return f"plain weight draw: its value is used {other}"
+    if calls == 0:
+        return "plain weight draw: its value is used as no layer's weight"
+    return None
+
+
+def _tensors(value, found: list) -> list:
+    if isinstance(value, torch.Tensor):
+        found.append(value)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            _tensors(v, found)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _tensors(v, found)
+    return found
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, owner: "WeightLayers") -> None:
+        super().__init__()
+        self.owner = owner
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        owner = self.owner
+        if not owner.values:
+            return func(*args, **kwargs)
+        sites = [owner.values[id(t)] for t in _tensors((args, kwargs), []) if id(t) in owner.values]
+        if not sites:
+            return func(*args, **kwargs)
+        spatial = LAYERS.get(func)
+        if spatial is not None and len(sites) == 1:
+            result = owner.layer(func, spatial, sites[0], args, kwargs)
+            if result is not NOT_A_WEIGHT:
+                return result
+        name, _ = op_name(func)
+        if name not in NO_VALUES:
+            how = "besides as a layer's weight" if spatial is None else "not as its weight"
+            for site in dict.fromkeys(sites):
+                owner.used(site, f"by {name} ({how})")
+        return func(*args, **kwargs)
+
+
+class WeightLayers(Messenger):
+    """Rewrites (or, for sites in ``check``, watches) the layers of the weight sites whose
+    plans ``plans()`` (after the guide ran) route to a layer estimator; ``skip`` names the
+    sites to leave alone (those that fell back to the plain draw)."""
+
+    def __init__(
+        self, plans: Callable[[], Mapping[str, SitePlan]], check: Callable[[str], bool],
+        skip: Mapping[str, str],
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.plans, self.check, self.skip = plans, check, skip
+        self.fns: dict[str, object] = {}  # the guide's distribution per routed site
+        self.alias: dict[str, str] = {}  # a guide Delta site -> the routed site it passes on
+        self._draws: dict[int, str] = {}  # id of a routed site's value in the guide -> site
+        self.values: dict[int, str] = {}  # id of the value the model got -> site
+        self._alive: list = []  # keeps those values (and their ids) alive for the run
+        self.watched: set[str] = set()
+        self.other: dict[str, str] = {}  # site -> its first use that is no layer's weight
+        self.layer_calls: dict[str, int] = {}
+        self.rewritten: dict[str, str] = {}  # site -> the layer rewritten
+        self._mode = _Mode(self)
+
+    # --------------------------------------------------------------- the guide
+    def guide(self) -> Messenger:
+        """A messenger for the guide that records the distribution of each such site, and
+        the sites that only pass such a site's value on: a ``Delta`` whose value is that
+        very tensor (Pyro's ``AutoNormal`` samples ``name + "_unconstrained"`` and then
+        ``name`` as a ``Delta`` at its value, through the identity for a real support)."""
+        owner = self
+
+        class _Record(Messenger):
+            def _pyro_post_sample(self, msg: dict) -> None:
+                if not is_latent(msg):
+                    return
+                plan, name = owner.plans().get(msg["name"]), msg["name"]
+                if plan is not None and rewrites_layers(plan):
+                    owner.fns[name] = msg["fn"]
+                    owner._draws[id(msg["value"])] = name
+                    owner._alive.append(msg["value"])
+                    return
+                base = msg["fn"]
+                while hasattr(base, "base_dist"):
+                    base = base.base_dist
+                if id(getattr(base, "v", None)) in owner._draws:
+                    owner.alias[name] = owner._draws[id(base.v)]
+
+        return _Record()
+
+    # --------------------------------------------------------------- the model
+    def __enter__(self):  # the model starts: the guide has run
+        self._active = bool(self.fns.keys() - self.skip.keys())
+        if self._active:  # no mode (no cost per operator) when no site rewrites layers
+            self._mode.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            if self._active:
+                self._mode.__exit__(*exc)
+
+    def _pyro_post_sample(self, msg: dict) -> None:
+        name = self.alias.get(msg["name"], msg["name"])
+        if name not in self.fns or name in self.skip or not is_latent(msg):
+            return
+        if self.check(name):
+            self.watched.add(name)
+        self.values[id(msg["value"])] = name
+        self._alive.append(msg["value"])
+        self.layer_calls[name] = 0
+
+    def used(self, site: str, how: str) -> None:
+        self.other.setdefault(site, how)
+        if site not in self.watched:
+            raise WeightUse(site, how)
+
+    def layer(self, func, spatial: int, site: str, args: tuple, kwargs: dict):
+        """The layer call with ``site``'s value as its weight: rewritten, or plain for a
+        watched site; :data:`NOT_A_WEIGHT` where the value is not the call's weight (or has
+        not the shape of one: vectorized particles add leading dims)."""
+        rest = dict(kwargs)
+        x = args[0] if args else rest.pop("input", None)
+        weight = args[1] if len(args) > 1 else rest.pop("weight", None)
+        base = self.fns[site]
+        while hasattr(base, "base_dist"):
+            base = base.base_dist
+        if (
+            weight is None or weight is x or self.values.get(id(weight)) != site
+            or weight.dim() != spatial + 2 or base.loc.dim() > weight.dim()
+        ):  # fmt: skip
+            return NOT_A_WEIGHT
+        self.layer_calls[site] += 1
+        if self.layer_calls[site] > 1:
+            self.used(site, f"as the weight of a second layer call ({func.__name__})")
+        if site in self.watched or self.layer_calls[site] > 1:
+            return func(*args, **kwargs)
+        loc = base.loc.expand(weight.shape)
+        scale = base.scale.expand(weight.shape)
+        estimator = self.plans()[site].estimator
+        self.rewritten[site] = f"{estimator.name} in {func.__name__}"
+        return estimator.layer(func, spatial, x, weight, loc, scale, tuple(args[2:]), rest)

@@ -1,0 +1,208 @@
+"""Flipout and local reparameterization of Normal weights (``estimators/flipout.py``,
+``weight_layers.py``): unbiased against the plain weight draw (many draws, standard-error
+tolerance) on a small conv net and a small linear net; each example its own weight draw;
+the first step checks the weight's uses, any other use falls back to the plain draw; a clear
+error where the route does not apply; an AutoNormal guide on a PyroModule CNN."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import torch.nn.functional as F
+from exact import draw_gradients, param
+from pyro.infer import SVI
+from pyro.infer.autoguide import AutoNormal
+from pyro.nn import PyroModule, PyroSample
+
+from pyro_reparam_conv import RoutedELBO, force_estimator
+
+CONV = (2, 1, 3, 3)  # out, in, kernel
+LINEAR = (2, 3)  # out, in
+
+
+def _data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 1, 5, 5, generator=g)
+    x[1] = x[0]  # two identical examples
+    return x, torch.randn(6, 2, generator=g)
+
+
+def conv_model(x, y, seen=None):
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand(CONV).to_event(4))
+    h = torch.tanh(F.conv2d(x, w, padding=1))
+    if seen is not None:
+        seen.append(h.detach())
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Normal(h.mean((-1, -2)), 0.5).to_event(1), obs=y)
+
+
+def linear_model(x, y, seen=None):
+    v = pyro.sample("v", dist.Normal(0.0, 1.0).expand(LINEAR).to_event(2))
+    h = torch.tanh(F.linear(x.flatten(1)[:, :3], v, torch.ones(2)))
+    if seen is not None:
+        seen.append(h.detach())
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Normal(h, 0.5).to_event(1), obs=y)
+
+
+def guide_for(site: str, shape, estimator: str):
+    def guide(x, y, seen=None):
+        g = torch.Generator().manual_seed(1)
+        loc = param(f"{site}_loc", 0.5 * torch.randn(shape, generator=g))
+        log_scale = param(f"{site}_log_scale", torch.full(shape, math.log(0.6)))
+        fn = dist.Normal(loc, log_scale.exp()).to_event(len(shape))
+        pyro.sample(site, fn, infer={"estimator": estimator})
+
+    return guide
+
+
+def _gradients(model, site, shape, estimator, num_draws, seed=0):
+    pyro.clear_param_store()
+    torch.manual_seed(seed)
+    x, y = _data()
+    guide = guide_for(site, shape, estimator)
+    elbo = RoutedELBO()
+    elbo.loss(model, guide, x, y)  # the first step checks the weight's uses
+    assert elbo.routes[site].estimator == estimator
+    store = pyro.get_param_store()
+    params = {k: store[f"{site}_{k}"] for k in ("loc", "log_scale")}
+    draws = draw_gradients(elbo, model, guide, params, num_draws, x, y)
+    if estimator != "pathwise":
+        assert elbo.routes[site].layers.startswith(estimator), elbo.routes[site].reason
+    return draws
+
+
+def _assert_same_mean(draws, reference, z_max=4.5):
+    for k, d in draws.items():
+        d, r = d.double(), reference[k].double()
+        se = (d.var(0) / d.shape[0] + r.var(0) / r.shape[0]).sqrt()
+        z = (d.mean(0) - r.mean(0)).abs() / se
+        assert bool((z <= z_max).all()), f"{k}: z-scores {z.flatten().tolist()}"
+
+
+@pytest.mark.parametrize(
+    "model,site,shape,estimator",
+    [
+        (conv_model, "w", CONV, "flipout"),
+        (linear_model, "v", LINEAR, "flipout"),
+        (linear_model, "v", LINEAR, "local_reparam"),
+    ],
+)
+def test_unbiased_against_the_plain_weight_draw(model, site, shape, estimator):
+    draws = _gradients(model, site, shape, estimator, 1000, seed=1)
+    plain = _gradients(model, site, shape, "pathwise", 1000, seed=2)
+    _assert_same_mean(draws, plain)
+
+
+def _differ(model, site, shape, estimator) -> list:
+    """Per step after the first (a plain draw), whether examples 0 and 1 (identical inputs)
+    got different layer outputs."""
+    torch.manual_seed(0)
+    x, y = _data()
+    seen = []
+    elbo = RoutedELBO()
+    for _ in range(6):
+        elbo.loss(model, guide_for(site, shape, estimator), x, y, seen)
+    return [not torch.allclose(h[0], h[1]) for h in seen[1:]]
+
+
+@pytest.mark.parametrize("model,site,shape", [(conv_model, "w", CONV), (linear_model, "v", LINEAR)])
+def test_flipout_draws_a_weight_per_example(model, site, shape):
+    # flipout's weights are pseudo-independent: with 1 input and 2 output channels two
+    # examples share their signs with probability 1/4 per step
+    assert sum(_differ(model, site, shape, "flipout")) >= 2
+    assert not any(_differ(model, site, shape, "pathwise"))  # one weight draw per batch
+
+
+def test_local_reparam_of_a_linear_layer_draws_per_example():
+    assert all(_differ(linear_model, "v", LINEAR, "local_reparam"))
+
+
+def test_another_use_of_the_weight_falls_back_to_the_plain_draw():
+    x, y = _data()
+    step = [0]
+
+    def model(x, y):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand(CONV).to_event(4))
+        h = torch.tanh(F.conv2d(x, w, padding=1)).mean((-1, -2))
+        step[0] += 1
+        if step[0] >= 3:  # from the third step on, the weight is also read elsewhere
+            h = h + w.sum()
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(h, 0.5).to_event(1), obs=y)
+
+    elbo = RoutedELBO()
+    guide = guide_for("w", CONV, "flipout")
+    elbo.loss(model, guide, x, y)
+    assert "first step" in elbo.routes["w"].reason
+    elbo.loss(model, guide, x, y)
+    assert elbo.routes["w"].layers == "flipout in conv2d"
+    elbo.loss(model, guide, x, y)  # raised inside the model, recomputed with the plain draw
+    assert step[0] == 4
+    assert elbo.routes["w"].layers == (
+        "plain weight draw: its value is used by sum (besides as a layer's weight)"
+    )
+    elbo.loss(model, guide, x, y)
+    assert step[0] == 5 and "plain weight draw" in elbo.routes["w"].reason
+
+
+def test_a_weight_used_twice_stays_a_plain_draw():
+    x, y = _data()
+
+    def model(x, y):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand((1, 1, 3, 3)).to_event(4))
+        h = F.conv2d(F.conv2d(x, w, padding=1), w, padding=1).mean((1, 2, 3))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(h, 0.5), obs=y[:, 0])
+
+    elbo = RoutedELBO()
+    for _ in range(2):
+        elbo.loss(model, guide_for("w", (1, 1, 3, 3), "flipout"), x, y)
+    assert "second layer call" in elbo.routes["w"].layers
+
+
+@pytest.mark.parametrize("estimator", ["flipout", "local_reparam"])
+def test_a_forced_route_that_does_not_apply_names_the_site(estimator):
+    x, y = _data()
+
+    def guide(x, y):
+        fn = dist.Laplace(torch.zeros(CONV), 1.0).to_event(4)
+        pyro.sample("w", fn, infer={"estimator": estimator})
+
+    with pytest.raises(ValueError, match=rf"site 'w'.*{estimator} needs a factorized Normal"):
+        RoutedELBO().loss(conv_model, guide, x, y)
+
+
+class BayesianCNN(PyroModule):
+    def __init__(self):
+        super().__init__()
+        self.conv = PyroModule[torch.nn.Conv2d](1, 2, 3, padding=1)
+        self.conv.weight = PyroSample(dist.Normal(0.0, 1.0).expand([2, 1, 3, 3]).to_event(4))
+        self.fc = PyroModule[torch.nn.Linear](2, 3)
+        self.fc.weight = PyroSample(dist.Normal(0.0, 1.0).expand([3, 2]).to_event(2))
+
+    def forward(self, x, y=None):
+        h = torch.relu(self.conv(x)).mean((-1, -2))
+        logits = self.fc(h)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Categorical(logits=logits), obs=y)
+        return logits
+
+
+def test_autonormal_on_a_pyro_module_cnn():
+    torch.manual_seed(0)
+    x, _ = _data()
+    y = torch.randint(0, 3, (6,))
+    model = BayesianCNN()
+    # AutoNormal draws "<name>_unconstrained" from a Normal and passes it on as "<name>"
+    guide = force_estimator(AutoNormal(model), "flipout", sites=["conv.weight_unconstrained"])
+    guide = force_estimator(guide, "local_reparam", sites=["fc.weight_unconstrained"])
+    elbo = RoutedELBO(num_particles=2)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), elbo)
+    losses = [svi.step(x, y) for _ in range(4)]
+    assert all(math.isfinite(v) for v in losses)
+    routes = elbo.routes
+    assert routes["conv.weight_unconstrained"].layers == "flipout in conv2d"
+    assert routes["fc.weight_unconstrained"].layers == "local_reparam in linear"
