@@ -310,7 +310,7 @@ class RoutedELBO(ELBO):
                 self._guess_plate_nesting(model, guide, args, kwargs)
             except _AttemptFailed as failed:
                 if isinstance(failed.error, WeightUse):  # its layers stay plain from now on
-                    self._learned.layers[failed.error.site] = failed.error.reason
+                    self._learned.weight_used(failed.error, failed.plans)
                     continue
                 try:
                     retry = self._learned.remedy(failed.error, failed.plans, tried)
@@ -331,7 +331,9 @@ class RoutedELBO(ELBO):
         router = RouteMessenger(self.default_baseline, options, first_dim)
         layers = learned.layers
         skip = {name: why for name, why in layers.items() if why is not None}
-        weights = WeightLayers(lambda: router.plans, lambda name: name not in layers, skip)
+        weights = WeightLayers(
+            lambda: router.plans, lambda name: name not in layers, skip, learned.candidate
+        )
         traced_model, traced_guide = weights(model), weights.guide()(router(guide))
         analysis = Analysis() if track else None
         if track:
@@ -350,7 +352,7 @@ class RoutedELBO(ELBO):
             key = (signature(model_trace, guide_trace, router.routes), arguments)
             cached = None if track else learned.dependencies.lookup(key)
             verify = bool(router.dims) and (track or key not in learned.verified)
-            plans = learned.layer_decisions(router.plans, weights) if weights.fns else router.plans
+            plans = learned.layer_decisions(router.plans, weights)
             particle, found = _particle_terms(
                 (model, guide, args, kwargs), model_trace, guide_trace, plans, cached,
                 analysis, kernels=self.kernels if self.fast_path else REFERENCE,

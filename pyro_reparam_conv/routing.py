@@ -5,7 +5,10 @@ A latent guide site's estimator is, in order of precedence:
 1. ``infer={"estimator": name}`` on the site (or set by :func:`force_estimator`), any name
    in :data:`~pyro_reparam_conv.estimators.ESTIMATORS`; a name that does not apply to the
    site's distribution (``"pathwise"`` without ``rsample``) is a ``ValueError`` naming both;
-2. otherwise the most preferred registered estimator that applies and may be chosen
+2. otherwise, for a factorized Normal site whose value an earlier step found used only as
+   the weight of one ``F.linear`` / ``F.conv*`` call (``RoutingOptions.layers``), flipout
+   (conv layers) or local reparameterization (linear layers);
+3. otherwise the most preferred registered estimator that applies and may be chosen
    automatically (``docs/architecture.md`` has the table): the pathwise
    (reparameterization) gradient when the distribution has ``rsample`` (Kingma & Welling
    2014; Rezende et al. 2014), the exact sum over a small finite support, DisARM for
@@ -170,6 +173,9 @@ def choose_estimator(
 
 def _choose(name: str, fn, infer: dict, options: RoutingOptions) -> tuple[base.Estimator, str]:
     requested = infer.get("estimator")
+    chosen = options.layers.get(name) if requested is None else None
+    if chosen is not None and base.get(chosen[0]).why_not(fn) is None:  # a weight, found so
+        return base.get(chosen[0]), chosen[1]
     if requested is None:
         skipped = []
         for estimator in base.automatic():

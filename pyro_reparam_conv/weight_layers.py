@@ -107,14 +107,19 @@ class _Mode(TorchFunctionMode):
 class WeightLayers(Messenger):
     """Rewrites (or, for sites in ``check``, watches) the layers of the weight sites whose
     plans ``plans()`` (after the guide ran) route to a layer estimator; ``skip`` names the
-    sites to leave alone (those that fell back to the plain draw)."""
+    sites to leave alone (those that fell back to the plain draw). Sites for which
+    ``candidate(name, fn, plan)`` holds (plain draws that routing might send to a layer
+    estimator) are watched too."""
 
     def __init__(
         self, plans: Callable[[], Mapping[str, SitePlan]], check: Callable[[str], bool],
-        skip: Mapping[str, str],
+        skip: Mapping[str, str], candidate: Callable[[str, object, SitePlan], bool] = None,
     ) -> None:  # fmt: skip
         super().__init__()
         self.plans, self.check, self.skip = plans, check, skip
+        self.candidate = candidate or (lambda name, fn, plan: False)
+        self.candidates: set[str] = set()
+        self.layer_funcs: dict[str, object] = {}  # site -> the layer that took it first
         self.fns: dict[str, object] = {}  # the guide's distribution per routed site
         self.alias: dict[str, str] = {}  # a guide Delta site -> the routed site it passes on
         self._draws: dict[int, str] = {}  # id of a routed site's value in the guide -> site
@@ -139,7 +144,10 @@ class WeightLayers(Messenger):
                 if not is_latent(msg):
                     return
                 plan, name = owner.plans().get(msg["name"]), msg["name"]
-                if plan is not None and rewrites_layers(plan):
+                routed = plan is not None and rewrites_layers(plan)
+                if routed or (plan is not None and owner.candidate(name, msg["fn"], plan)):
+                    if not routed:
+                        owner.candidates.add(name)
                     owner.fns[name] = msg["fn"]
                     owner._draws[id(msg["value"])] = name
                     owner._alive.append(msg["value"])
@@ -170,7 +178,7 @@ class WeightLayers(Messenger):
         name = self.alias.get(msg["name"], msg["name"])
         if name not in self.fns or name in self.skip or not is_latent(msg):
             return
-        if self.check(name):
+        if name in self.candidates or self.check(name):
             self.watched.add(name)
         self.values[id(msg["value"])] = name
         self._alive.append(msg["value"])
@@ -197,6 +205,7 @@ class WeightLayers(Messenger):
         ):  # fmt: skip
             return NOT_A_WEIGHT
         self.layer_calls[site] += 1
+        self.layer_funcs.setdefault(site, func)
         if self.layer_calls[site] > 1:
             self.used(site, f"as the weight of a second layer call ({func.__name__})")
         if site in self.watched or self.layer_calls[site] > 1:

@@ -206,3 +206,93 @@ def test_autonormal_on_a_pyro_module_cnn():
     routes = elbo.routes
     assert routes["conv.weight_unconstrained"].layers == "flipout in conv2d"
     assert routes["fc.weight_unconstrained"].layers == "local_reparam in linear"
+
+
+def _auto_guide(x, y, seen=None):
+    for site, shape in (("w", CONV), ("v", LINEAR)):
+        loc = param(f"{site}_loc", torch.zeros(shape))
+        pyro.sample(site, dist.Normal(loc, 0.5).to_event(len(shape)))
+
+
+def _both(x, y, seen=None):
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand(CONV).to_event(4))
+    v = pyro.sample("v", dist.Normal(0.0, 1.0).expand(LINEAR).to_event(2))
+    h = torch.tanh(F.conv2d(x, w, padding=1)).mean((-1, -2))
+    out = F.linear(torch.cat([h, h[:, :1]], -1), v)
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Normal(out, 0.5).to_event(1), obs=y)
+
+
+def test_default_routes_weights_of_conv_to_flipout_and_of_linear_to_local_reparam():
+    x, y = _data()
+    elbo = RoutedELBO()
+    elbo.loss(_both, _auto_guide, x, y)
+    assert {n: r.estimator for n, r in elbo.routes.items()} == {"w": "pathwise", "v": "pathwise"}
+    assert "so flipout from the next step" in elbo.routes["w"].reason
+    assert "so local_reparam from the next step" in elbo.routes["v"].reason
+    for _ in range(2):
+        elbo.loss(_both, _auto_guide, x, y)
+    w, v = elbo.routes["w"], elbo.routes["v"]
+    assert (w.estimator, w.layers) == ("flipout", "flipout in conv2d")
+    assert (v.estimator, v.layers) == ("local_reparam", "local_reparam in linear")
+    assert "weight used only by one conv2d call" in w.reason and not w.forced
+
+
+def test_a_normal_site_that_is_no_weight_keeps_its_pathwise_route():
+    x, y = _data()
+
+    def model(x, y):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([6, 1, 5, 5]).to_event(4))
+        h = F.conv2d(z, torch.ones(2, 1, 3, 3), padding=1).mean((-1, -2))
+        with pyro.plate("data", 6):
+            pyro.sample("y", dist.Normal(h, 1.0).to_event(1), obs=y)
+
+    def guide(x, y):
+        pyro.sample("z", dist.Normal(param("m", torch.zeros(6, 1, 5, 5)), 1.0).to_event(4))
+
+    elbo = RoutedELBO()
+    for _ in range(2):
+        elbo.loss(model, guide, x, y)
+        assert elbo.routes["z"].estimator == "pathwise" and elbo.routes["z"].layers is None
+
+
+def test_an_automatic_weight_used_otherwise_goes_back_to_pathwise():
+    x, y = _data()
+    step = [0]
+
+    def model(x, y):
+        step[0] += 1
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand(CONV).to_event(4))
+        h = torch.tanh(F.conv2d(x, w, padding=1)).mean((-1, -2))
+        if step[0] >= 3:
+            h = h * w.mean()
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(h, 0.5).to_event(1), obs=y)
+
+    def guide(x, y):
+        pyro.sample("w", dist.Normal(param("w_loc", torch.zeros(CONV)), 0.5).to_event(4))
+
+    elbo = RoutedELBO()
+    for _ in range(2):
+        elbo.loss(model, guide, x, y)
+    assert elbo.routes["w"].estimator == "flipout"
+    elbo.loss(model, guide, x, y)
+    route = elbo.routes["w"]
+    assert route.estimator == "pathwise" and step[0] == 4
+    assert (
+        route.layers == "not a layer estimator: plain weight draw: its value is used by mean "
+        "(besides as a layer's weight)"
+    )
+
+
+def test_autonormal_weights_are_routed_by_default():
+    torch.manual_seed(0)
+    x, _ = _data()
+    y = torch.randint(0, 3, (6,))
+    model = BayesianCNN()
+    elbo = RoutedELBO()
+    svi = SVI(model, AutoNormal(model), pyro.optim.Adam({"lr": 0.01}), elbo)
+    for _ in range(3):
+        svi.step(x, y)
+    assert elbo.routes["conv.weight_unconstrained"].layers == "flipout in conv2d"
+    assert elbo.routes["fc.weight_unconstrained"].layers == "local_reparam in linear"
