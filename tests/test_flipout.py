@@ -38,6 +38,15 @@ def conv_model(x, y, seen=None):
         pyro.sample("y", dist.Normal(h.mean((-1, -2)), 0.5).to_event(1), obs=y)
 
 
+def transposed_model(x, y, seen=None):
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand((1, 2, 2, 2)).to_event(4))
+    h = torch.tanh(F.conv_transpose2d(x, w, stride=2))  # weight: (in, out, kh, kw)
+    if seen is not None:
+        seen.append(h.detach())
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Normal(h.mean((-1, -2)), 0.5).to_event(1), obs=y)
+
+
 def linear_model(x, y, seen=None):
     v = pyro.sample("v", dist.Normal(0.0, 1.0).expand(LINEAR).to_event(2))
     h = torch.tanh(F.linear(x.flatten(1)[:, :3], v, torch.ones(2)))
@@ -86,6 +95,7 @@ def _assert_same_mean(draws, reference, z_max=4.5):
     "model,site,shape,estimator",
     [
         (conv_model, "w", CONV, "flipout"),
+        (transposed_model, "w", (1, 2, 2, 2), "flipout"),
         (linear_model, "v", LINEAR, "flipout"),
         (linear_model, "v", LINEAR, "local_reparam"),
     ],
@@ -94,6 +104,24 @@ def test_unbiased_against_the_plain_weight_draw(model, site, shape, estimator):
     draws = _gradients(model, site, shape, estimator, 1000, seed=1)
     plain = _gradients(model, site, shape, "pathwise", 1000, seed=2)
     _assert_same_mean(draws, plain)
+
+
+def coupled_model(x, y, seen=None):
+    """A likelihood of products of neighbouring pixels, which share the kernel's draw."""
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand(CONV).to_event(4))
+    h = F.conv2d(x, w, padding=1)
+    pairs = (h[..., 1:, :] * h[..., :-1, :]).mean((-1, -2))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Normal(pairs, 1.0).to_event(1), obs=y)
+
+
+def test_pixels_that_share_a_kernel_flipout_unbiased_conv_local_reparam_not():
+    """The same test has the power to see the objective that local reparameterization of a
+    conv changes (pixels drawn independently), where flipout keeps it."""
+    plain = _gradients(coupled_model, "w", CONV, "pathwise", 1000, seed=2)
+    _assert_same_mean(_gradients(coupled_model, "w", CONV, "flipout", 1000, seed=1), plain)
+    with pytest.raises(AssertionError, match="z-scores"):
+        _assert_same_mean(_gradients(coupled_model, "w", CONV, "local_reparam", 1000), plain)
 
 
 def _differ(model, site, shape, estimator) -> list:
@@ -108,7 +136,10 @@ def _differ(model, site, shape, estimator) -> list:
     return [not torch.allclose(h[0], h[1]) for h in seen[1:]]
 
 
-@pytest.mark.parametrize("model,site,shape", [(conv_model, "w", CONV), (linear_model, "v", LINEAR)])
+@pytest.mark.parametrize(
+    "model,site,shape",
+    [(conv_model, "w", CONV), (transposed_model, "w", (1, 2, 2, 2)), (linear_model, "v", LINEAR)],
+)
 def test_flipout_draws_a_weight_per_example(model, site, shape):
     # flipout's weights are pseudo-independent: with 1 input and 2 output channels two
     # examples share their signs with probability 1/4 per step
@@ -118,6 +149,15 @@ def test_flipout_draws_a_weight_per_example(model, site, shape):
 
 def test_local_reparam_of_a_linear_layer_draws_per_example():
     assert all(_differ(linear_model, "v", LINEAR, "local_reparam"))
+
+
+def test_local_reparam_of_a_conv_says_it_changes_the_objective():
+    x, y = _data()
+    elbo = RoutedELBO()
+    for _ in range(2):
+        elbo.loss(conv_model, guide_for("w", CONV, "local_reparam"), x, y)
+    route = elbo.routes["w"]
+    assert route.layers == "local_reparam in conv2d" and "changes the objective" in route.reason
 
 
 def test_another_use_of_the_weight_falls_back_to_the_plain_draw():
