@@ -22,7 +22,8 @@ Configurations: ``plain`` (every weight ``pathwise``: one weight draw per batch)
 ``default`` (routing's own choice: flipout for the convs, local reparameterization for the
 linear layer, from the second step), ``flipout everywhere`` and ``local_reparam
 everywhere`` (the convs' local reparameterization changes the objective: shown for its
-variance only). Peers (TyXe, bayesian-torch) are not run here yet.
+variance only). With ``--peers-python``, TyXe and bayesian-torch on the same point and
+batch (``_bayesian_conv_peers.py``, in their own environment).
 """
 
 from __future__ import annotations
@@ -65,9 +66,11 @@ def model(x, y, routes=None):
     b1 = pyro.param("b1", torch.zeros(8))
     b2 = pyro.param("b2", torch.zeros(16))
     bf = pyro.param("bf", torch.zeros(10))
-    h = F.max_pool2d(F.relu(F.conv2d(x, w["conv1"], b1, padding=1)), 2)
-    h = F.relu(F.conv2d(h, w["conv2"], b2, padding=1)).mean((-1, -2))
-    logits = F.linear(h, w["fc"], bf)
+    # biases added outside the layers (None in the call): TyXe's handlers take a layer's
+    # bias to be a sampled one, or an explicit None
+    h = F.max_pool2d(F.relu(F.conv2d(x, w["conv1"], None, padding=1) + b1[:, None, None]), 2)
+    h = F.relu(F.conv2d(h, w["conv2"], None, padding=1) + b2[:, None, None]).mean((-1, -2))
+    logits = F.linear(h, w["fc"], None) + bf
     with pyro.plate("data", x.shape[0]), pyro.poutine.scale(scale=N_TOTAL / x.shape[0]):
         pyro.sample("y", dist.Categorical(logits=logits), obs=y)
 
@@ -106,6 +109,11 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=300)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--peers-python",
+        help="an interpreter with TyXe and bayesian-torch (and this torch and Pyro): runs "
+        "_bayesian_conv_peers.py there on the same trained point and batch",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     pyro.set_rng_seed(args.seed)
@@ -148,6 +156,46 @@ def main() -> None:
                "var x time plain/route"]  # fmt: skip
     print(format_table(headers, rows))
     print("\nseconds per step: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in seconds.items()))
+    if args.peers_python:
+        peers(args, x, y, plain)
+
+
+def peers(args, x, y, plain: dict) -> None:
+    """The peers' table: their variances against this script's plain weight draws, their
+    times against ``RoutedELBO``'s plain route timed in the same (peer) process."""
+    import json
+    import subprocess
+    import tempfile
+
+    store = pyro.get_param_store()
+    names = [f"{k}.{p}" for k in SHAPES for p in ("mu", "rho")] + ["b1", "b2", "bf"]
+    state = {"params": {k: store[k].detach().clone() for k in names}, "x": x, "y": y,
+             "draws": args.draws, "seed": args.seed}  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "state.pt"
+        torch.save(state, path)
+        script = Path(__file__).resolve().parent / "_bayesian_conv_peers.py"
+        done = subprocess.run([args.peers_python, str(script), str(path)], capture_output=True,
+                              text=True, check=False)  # fmt: skip
+    if done.returncode != 0:
+        print(f"\npeers failed: {done.stderr[-2000:]}")
+        return
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    if "error" in results:
+        print(f"\npeers: {results['error']}")
+        return
+    base = results["RoutedELBO plain"]["seconds"]
+    rows = []
+    for name, found in results.items():
+        time = f"{found['seconds'] * 1e3:.2f} ms ({found['seconds'] / base:.2f}x)"
+        if "var" not in found:
+            rows.append([name, "", "", "", time])
+            continue
+        for param, v in found["var"].items():
+            rows.append([name, param, f"{v:.3e}", f"{plain[param] / v:.1f}x", time])
+    print(f"\npeers, same point and batch ({args.draws} draws; times in their process, "
+          "against RoutedELBO plain there)\n")  # fmt: skip
+    print(format_table(["method", "param", "grad var", "var plain/route", "time/step"], rows))
 
 
 if __name__ == "__main__":
