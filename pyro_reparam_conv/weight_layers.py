@@ -88,19 +88,27 @@ class _Mode(TorchFunctionMode):
         owner = self.owner
         if not owner.values:
             return func(*args, **kwargs)
-        sites = [owner.values[id(t)] for t in _tensors((args, kwargs), []) if id(t) in owner.values]
-        if not sites:
+        found = [
+            (t, owner.values[id(t)]) for t in _tensors((args, kwargs), []) if id(t) in owner.values
+        ]
+        if not found:
             return func(*args, **kwargs)
         spatial = LAYERS.get(func)
-        if spatial is not None and len(sites) == 1:
-            result = owner.layer(func, spatial, sites[0], args, kwargs)
-            if result is not NOT_A_WEIGHT:
-                return result
+        weight = None
+        if spatial is not None:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
         name, _ = op_name(func)
+        others = [site for t, site in found if t is not weight]  # a bias, an input, ...
         if name not in NO_VALUES:
             how = "besides as a layer's weight" if spatial is None else "not as its weight"
-            for site in dict.fromkeys(sites):
+            for site in dict.fromkeys(others):
                 owner.used(site, f"by {name} ({how})")
+        site = owner.values.get(id(weight)) if weight is not None else None
+        if site is not None and site not in others:
+            result = owner.layer(func, spatial, site, args, kwargs)
+            if result is not NOT_A_WEIGHT:
+                return result
+            owner.used(site, f"by {name} (as a weight of another shape)")
         return func(*args, **kwargs)
 
 

@@ -222,6 +222,7 @@ class BayesianCNN(PyroModule):
         self.conv.weight = PyroSample(dist.Normal(0.0, 1.0).expand([2, 1, 3, 3]).to_event(4))
         self.fc = PyroModule[torch.nn.Linear](2, 3)
         self.fc.weight = PyroSample(dist.Normal(0.0, 1.0).expand([3, 2]).to_event(2))
+        self.fc.bias = PyroSample(dist.Normal(0.0, 1.0).expand([3]).to_event(1))  # same call
 
     def forward(self, x, y=None):
         h = torch.relu(self.conv(x)).mean((-1, -2))
@@ -336,3 +337,16 @@ def test_autonormal_weights_are_routed_by_default():
         svi.step(x, y)
     assert elbo.routes["conv.weight_unconstrained"].layers == "flipout in conv2d"
     assert elbo.routes["fc.weight_unconstrained"].layers == "local_reparam in linear"
+    assert elbo.routes["fc.bias_unconstrained"].estimator == "pathwise"  # the call's bias
+
+
+def test_the_bayesian_cnn_example_runs(capsys):
+    import runpy
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "bayesian_cnn.py"
+    found = runpy.run_path(str(path))["main"](steps=3, num_samples=4)
+    assert found["routes"]["conv2.weight_unconstrained"].estimator == "flipout"
+    assert found["routes"]["fc.weight_unconstrained"].estimator == "local_reparam"
+    assert 0 <= found["ece"] <= 1 and "posterior_predictive" in found["data"].groups()
+    assert "expected calibration error" in capsys.readouterr().out
