@@ -50,6 +50,7 @@ class Learned:
         ``pathwise`` automatically, not watched before."""
         return (
             name not in self.auto and not plan.route.forced and plan.estimator.name == "pathwise"
+            and {"flipout", "local_reparam"} <= set(estimators.ESTIMATORS)
             and estimators.get("flipout").why_not(fn) is None
         )  # fmt: skip
 

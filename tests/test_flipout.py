@@ -350,3 +350,36 @@ def test_the_bayesian_cnn_example_runs(capsys):
     assert found["routes"]["fc.weight_unconstrained"].estimator == "local_reparam"
     assert 0 <= found["ece"] <= 1 and "posterior_predictive" in found["data"].groups()
     assert "expected calibration error" in capsys.readouterr().out
+
+
+def _on_device(device: str, estimator: str) -> None:
+    x, y = (t.to(device) for t in _data())
+
+    def model(x, y):
+        prior = dist.Normal(torch.zeros(CONV, device=device), 1.0).to_event(4)
+        w = pyro.sample("w", prior)
+        h = torch.tanh(F.conv2d(x, w, padding=1)).mean((-1, -2))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(h, 0.5).to_event(1), obs=y)
+
+    def guide(x, y):
+        loc = pyro.param("loc", lambda: torch.zeros(CONV, device=device))
+        pyro.sample("w", dist.Normal(loc, 0.5).to_event(4), infer={"estimator": estimator})
+
+    elbo = RoutedELBO()
+    for _ in range(2):
+        assert math.isfinite(elbo.loss_and_grads(model, guide, x, y))
+    assert elbo.routes["w"].layers == f"{estimator} in conv2d"
+    grad = pyro.param("loc").unconstrained().grad
+    assert grad.device.type == device and bool(torch.isfinite(grad).all())
+
+
+@pytest.mark.parametrize("estimator", ["flipout", "local_reparam"])
+def test_on_cpu_tensors_made_there(estimator):
+    _on_device("cpu", estimator)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("estimator", ["flipout", "local_reparam"])
+def test_on_cuda(estimator):
+    _on_device("cuda", estimator)
