@@ -11,8 +11,8 @@ matched by identity:
   :data:`~.estimators.flipout.LAYERS`, with the shape that layer takes: the call is the
   estimator's (:meth:`~.estimators.flipout._WeightEstimator.layer`), with the guide's ``loc``
   and ``scale`` (recorded by :meth:`WeightLayers.guide`);
-- any other operator that reads its values (``sparsity.NO_VALUES`` lists those that do not:
-  shape, dtype, ...), or a second layer call: the per-example weights would no longer be one
+- any other operator on it but those of :data:`METADATA` (its shape, dtype, ...: they read
+  no value), or a second layer call: the per-example weights would no longer be one
   draw of ``q`` seen by all of the model. The step cannot be trusted, so :class:`WeightUse`
   is raised (naming the site and the operator) and the ELBO recomputes the particle with the
   plain weight draw for that site, from then on.
@@ -38,6 +38,14 @@ __all__ = ["NOT_A_WEIGHT", "WeightLayers", "WeightUse", "rewrites_layers", "verd
 
 #: what :meth:`WeightLayers.layer` returns where the value is not the call's weight
 NOT_A_WEIGHT = object()
+
+#: operators that neither read the values nor copy them out of the graph: the analysis's
+#: list less copies, pickling, storage access and printing (a copy would carry the weight's
+#: values where identity can no longer follow them)
+METADATA = NO_VALUES - {
+    "__deepcopy__", "__reduce_ex__", "untyped_storage", "data_ptr", "__dlpack_device__",
+    "__repr__", "__str__", "__format__",
+}  # fmt: skip
 
 
 class WeightUse(Exception):
@@ -99,7 +107,7 @@ class _Mode(TorchFunctionMode):
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
         name, _ = op_name(func)
         others = [site for t, site in found if t is not weight]  # a bias, an input, ...
-        if name not in NO_VALUES:
+        if name not in METADATA:
             how = "besides as a layer's weight" if spatial is None else "not as its weight"
             for site in dict.fromkeys(others):
                 owner.used(site, f"by {name} ({how})")

@@ -4,6 +4,7 @@ tolerance) on a small conv net and a small linear net; each example its own weig
 the first step checks the weight's uses, any other use falls back to the plain draw; a clear
 error where the route does not apply; an AutoNormal guide on a PyroModule CNN."""
 
+import copy
 import math
 
 import pyro
@@ -186,6 +187,41 @@ def test_another_use_of_the_weight_falls_back_to_the_plain_draw():
     )
     elbo.loss(model, guide, x, y)
     assert step[0] == 5 and "plain weight draw" in elbo.routes["w"].reason
+
+
+@pytest.mark.parametrize(
+    "use",
+    [
+        lambda w: w.detach().sum(),
+        lambda w: copy.deepcopy(w).sum(),
+        lambda w: w.view(-1)[0],
+        lambda w: torch.cat([w, w]).mean(),
+        lambda w: w[0, 0, 0, 0],
+        lambda w: w.clone().sum(),
+        lambda w: w.data.sum(),
+    ],
+    ids=["detach", "deepcopy", "view", "cat", "getitem", "clone", "data"],
+)
+def test_any_other_use_keeps_the_plain_draw(use):
+    x, y = _data()
+
+    def model(x, y):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand(CONV).to_event(4))
+        h = torch.tanh(F.conv2d(x, w, padding=1)).mean((-1, -2))
+        extra = use(w) * 0 + w.shape[0] * 0 + w.dim() * 0  # shape and dim read no value
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(h + extra, 0.5).to_event(1), obs=y)
+
+    def guide(x, y):
+        pyro.sample("w", dist.Normal(param("w_loc", torch.zeros(CONV)), 0.5).to_event(4))
+
+    elbo = RoutedELBO()
+    for _ in range(2):
+        elbo.loss(model, guide, x, y)
+        assert elbo.routes["w"].estimator == "pathwise"
+    for _ in range(2):
+        elbo.loss(model, guide_for("w", CONV, "flipout"), x, y)
+        assert elbo.routes["w"].layers.startswith("plain weight draw: its value is used by")
 
 
 def test_a_weight_used_twice_stays_a_plain_draw():
