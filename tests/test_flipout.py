@@ -161,19 +161,39 @@ def test_local_reparam_of_a_conv_says_it_changes_the_objective():
     assert route.layers == "local_reparam in conv2d" and "changes the objective" in route.reason
 
 
-def test_another_use_of_the_weight_falls_back_to_the_plain_draw():
-    x, y = _data()
-    step = [0]
+def _conv_model_then(then):
+    """The conv model with its pooled output passed through ``then(w, h)``: another use of
+    the weight, or none."""
 
     def model(x, y):
         w = pyro.sample("w", dist.Normal(0.0, 1.0).expand(CONV).to_event(4))
-        h = torch.tanh(F.conv2d(x, w, padding=1)).mean((-1, -2))
-        step[0] += 1
-        if step[0] >= 3:  # from the third step on, the weight is also read elsewhere
-            h = h + w.sum()
+        h = then(w, torch.tanh(F.conv2d(x, w, padding=1)).mean((-1, -2)))
         with pyro.plate("data", x.shape[0]):
             pyro.sample("y", dist.Normal(h, 0.5).to_event(1), obs=y)
 
+    return model
+
+
+def _unrouted_guide(x, y):
+    pyro.sample("w", dist.Normal(param("w_loc", torch.zeros(CONV)), 0.5).to_event(4))
+
+
+def _from_step(first: int, use):
+    """``then`` for :func:`_conv_model_then`: ``use`` from step ``first`` on; ``step[0]``
+    counts the model's runs."""
+    step = [0]
+
+    def then(w, h):
+        step[0] += 1
+        return h + use(w) if step[0] >= first else h
+
+    return then, step
+
+
+def test_another_use_of_the_weight_falls_back_to_the_plain_draw():
+    x, y = _data()
+    then, step = _from_step(3, lambda w: w.sum())  # from the third step on, read elsewhere
+    model = _conv_model_then(then)
     elbo = RoutedELBO()
     guide = guide_for("w", CONV, "flipout")
     elbo.loss(model, guide, x, y)
@@ -204,20 +224,11 @@ def test_another_use_of_the_weight_falls_back_to_the_plain_draw():
 )
 def test_any_other_use_keeps_the_plain_draw(use):
     x, y = _data()
-
-    def model(x, y):
-        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand(CONV).to_event(4))
-        h = torch.tanh(F.conv2d(x, w, padding=1)).mean((-1, -2))
-        extra = use(w) * 0 + w.shape[0] * 0 + w.dim() * 0  # shape and dim read no value
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("y", dist.Normal(h + extra, 0.5).to_event(1), obs=y)
-
-    def guide(x, y):
-        pyro.sample("w", dist.Normal(param("w_loc", torch.zeros(CONV)), 0.5).to_event(4))
-
+    # shape and dim read no value
+    model = _conv_model_then(lambda w, h: h + use(w) * 0 + w.shape[0] * 0 + w.dim() * 0)
     elbo = RoutedELBO()
     for _ in range(2):
-        elbo.loss(model, guide, x, y)
+        elbo.loss(model, _unrouted_guide, x, y)
         assert elbo.routes["w"].estimator == "pathwise"
     for _ in range(2):
         elbo.loss(model, guide_for("w", CONV, "flipout"), x, y)
@@ -335,20 +346,8 @@ def test_a_normal_site_that_is_no_weight_keeps_its_pathwise_route():
 
 def test_an_automatic_weight_used_otherwise_goes_back_to_pathwise():
     x, y = _data()
-    step = [0]
-
-    def model(x, y):
-        step[0] += 1
-        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand(CONV).to_event(4))
-        h = torch.tanh(F.conv2d(x, w, padding=1)).mean((-1, -2))
-        if step[0] >= 3:
-            h = h * w.mean()
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("y", dist.Normal(h, 0.5).to_event(1), obs=y)
-
-    def guide(x, y):
-        pyro.sample("w", dist.Normal(param("w_loc", torch.zeros(CONV)), 0.5).to_event(4))
-
+    then, step = _from_step(3, lambda w: w.mean())
+    model, guide = _conv_model_then(then), _unrouted_guide
     elbo = RoutedELBO()
     for _ in range(2):
         elbo.loss(model, guide, x, y)
