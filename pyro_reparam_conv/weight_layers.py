@@ -24,13 +24,14 @@ from those uses (:func:`verdict`) whether later steps may rewrite its layer.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Mapping, Optional
 
 import torch
 from pyro.poutine.messenger import Messenger
 from torch.overrides import TorchFunctionMode
 
-from .estimators.flipout import LAYERS
+from .estimators.flipout import LAYERS, batched_layer
 from .routing import SitePlan, is_latent
 from .sparsity import NO_VALUES, op_name
 
@@ -207,8 +208,10 @@ class WeightLayers(Messenger):
 
     def layer(self, func, spatial: int, site: str, args: tuple, kwargs: dict):
         """The layer call with ``site``'s value as its weight: rewritten, or plain for a
-        watched site; :data:`NOT_A_WEIGHT` where the value is not the call's weight (or has
-        not the shape of one: vectorized particles add leading dims)."""
+        watched site; :data:`NOT_A_WEIGHT` where the value is not the call's weight (or not
+        of a shape the layer takes). A weight with leading dims (vectorized particles,
+        plates) is applied per index of those dims, broadcast against the input's batch
+        dims (:func:`~.estimators.flipout.batched_layer`), where the plain call would fail."""
         rest = dict(kwargs)
         x = args[0] if args else rest.pop("input", None)
         weight = args[1] if len(args) > 1 else rest.pop("weight", None)
@@ -217,17 +220,22 @@ class WeightLayers(Messenger):
             base = base.base_dist
         if (
             weight is None or weight is x or self.values.get(id(weight)) != site
-            or weight.dim() != spatial + 2 or base.loc.dim() > weight.dim()
+            or not isinstance(x, torch.Tensor) or weight.dim() < spatial + 2
+            or base.loc.dim() > weight.dim()
         ):  # fmt: skip
             return NOT_A_WEIGHT
         self.layer_calls[site] += 1
         self.layer_funcs.setdefault(site, func)
+        name = func.__name__
         if self.layer_calls[site] > 1:
-            self.used(site, f"as the weight of a second layer call ({func.__name__})")
+            self.used(site, f"as the weight of a second layer call ({name})")
+        apply = func
+        if weight.dim() > spatial + 2:
+            apply = functools.partial(batched_layer, func, spatial)
         if site in self.watched or self.layer_calls[site] > 1:
-            return func(*args, **kwargs)
+            return apply(x, weight, *args[2:], **rest)
         loc = base.loc.expand(weight.shape)
         scale = base.scale.expand(weight.shape)
         estimator = self.plans()[site].estimator
-        self.rewritten[site] = f"{estimator.name} in {func.__name__}"
-        return estimator.layer(func, spatial, x, weight, loc, scale, tuple(args[2:]), rest)
+        self.rewritten[site] = f"{estimator.name} in {name}"
+        return estimator.layer(apply, spatial, x, weight, loc, scale, tuple(args[2:]), rest)

@@ -68,12 +68,12 @@ def guide_for(site: str, shape, estimator: str):
     return guide
 
 
-def _gradients(model, site, shape, estimator, num_draws, seed=0):
+def _gradients(model, site, shape, estimator, num_draws, seed=0, **options):
     pyro.clear_param_store()
     torch.manual_seed(seed)
     x, y = _data()
     guide = guide_for(site, shape, estimator)
-    elbo = RoutedELBO()
+    elbo = RoutedELBO(**options)
     elbo.loss(model, guide, x, y)  # the first step checks the weight's uses
     assert elbo.routes[site].estimator == estimator
     store = pyro.get_param_store()
@@ -103,6 +103,19 @@ def _assert_same_mean(draws, reference, z_max=4.5):
 )
 def test_unbiased_against_the_plain_weight_draw(model, site, shape, estimator):
     draws = _gradients(model, site, shape, estimator, 1000, seed=1)
+    plain = _gradients(model, site, shape, "pathwise", 1000, seed=2)
+    _assert_same_mean(draws, plain)
+
+
+@pytest.mark.parametrize(
+    "model,site,shape,estimator",
+    [(conv_model, "w", CONV, "flipout"), (linear_model, "v", LINEAR, "local_reparam")],
+)
+def test_vectorized_particles_batched_layers_unbiased(model, site, shape, estimator):
+    """With ``vectorize_particles=True`` the weight has a particle dim: each particle's
+    weight is applied to the batch (a grouped convolution), where plain Pyro fails."""
+    vectorized = {"num_particles": 4, "vectorize_particles": True, "max_plate_nesting": 1}
+    draws = _gradients(model, site, shape, estimator, 300, seed=1, **vectorized)
     plain = _gradients(model, site, shape, "pathwise", 1000, seed=2)
     _assert_same_mean(draws, plain)
 

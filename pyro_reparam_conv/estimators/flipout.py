@@ -33,6 +33,7 @@ wherever any other use shows up.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -52,6 +53,49 @@ LAYERS = {
     F.conv1d: 1, F.conv2d: 2, F.conv3d: 3,
     F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3,
 }  # fmt: skip
+
+
+#: the positional arguments of each layer after ``(input, weight, bias)``
+_OPTIONS = {
+    **dict.fromkeys((F.conv1d, F.conv2d, F.conv3d), ("stride", "padding", "dilation", "groups")),
+    **dict.fromkeys(
+        (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d),
+        ("stride", "padding", "output_padding", "groups", "dilation"),
+    ),
+}
+
+
+def batched_layer(func, spatial: int, x, weight, bias=None, *rest, **kwargs):
+    """``func(x, weight, bias, ...)`` for a ``weight`` with leading batch dims (Pyro's
+    vectorized particles, plates): weight ``b`` of the broadcast batch is applied to the
+    entries ``b`` of ``x``'s batch dims (``x``: ``(*batch, channels, *spatial)``, its conv
+    batch dim the rightmost). The dims along which the weight varies become groups of one
+    grouped convolution; the others stay the layer's batch."""
+    if spatial == 0:  # F.linear: a broadcasting matrix product
+        out = torch.matmul(x.unsqueeze(-2), weight.transpose(-1, -2)).squeeze(-2)
+        return out if bias is None else out + bias
+    options = {**dict(zip(_OPTIONS[func], rest)), **kwargs}
+    groups = options.pop("groups", 1)
+    shape, channels = weight.shape[-spatial - 2 :], x.shape[-spatial - 1 :]
+    batch = torch.broadcast_shapes(x.shape[: -spatial - 1], weight.shape[: -spatial - 2])
+    lead = (1,) * (len(batch) + spatial + 2 - weight.dim()) + tuple(weight.shape[: -spatial - 2])
+    varying = [i for i, n in enumerate(lead) if n != 1]
+    shared = [i for i, n in enumerate(lead) if n == 1]
+    v, s = math.prod(batch[i] for i in varying), math.prod(batch[i] for i in shared)
+    inner = list(range(len(batch), len(batch) + spatial + 1))
+    xs = x.expand(batch + channels).permute(varying + shared + inner)
+    xs = xs.reshape((v, s) + channels).transpose(0, 1).reshape((s, v * channels[0]) + channels[1:])
+    ws = weight.reshape([lead[i] for i in varying] + list(shape)).reshape(
+        (v * shape[0],) + shape[1:]
+    )
+    y = func(xs, ws, None, groups=groups * v, **options)  # (s, v * out, *spatial')
+    y = y.reshape((s, v, y.shape[1] // v) + y.shape[2:]).transpose(0, 1)
+    y = y.reshape([batch[i] for i in varying + shared] + list(y.shape[2:]))
+    order = varying + shared
+    y = y.permute([order.index(i) for i in range(len(batch))] + inner)
+    if bias is not None:
+        y = y + bias.reshape(bias.shape + (1,) * spatial)
+    return y
 
 
 def _signs(like: torch.Tensor, spatial: int) -> torch.Tensor:
