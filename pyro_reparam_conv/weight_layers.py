@@ -97,16 +97,28 @@ class _Mode(TorchFunctionMode):
         owner = self.owner
         if not owner.values:
             return func(*args, **kwargs)
-        found = [
-            (t, owner.values[id(t)]) for t in _tensors((args, kwargs), []) if id(t) in owner.values
-        ]
-        if not found:
+        tensors = _tensors((args, kwargs), [])
+        found = [(t, owner.values[id(t)]) for t in tensors if id(t) in owner.values]
+        after = set().union(*(owner.outputs[id(t)] for t in tensors if id(t) in owner.outputs))
+        if not found and not after:
             return func(*args, **kwargs)
+        name, _ = op_name(func)
+        if after and name == "batch_norm" and _mixes_batch(args, kwargs):
+            for site in after:
+                owner.used(site, "through batch_norm over its layer's examples (mixes them)")
+        result = self._call(func, name, found, args, kwargs)
+        after = frozenset(after | {site for _, site in found})  # what depends on a weight
+        for t in _tensors(result, []):
+            owner.outputs[id(t)] = owner.outputs.get(id(t), frozenset()) | after
+            owner._alive.append(t)
+        return result
+
+    def _call(self, func, name, found, args, kwargs):
+        owner = self.owner
         spatial = LAYERS.get(func)
         weight = None
         if spatial is not None:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
-        name, _ = op_name(func)
         others = [site for t, site in found if t is not weight]  # a bias, an input, ...
         if name not in METADATA:
             how = "besides as a layer's weight" if spatial is None else "not as its weight"
@@ -119,6 +131,13 @@ class _Mode(TorchFunctionMode):
                 return result
             owner.used(site, f"by {name} (as a weight of another shape)")
         return func(*args, **kwargs)
+
+
+def _mixes_batch(args, kwargs) -> bool:
+    """Whether an ``F.batch_norm`` call normalizes with the batch's own statistics."""
+    running = args[1] if len(args) > 1 else kwargs.get("running_mean")
+    training = args[5] if len(args) > 5 else kwargs.get("training", False)
+    return bool(training) or running is None
 
 
 class WeightLayers(Messenger):
@@ -137,6 +156,7 @@ class WeightLayers(Messenger):
         self.candidate = candidate or (lambda name, fn, plan: False)
         self.candidates: set[str] = set()
         self.layer_funcs: dict[str, object] = {}  # site -> the layer that took it first
+        self.outputs: dict[int, frozenset] = {}  # id of a tensor computed from weights -> sites
         self.fns: dict[str, object] = {}  # the guide's distribution per routed site
         self.alias: dict[str, str] = {}  # a guide Delta site -> the routed site it passes on
         self._draws: dict[int, str] = {}  # id of a routed site's value in the guide -> site

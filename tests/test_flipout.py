@@ -248,6 +248,25 @@ def test_any_other_use_keeps_the_plain_draw(use):
         assert elbo.routes["w"].layers.startswith("plain weight draw: its value is used by")
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_in_training_mode_after_the_layer_keeps_the_plain_draw(training):
+    """Batch statistics mix the layer's examples: per-example weights would change them."""
+    x, y = _data()
+    running = torch.zeros(2), torch.ones(2)
+
+    def then(w, h):
+        return F.batch_norm(h, *running, training=training)
+
+    elbo = RoutedELBO()
+    for _ in range(2):
+        elbo.loss(_conv_model_then(then), _unrouted_guide, x, y)
+    route = elbo.routes["w"]
+    if training:
+        assert route.estimator == "pathwise" and route.layers is None
+    else:  # running statistics: each example normalized alone
+        assert route.estimator == "flipout"
+
+
 def test_a_weight_used_twice_stays_a_plain_draw():
     x, y = _data()
 
