@@ -71,6 +71,7 @@ from .locality import Footprint, cost_level, plan_footprints, precompute
 from .routing import PlateNestingNeeded, Route, RouteMessenger, RoutingOptions, SitePlan
 from .sparsity import Analysis
 from .terms import ParticleTerms, add_terms, may_need_costs, particle_terms
+from .weight_layers import WeightLayers, WeightUse
 
 __all__ = ["NonFiniteLossError", "RoutedELBO", "SideBySideError"]
 
@@ -255,6 +256,13 @@ class RoutedELBO(ELBO):
     :param max_enumerate: the largest finite support (values per plate element) that a
         site is summed over exactly without being asked (``"enumerate"``); larger discrete
         sites get DisARM (Bernoulli) or the score function.
+    :param layer_estimators: ``"requested"`` (default): flipout and local reparameterization
+        only for weight sites that ask for them (``infer={"estimator": "flipout"}``);
+        ``"auto"``: also for every factorized Normal site that its first step shows used
+        only as one ``F.linear``/``F.conv*`` call's weight. Both draw a weight per example:
+        unbiased only when the examples reach the likelihood through terms of their own
+        (no mean over the batch, no batch statistics after the layer); ``"auto"`` is that
+        assertion, which the ELBO checks for batch normalization only.
 
     After each call ``routes`` maps every guide latent site to its :class:`~.routing.Route`.
     """
@@ -278,6 +286,7 @@ class RoutedELBO(ELBO):
         dependency_tracking: str = "cached",
         fast_path: bool = True,
         max_enumerate: int = RoutingOptions.max_enumerate,
+        layer_estimators: str = "requested",
     ) -> None:
         if not isinstance(num_particles, int) or num_particles < 1:
             raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
@@ -301,7 +310,11 @@ class RoutedELBO(ELBO):
         self.options = RoutingOptions(max_enumerate=max_enumerate)
         self.routes: dict[str, Route] = {}
         self._averages = DecayingAverages()
-        self._learned = Learned(dependency_tracking)
+        if layer_estimators not in ("requested", "auto"):
+            raise ValueError(
+                f"layer_estimators must be 'requested' or 'auto', got {layer_estimators!r}"
+            )
+        self._learned = Learned(dependency_tracking, auto_layers=layer_estimators == "auto")
         #: what the last tracked step found per score-function map site: its
         #: :class:`~.locality.Footprint`, or why its costs stay site-level
         self.last_footprints: dict[str, Any] = {}
@@ -363,6 +376,9 @@ class RoutedELBO(ELBO):
                 tried["nesting"] = None
                 self._guess_plate_nesting(model, guide, args, kwargs)
             except _AttemptFailed as failed:
+                if isinstance(failed.error, WeightUse):  # its layers stay plain from now on
+                    self._learned.weight_used(failed.error, failed.plans)
+                    continue
                 try:
                     retry = self._learned.remedy(failed.error, failed.plans, tried)
                 except Exception:  # a requested estimator that cannot work: how to fix it
@@ -380,7 +396,12 @@ class RoutedELBO(ELBO):
         first_dim = None if nesting == float("inf") else -1 - int(nesting)
         options = learned.routing_options(self.options.max_enumerate)
         router = RouteMessenger(self.default_baseline, options, first_dim)
-        traced_model, traced_guide = model, router(guide)
+        layers = learned.layers
+        skip = {name: why for name, why in layers.items() if why is not None}
+        weights = WeightLayers(
+            lambda: router.plans, lambda name: name not in layers, skip, learned.candidate
+        )
+        traced_model, traced_guide = weights(model), weights.guide()(router(guide))
         analysis = Analysis() if track else None
         if track:
 
@@ -388,7 +409,7 @@ class RoutedELBO(ELBO):
                 return {n for n, p in router.plans.items() if p.estimator.element_costs}
 
             traced_guide = TagLatents(analysis, "guide")(traced_guide)
-            traced_model = TagLatents(analysis, "model", sources)(model)
+            traced_model = TagLatents(analysis, "model", sources)(traced_model)
         try:
             fold = FoldLeadingDims() if learned.fold else contextlib.nullcontext()
             with analysis if track else contextlib.nullcontext(), fold:
@@ -398,8 +419,9 @@ class RoutedELBO(ELBO):
             key = (signature(model_trace, guide_trace, router.routes), arguments)
             cached = None if track else learned.dependencies.lookup(key)
             verify = bool(router.dims) and (track or key not in learned.verified)
+            plans = learned.layer_decisions(router.plans, weights)
             particle, found = _particle_terms(
-                (model, guide, args, kwargs), model_trace, guide_trace, router.plans, cached,
+                (model, guide, args, kwargs), model_trace, guide_trace, plans, cached,
                 analysis, kernels=self.kernels if self.fast_path else REFERENCE,
                 fast_path=self.fast_path, nesting=nesting, verify=subsamples if verify else None,
                 untracked=learned.dependencies.why_unknown, measured=learned.kl_measured.get(key),

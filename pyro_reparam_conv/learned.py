@@ -8,7 +8,10 @@
 - ``fold``: whether values side by side pass the model's convolutions folded
   (:mod:`.folding`);
 - ``kl_measured``: per structure key, the analytic-KL sites measured to give the ELBO more
-  variance than their Monte Carlo terms (:func:`~.analytic_kl.measure_kl`).
+  variance than their Monte Carlo terms (:func:`~.analytic_kl.measure_kl`);
+- ``layers``: per weight site routed to flipout or local reparameterization and seen by a
+  step, ``None`` when its value was used only as one layer call's weight (its layers are
+  rewritten from then on), else why it stays a plain draw (:mod:`.weight_layers`).
 
 Only ``avoid`` changes what a later step computes in a way the next tracked step cannot find
 again by itself, so :meth:`Learned.state_dict` saves it (checkpoints); the rest is derived
@@ -18,11 +21,14 @@ again. :meth:`Learned.remedy` makes, for a failed particle, the next change to r
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
+from . import estimators
 from .dependencies import DependencyCache
+from .estimators.flipout import LAYERS
 from .estimators.base import RoutingOptions
 from .evaluations import avoid_after_failure
+from .weight_layers import verdict
 
 __all__ = ["Learned"]
 
@@ -30,15 +36,87 @@ __all__ = ["Learned"]
 class Learned:
     """What the ELBO knows about the model's structure (see the module docstring)."""
 
-    def __init__(self, dependency_tracking: str = "cached") -> None:
+    def __init__(self, dependency_tracking: str = "cached", auto_layers: bool = False) -> None:
         self.dependencies = DependencyCache(dependency_tracking)
         self.verified: set[tuple] = set()
         self.avoid: dict[str, dict[str, str]] = {}  # site -> {estimator: why not}
         self.fold = False
         self.kl_measured: dict[tuple, dict[str, str]] = {}  # structure -> {site: why no KL}
+        self.layers: dict[str, Optional[str]] = {}
+        #: per plain Normal site a first step watched: the layer estimator routing picks
+        #: for it and why (``None``: not a weight), and the sites that fell back from one
+        self.auto: dict[str, Optional[tuple[str, str]]] = {}
+        self.dropped: dict[str, str] = {}
+        #: whether plain Normal weights are routed to the layer estimators automatically
+        #: (``RoutedELBO(layer_estimators="auto")``: the user asserts that the examples reach
+        #: the likelihood through terms of their own, which a per-example weight needs)
+        self.auto_layers = auto_layers
+
+    def candidate(self, name: str, fn, plan) -> bool:
+        """Whether a plain draw's site is to be watched: a factorized Normal routed to
+        ``pathwise`` automatically, not watched before."""
+        return (
+            self.auto_layers and name not in self.auto and not plan.route.forced
+            and plan.estimator.name == "pathwise"
+            and {"flipout", "local_reparam"} <= set(estimators.ESTIMATORS)
+            and estimators.get("flipout").why_not(fn) is None
+        )  # fmt: skip
+
+    def weight_used(self, error, plans) -> None:
+        """A weight site's value was used otherwise on a step that rewrote its layer: it
+        stays a plain draw from now on (routed automatically: back to ``pathwise``)."""
+        plan = plans.get(error.site)
+        if plan is not None and not plan.route.forced and self.auto.get(error.site):
+            self.auto[error.site] = None
+            self.dropped[error.site] = error.reason
+        self.layers[error.site] = error.reason
+
+    def layer_decisions(self, plans, weights) -> dict:
+        """``plans`` with each weight site's layer decision of this step
+        (:class:`~.weight_layers.WeightLayers` ``weights``); what the watched sites showed is
+        learned."""
+        if not weights.fns and not self.dropped:
+            return plans
+        decided = dict(plans)
+        for name, why in self.dropped.items():
+            if name in plans and plans[name].estimator.name == "pathwise":
+                decided[name] = plans[name].decided(layers=f"not a layer estimator: {why}")
+        for name in weights.fns:
+            if name in weights.candidates:
+                decided[name] = self._watched_candidate(plans[name], weights)
+                continue
+            if name in weights.watched:
+                found = verdict(weights.other.get(name), weights.layer_calls.get(name, 0))
+                self.layers[name] = found
+                text = found or "plain weight draw on its first step, while its uses are checked"
+            elif self.layers.get(name) is not None:
+                text = self.layers[name]
+            else:
+                text = weights.rewritten.get(name) or verdict(None, 0)
+            decided[name] = plans[name].decided(layers=text)
+        return decided
+
+    def _watched_candidate(self, plan, weights):
+        name = plan.route.site
+        func = weights.layer_funcs.get(name)
+        if func is None or verdict(weights.other.get(name), weights.layer_calls[name]):
+            self.auto[name] = None
+            return plan
+        chosen = "local_reparam" if LAYERS[func] == 0 else "flipout"  # exact / unbiased
+        self.auto[name] = (
+            chosen,
+            f"{plan.route.distribution} weight used only by one {func.__name__} call (checked on "
+            "its first step)",
+        )
+        self.layers[name] = None  # checked: the next step rewrites its layer
+        return plan.decided(
+            layers=f"plain weight draw on its first step: used only as the weight of "
+            f"{func.__name__}, so {chosen} from the next step"
+        )
 
     def routing_options(self, max_enumerate: int) -> RoutingOptions:
-        return RoutingOptions(max_enumerate, self.avoid)
+        layers = {name: chosen for name, chosen in self.auto.items() if chosen}
+        return RoutingOptions(max_enumerate, self.avoid, layers)
 
     def remedy(self, error: Exception, plans, tried: dict) -> bool:
         """Apply the next change to retry a particle with after ``error`` (its routes were

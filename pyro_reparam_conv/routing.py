@@ -5,7 +5,10 @@ A latent guide site's estimator is, in order of precedence:
 1. ``infer={"estimator": name}`` on the site (or set by :func:`force_estimator`), any name
    in :data:`~pyro_reparam_conv.estimators.ESTIMATORS`; a name that does not apply to the
    site's distribution (``"pathwise"`` without ``rsample``) is a ``ValueError`` naming both;
-2. otherwise the most preferred registered estimator that applies and may be chosen
+2. otherwise, for a factorized Normal site whose value an earlier step found used only as
+   the weight of one ``F.linear`` / ``F.conv*`` call (``RoutingOptions.layers``), flipout
+   (conv layers) or local reparameterization (linear layers);
+3. otherwise the most preferred registered estimator that applies and may be chosen
    automatically (``docs/architecture.md`` has the table): the pathwise
    (reparameterization) gradient when the distribution has ``rsample`` (Kingma & Welling
    2014; Rezende et al. 2014), the exact sum over a small finite support, DisARM for
@@ -79,7 +82,9 @@ class Route:
     """The estimator a guide site gets and why, for users (``elbo.routes``).
 
     ``because``: why the estimator (routing's choice); ``kl``, ``costs``: the decisions
-    made after routing (:class:`KLDecision`, :class:`CostLevel`); ``escaped``: how the
+    made after routing (:class:`KLDecision`, :class:`CostLevel`; ``layers``: for a weight
+    site routed to flipout or local reparameterization, whether its layers were rewritten
+    this step or why it was a plain draw); ``escaped``: how the
     site's value left the tensor graph, if it did (its cost then counts every term after
     that point in sampling order). ``reason`` renders them all; ``baseline`` describes its
     baseline, if it has one."""
@@ -93,6 +98,7 @@ class Route:
     kl: Optional[KLDecision] = None
     costs: Optional[CostLevel] = None
     escaped: Optional[str] = None
+    layers: Optional[str] = None  # a weight site's layers: rewritten, or why a plain draw
 
     @property
     def analytic_kl(self) -> bool:
@@ -101,6 +107,8 @@ class Route:
     @property
     def reason(self) -> str:
         parts = [self.because, *(str(d) for d in (self.kl, self.costs) if d is not None)]
+        if self.layers is not None:
+            parts.append(self.layers)
         if self.escaped is not None:
             parts.append(
                 f"its value leaves the tensor graph ({self.escaped}): its cost counts every "
@@ -125,7 +133,7 @@ class SitePlan:
     baseline: Optional[BaselineSpec] = None
 
     def decided(self, **changes) -> "SitePlan":
-        """The plan with its route's decisions (``kl``, ``costs``, ``escaped``) set."""
+        """The plan with its route's decisions (``kl``, ``costs``, ``escaped``, ``layers``) set."""
         return _copy(self, route=_copy(self.route, **changes))
 
 
@@ -165,6 +173,9 @@ def choose_estimator(
 
 def _choose(name: str, fn, infer: dict, options: RoutingOptions) -> tuple[base.Estimator, str]:
     requested = infer.get("estimator")
+    chosen = options.layers.get(name) if requested is None else None
+    if chosen is not None and base.get(chosen[0]).why_not(fn) is None:  # a weight, found so
+        return base.get(chosen[0]), chosen[1]
     if requested is None:
         skipped = []
         for estimator in base.automatic():

@@ -54,6 +54,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 __all__ = [
     "Analysis",
     "Escape",
+    "NO_VALUES",
     "RULES",
     "Unknown",
     "checks_only",
@@ -434,6 +435,8 @@ _NO_VALUES = frozenset({
     "requires_grad", "_is_view", "is_shared", "is_pinned", "has_names", "dim_order",
     "is_inference", "is_signed", "__dlpack_device__",
 })  # fmt: skip
+#: operators that read no value of a tensor (its shape, dtype, ...; hooks, printing)
+NO_VALUES = _NO_VALUES
 
 
 # --------------------------------------------------------------------------- rules

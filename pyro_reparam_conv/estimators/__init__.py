@@ -10,6 +10,8 @@
   (unbiased for costs that are not differentiable; opt-in only).
 - :mod:`.implicit`: implicit reparameterization through a differentiable CDF (mixtures,
   von Mises, any continuous univariate distribution without ``rsample``).
+- :mod:`.flipout`: flipout and local reparameterization for Normal weights of linear and
+  conv layers (opt-in).
 
 What the ELBO does around them lives outside this package: baselines of score-function
 terms (:mod:`pyro_reparam_conv.baselines`) and the analytic KL of the fast path
@@ -26,7 +28,7 @@ from . import pathwise, score  # noqa: F401
 from . import disarm, enumerate, gumbel  # noqa: F401
 
 # isort: split
-from . import measure_valued  # noqa: F401
+from . import flipout, measure_valued  # noqa: F401
 
 # isort: split
 from . import implicit  # noqa: F401

@@ -93,11 +93,14 @@ class RoutingOptions:
     ``max_enumerate``: the largest support (values per plate element) that routing sums
     over exactly by itself (see ``docs/architecture.md`` for the measured table behind the
     default). ``avoid``: per site, estimators found not to work for it (the model does not
-    compute values side by side independently), with the reason.
+    compute values side by side independently), with the reason. ``layers``: per site whose
+    value a step found used only as one layer call's weight, the layer estimator routing
+    picks for it and why (:mod:`pyro_reparam_conv.weight_layers`).
     """
 
     max_enumerate: int = 16
     avoid: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    layers: Mapping[str, tuple] = field(default_factory=dict)
 
 
 class Estimator:
