@@ -510,3 +510,21 @@ def test_a_bad_mixture_option_on_a_univariate_mixture_names_the_site_too():
     )
     with pytest.raises(ValueError, match=r"site 'z': infer\['implicit_mixture'\] must be one of"):
         RoutedELBO().loss(lambda: pyro.sample("z", dist.Normal(0.0, 1.0)), guide)
+
+
+def test_a_cdf_without_a_derivative_in_its_parameters_is_not_used():
+    """torch's Gamma cdf (igamma) has no derivative in its concentration: not implicit."""
+    from pyro.distributions.testing.fakes import NonreparameterizedGamma
+
+    def model():
+        pyro.sample("r", dist.Gamma(2.0, 1.0))
+
+    def guide():
+        a = pyro.param("a", torch.tensor(2.0), constraint=dist.constraints.positive)
+        pyro.sample("r", NonreparameterizedGamma(a, torch.tensor(1.0)))
+
+    elbo = RoutedELBO()
+    elbo.loss_and_grads(model, guide)
+    route = elbo.routes["r"]
+    assert route.estimator == "score", route
+    assert "its cdf has no derivative in its parameters" in route.reason

@@ -81,6 +81,7 @@ from torch.distributions import (
 )
 
 from ..distributions import distribution_name
+from ..sparsity import distribution_tensors
 from .base import Estimator, Layout, RoutingOptions, register
 
 __all__ = ["ImplicitEstimator", "implicit_value", "von_mises_cdf"]
@@ -199,20 +200,28 @@ def _cdf_why_not(fn) -> Optional[str]:
         return f"{name} has no cdf"
     if type(fn) in _CDF_WORKS:
         return None
+    params = [t for t in distribution_tensors(fn) if t.requires_grad]
     try:  # on a draw, the global random state left as it was
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            fn.cdf(fn.sample())
-    except NotImplementedError:
-        return f"{name} has no cdf"
+        with torch.random.fork_rng(devices=[]):
+            with torch.no_grad():
+                value = fn.sample()
+            with torch.enable_grad():
+                cdf = fn.cdf(value)
+                if params and cdf.requires_grad:  # its derivative in the parameters exists
+                    torch.autograd.grad(cdf.sum(), params, allow_unused=True)
+    except NotImplementedError as error:
+        first = (str(error).strip().splitlines() or [""])[0]
+        return f"{name}: its cdf has no derivative in its parameters in torch ({first})"
     except Exception as error:  # noqa: BLE001 - any failure: no usable cdf, say which
         first = (str(error).strip().splitlines() or [""])[0]
         return f"{name}: its cdf could not be evaluated on a draw ({type(error).__name__}: {first})"
-    if not isinstance(fn, TransformedDistribution):  # its transforms decide, per instance
-        _CDF_WORKS.add(type(fn))
+    if params and not isinstance(fn, TransformedDistribution):  # transforms decide per instance
+        _CDF_WORKS.add(type(fn))  # its cdf and its derivative were evaluated: not repeated
     return None
 
 
-#: distribution classes whose cdf was evaluated on a draw (the check is not repeated)
+#: distribution classes whose cdf and its derivative in the parameters were evaluated on a
+#: draw (the check is not repeated)
 _CDF_WORKS: set = set()
 
 
