@@ -166,16 +166,15 @@ def _decided(plans: Mapping[str, SitePlan], footprints, escapes) -> dict[str, Si
     return decided
 
 
-def _dependencies(analysis, cached, model_trace, guide_trace, plans, untracked):
+def _dependencies(analysis, cached, model_trace, guide_trace, plans, priors, untracked):
     """``(terms, footprints, found)``: the term dependencies (``None``: unknown) and the
-    footprints of this step, from its analysis (then ``found`` is what to cache), from the
-    cache, or neither (``untracked`` says why)."""
+    footprints of this step, from its analysis (then ``found``, with the step's ``priors``,
+    is what to cache), from the cache, or neither (``untracked`` says why)."""
     if analysis is not None:
         terms, provenance = _tracked(analysis, model_trace, guide_trace)
         footprints = plan_footprints(
             analysis, model_trace, guide_trace, plans, terms, provenance=provenance
         )
-        priors = _tracked(analysis, model_trace)
         return terms, footprints, Dependencies(terms, priors, footprints, tuple(analysis.escapes))
     if cached is not None:
         return cached.terms, cached.footprints, None
@@ -206,7 +205,7 @@ def _particle_terms(
         precompute(model_trace, guide_trace, _local(cached.footprints))
     kernels.log_densities(model_trace, guide_trace, frozenset() if keep else frozenset(kl), nesting)
     terms, footprints, found = _dependencies(
-        analysis, cached, model_trace, guide_trace, plans, untracked
+        analysis, cached, model_trace, guide_trace, plans, priors, untracked
     )
     escapes = (found or cached).escapes if (found or cached) else ()
     plans = _decided(plans, footprints, escapes)

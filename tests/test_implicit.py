@@ -528,3 +528,33 @@ def test_a_cdf_without_a_derivative_in_its_parameters_is_not_used():
     route = elbo.routes["r"]
     assert route.estimator == "score", route
     assert "its cdf has no derivative in its parameters" in route.reason
+
+
+def test_implicit_is_unbiased_under_a_subsampled_plate():
+    """A model it was not built for: a local site under ``plate(subsample_size=...)``; the
+    expected gradient of -ELBO in loc_i is -(x_i - 2 loc_i) (Normal prior and likelihood)."""
+    from pyro.distributions.testing.fakes import NonreparameterizedNormal
+
+    x = torch.tensor([0.5, -1.0, 2.0, 0.3, 1.2, -0.4])
+
+    def model():
+        with pyro.plate("n", 6, subsample_size=2) as i:
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x[i])
+
+    def guide():
+        loc = pyro.param("loc", torch.linspace(-0.5, 0.5, 6))
+        with pyro.plate("n", 6, subsample_size=2) as i:
+            pyro.sample("z", NonreparameterizedNormal(loc[i], 0.8))
+
+    pyro.set_rng_seed(3)
+    elbo = RoutedELBO(fast_path=False)
+    draws = []
+    for _ in range(2000):
+        loss = elbo.differentiable_loss(model, guide)
+        draws.append(torch.autograd.grad(loss, [pyro.param("loc").unconstrained()])[0])
+    assert elbo.routes["z"].estimator == "implicit"
+    draws = torch.stack(draws)
+    mean, se = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
+    exact = -(x - 2 * pyro.param("loc").detach())
+    assert ((mean - exact).abs() / se).max() < 4.5, (mean, exact, se)

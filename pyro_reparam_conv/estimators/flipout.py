@@ -106,7 +106,10 @@ def _signs(like: torch.Tensor, spatial: int) -> torch.Tensor:
 
 
 class _WeightEstimator(PathwiseEstimator):
-    """A pathwise draw of a factorized Normal weight, whose layer is computed per example."""
+    """A pathwise draw of a factorized Normal weight, whose layer is computed per example:
+    the layer at the weight's mean plus a subclass's ``perturbation(apply, spatial, x,
+    weight, loc, scale)``, what the weight's randomness adds to the output per example
+    (``apply(x, w)`` is the layer without bias)."""
 
     automatic = False
     priority = 1
@@ -134,11 +137,6 @@ class _WeightEstimator(PathwiseEstimator):
 
         mean = func(x, loc, bias, *rest, **kwargs)
         return mean + self.perturbation(apply, spatial, x, weight, loc, scale)
-
-    def perturbation(self, apply, spatial: int, x, weight, loc, scale):
-        """What the weight's randomness adds to the layer's output, per example; ``apply(x,
-        w)`` is the layer without bias."""
-        raise NotImplementedError
 
 
 class Flipout(_WeightEstimator):
