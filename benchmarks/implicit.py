@@ -1,6 +1,6 @@
 """Issue 22 benchmark: implicit reparameterization gradients for guides without rsample.
 
-Run (about 35 s on a 2-core CPU, one torch thread; `--dim 64` about 40 s)::
+Run (about 30 s on a 2-core CPU, one torch thread; `--dim 64` about 30 s)::
 
     .venv/bin/python benchmarks/implicit.py [--draws 400] [--vae-draws 40] [--seed 0] [--dim 8]
 
@@ -12,13 +12,19 @@ per estimate (model, guide and backward pass), and the ratios to the implicit ro
 1. **Mixture guide**: ``z ~ N(0, I_D)`` (``--dim``, 8), ``x ~ N(z, 0.5^2 I)`` observed, a guide
    that is a mixture of 3 diagonal Gaussians on ``R^D`` (separated means, unequal weights).
    ``implicit``: torch's ``MixtureSameFamily`` (no rsample), routed automatically to the
-   implicit gradient (the weights by the distributional transform, the components by
-   their responsibilities; "all by the transform": ``infer={"implicit_mixture":
-   "transform"}``); the variance is also shown for the components' parameters and the
-   weights apart; ``MixtureOfDiagNormals pathwise``: Pyro's ``MixtureOfDiagNormals`` with
-   the same parameters (its own rsample, Jankowiak & Obermeyer 2018); the score function on
-   the same ``MixtureSameFamily`` with a decaying-average baseline, and with leave-one-out
-   over 2 particles (each estimate averages 2 particles, so it costs about 2 steps).
+   implicit gradient (its 3 components side by side, one draw each, weighted by the
+   mixture's weights: 3 evaluations of the model per step; "one draw": the weights by the
+   distributional transform, the components by their responsibilities,
+   ``infer={"implicit_mixture": "responsibilities"}``; "all by the transform":
+   ``infer={"implicit_mixture": "transform"}``); the variance is also shown for the
+   components' parameters and the weights apart; ``MixtureOfDiagNormals pathwise``: Pyro's
+   ``MixtureOfDiagNormals`` with the same parameters (its own rsample, Jankowiak & Obermeyer
+   2018); the score function on the same ``MixtureSameFamily`` with a decaying-average
+   baseline, and with leave-one-out over 2 particles (each estimate averages 2 particles,
+   so it costs about 2 steps). Every row is one particle per step (leave-one-out: 2) and
+   the same model; ``implicit`` evaluates the model at 3 values side by side in it. The
+   goal lines compare each group of parameters (all, components, weights) with
+   ``MixtureOfDiagNormals`` and with the best score-function row for that group.
 2. **Von Mises**: 8 angles, prior ``VonMises(0, 1)``, ``x_d ~ VonMises(z_d, 4)`` observed,
    guide ``VonMises(loc_d, kappa_d)``: implicit (the von Mises CDF) against the score
    function with both baselines (torch's von Mises has no rsample: no other pathwise
@@ -76,6 +82,10 @@ def mixture_guide(infer=None):
 
 def transform_guide():
     mixture_guide({"implicit_mixture": "transform"})
+
+
+def one_draw_guide():
+    mixture_guide({"implicit_mixture": "responsibilities"})
 
 
 def diag_normals_guide():
@@ -187,17 +197,17 @@ def main(argv=None) -> None:
         mixture_model, diag_normals_guide, {"MixtureOfDiagNormals pathwise": "auto"}, (),
         args.draws, args.seed,
     )  # fmt: skip
-    transform = _measure(
-        mixture_model, transform_guide, {"implicit, all by the transform": "auto"}, (),
-        args.draws, args.seed,
-    )  # fmt: skip
-    rows = {"implicit": rows.pop("implicit"), **transform, **modn, **rows}
+    variants = {}
+    for label, guide in (("implicit, one draw", one_draw_guide),
+                         ("implicit, all by the transform", transform_guide)):
+        variants.update(_measure(mixture_model, guide, {label: "auto"}, (), args.draws, args.seed))
+    rows = {"implicit": rows.pop("implicit"), **variants, **modn, **rows}  # fmt: skip
     print()
     groups = {"components": ("locs", "log_scales"), "weights": ("logits",)}
     title = f"1. mixture guide (K={K} diagonal Gaussians on R^{D}), {args.draws} draws"
     print(_table(title, rows, groups))
     implicit, pathwise = rows["implicit"], rows["MixtureOfDiagNormals pathwise"]
-    for label, params in (("all parameters", None), ("components", groups["components"])):
+    for label, params in (("all parameters", None), *groups.items()):
         best = min(_total(v, params) for k, v in rows.items() if k.startswith("score"))
         ours = _total(implicit, params)
         print(

@@ -180,6 +180,9 @@ def _choose(name: str, fn, infer: dict, options: RoutingOptions) -> tuple[base.E
         skipped = []
         for estimator in base.automatic():
             avoided = options.avoid.get(name, {}).get(estimator.name)
+            if avoided and estimator.one_draw(infer) is not None:  # usable with one draw
+                skipped.append(f"{avoided}: one draw per particle instead")
+                avoided = None
             why_not = avoided or estimator.auto_why_not(fn, options)
             if why_not is None:
                 reason = "; ".join(r for r in (*skipped, estimator.because(fn)) if r)
@@ -240,6 +243,10 @@ class RouteMessenger(Messenger):
         if not is_latent(msg):
             return
         name, fn = msg["name"], msg["fn"]
+        if msg["infer"].get("estimator") is None:  # values side by side failed: one draw
+            for avoided in self.options.avoid.get(name, {}):
+                infer = base.get(avoided).one_draw(msg["infer"]) if avoided in ESTIMATORS else None
+                msg["infer"] = msg["infer"] if infer is None else infer
         estimator, reason = choose_estimator(name, fn, msg["infer"], self.options)
         spec = None
         if estimator.uses_baseline:
@@ -253,7 +260,7 @@ class RouteMessenger(Messenger):
             forced=msg["infer"].get("estimator") is not None,
         )
         dim = None
-        if estimator.layout.evaluations(fn) > 1:
+        if estimator.layout.site_evaluations(msg) > 1:
             if self.first_available_dim is None:
                 raise PlateNestingNeeded(name)
             dim = self.first_available_dim - len(self.dims)

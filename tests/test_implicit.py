@@ -22,6 +22,7 @@ import math
 import numpy as np
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import pytest
 import scipy.integrate
 import scipy.special
@@ -37,7 +38,7 @@ from exact import (
 )
 
 from pyro_reparam_conv import RoutedELBO, audit_gradients, compare_estimators, force_estimator
-from pyro_reparam_conv.estimators.implicit import implicit_value, von_mises_cdf
+from pyro_reparam_conv.estimators.implicit import component_draws, implicit_value, von_mises_cdf
 
 F64 = torch.float64
 IMPLICIT = {"estimator": "implicit"}
@@ -93,6 +94,12 @@ def _von_mises(phi):
     return dist.VonMises(phi[..., 0], phi[..., 1].exp())
 
 
+def _von_mises_mixture(phi):  # components without rsample: each by its own implicit gradient
+    logits, loc, log_kappa = phi[..., :2], phi[..., 2:4], phi[..., 4:6]
+    components = dist.VonMises(loc, log_kappa.exp())
+    return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
+
+
 def _mixture_2d(phi):
     logits = phi[..., :2]
     loc = phi[..., 2:6].reshape(phi.shape[:-1] + (2, 2))
@@ -138,6 +145,7 @@ PHI = {
     "von_mises_series": [0.4, math.log(2.0)],
     "von_mises_normal": [-0.3, math.log(60.0)],
     "mixture_2d": [0.2, -0.5, -1.0, 0.5, 1.0, -0.8, -0.3, 0.1, -0.5, 0.2],
+    "von_mises_mixture": [0.3, -0.2, -1.0, 1.5, math.log(2.0), math.log(0.7)],
 }
 BUILD = {
     "mixture": _mixture,
@@ -145,6 +153,7 @@ BUILD = {
     "von_mises_series": _von_mises,
     "von_mises_normal": _von_mises,
     "mixture_2d": _mixture_2d,
+    "von_mises_mixture": _von_mises_mixture,
 }
 
 
@@ -186,7 +195,10 @@ def _jacobian(name, mixture="responsibilities"):
     return z0, jac, torch.stack(fd, -1)
 
 
-@pytest.mark.parametrize("name", [n for n in PHI if n != "mixture_2d"] + ["mixture_2d-transform"])
+ONE_DRAW = [n for n in PHI if n not in ("mixture_2d", "von_mises_mixture")]
+
+
+@pytest.mark.parametrize("name", ONE_DRAW + ["mixture_2d-transform"])
 def test_each_draws_derivative_is_the_inverse_cdfs(name):
     """dz/dphi of every draw (value exactly the draw) against central differences of the
     inverse CDF at the same uniform, in float64 (the 2D mixture: everything by the
@@ -245,6 +257,14 @@ COSTS_PLANE = {
 }
 
 
+def _cost(name, cost):
+    """The cost called ``cost`` for distribution ``name`` (the line's, the circle's and the
+    plane's share names)."""
+    if name.startswith("mixture_2d"):
+        return COSTS_PLANE[cost]
+    return (COSTS_CIRCLE if name.startswith("von_mises") else COSTS_LINE)[cost]
+
+
 def _grid(name):
     """Quadrature nodes and the volume of a cell (trapezoid: the integrands vanish at the
     ends, or are periodic)."""
@@ -278,13 +298,18 @@ CASES = (
     + [("mixture_2d", c) for c in COSTS_PLANE]
     + [("mixture_2d-transform", c) for c in COSTS_PLANE]
 )
+COMPONENT_CASES = (
+    [("mixture", c) for c in COSTS_LINE]
+    + [("von_mises_mixture", c) for c in COSTS_CIRCLE]
+    + [("mixture_2d", c) for c in COSTS_PLANE]
+)
 
 
 @pytest.mark.parametrize("name, cost", CASES, ids=[f"{n}-{c}" for n, c in CASES])
 def test_mean_gradient_matches_quadrature(name, cost):
     """Per-draw gradients of f(z) from independent copies of the parameters (one row each),
     their mean within 4.5 standard errors of the gradient of E[f] by quadrature."""
-    f = {**COSTS_LINE, **COSTS_CIRCLE, **COSTS_PLANE}[cost]
+    f = _cost(name, cost)
     name, *mixture = name.split("-")
     phi = torch.tensor(PHI[name], dtype=F64)
     n = 3000
@@ -297,6 +322,39 @@ def test_mean_gradient_matches_quadrature(name, cost):
     assert_unbiased({cost: draws}, {cost: _quadrature_gradient(name, f, phi)})
 
 
+@pytest.mark.parametrize(
+    "name, cost", COMPONENT_CASES, ids=[f"{n}-{c}" for n, c in COMPONENT_CASES]
+)
+def test_the_components_side_by_side_match_quadrature(name, cost):
+    """The default for a mixture: one draw of each component (its own pathwise gradient, or
+    its implicit one for von Mises components), sum_k w_k f(z_k) differentiated; per-row
+    gradients' mean within 4.5 standard errors of the gradient of E[f] by quadrature."""
+    f = _cost(name, cost)
+    phi = torch.tensor(PHI[name], dtype=F64)
+    n = 3000
+    rows = phi.expand(n, -1).clone().requires_grad_(True)
+    torch.manual_seed(4)
+    values, weights = component_draws(BUILD[name](rows))
+    assert values.shape[:2] == weights.shape == (2, n)
+    (draws,) = torch.autograd.grad((weights * f(values)).sum(), rows)
+    assert bool(torch.isfinite(draws).all())
+    assert_unbiased({cost: draws}, {cost: _quadrature_gradient(name, f, phi)})
+
+
+def test_the_components_side_by_side_have_less_variance_in_the_weights():
+    """On the 2D mixture, cost sin(z1 + 2 z2): the weights' gradient of the components side
+    by side has less variance than one draw's by the distributional transform."""
+    f = COSTS_PLANE["sin"]
+    rows = torch.tensor(PHI["mixture_2d"], dtype=F64).expand(2000, -1).clone().requires_grad_(True)
+    torch.manual_seed(11)
+    values, weights = component_draws(_mixture_2d(rows))
+    (sides,) = torch.autograd.grad((weights * f(values)).sum(), rows)
+    fn = _mixture_2d(rows)
+    (one,) = torch.autograd.grad(f(implicit_value(fn, fn.sample())).sum(), rows)
+    ratio = one[:, :2].var(0).sum() / sides[:, :2].var(0).sum()
+    assert ratio > 3, ratio
+
+
 # ------------------------------------------------------------ through RoutedELBO
 X_OBS = 1.3
 
@@ -306,11 +364,11 @@ def mixture_model():
     pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor(X_OBS))
 
 
-def mixture_guide():
+def mixture_guide(option=None):
     logits, loc = param("logits", [0.2, -0.3]), param("loc", [-0.5, 1.0])
     log_s = param("log_s", [-0.2, -0.7])
     mix = dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(loc, log_s.exp()))
-    pyro.sample("z", mix)
+    pyro.sample("z", mix, infer={} if option is None else {"implicit_mixture": option})
 
 
 def mixture_exact_gradients():
@@ -330,17 +388,21 @@ def mixture_exact_gradients():
     return dict(zip(names, params)), {n: g.float() for n, g in zip(names, grads)}
 
 
+@pytest.mark.parametrize("option", [None, "responsibilities"], ids=["components", "one-draw"])
 @pytest.mark.parametrize("particles", [1, 4], ids=["one-particle", "vectorized-particles"])
-def test_the_elbo_gradient_of_a_mixture_guide_is_unbiased(particles):
+def test_the_elbo_gradient_of_a_mixture_guide_is_unbiased(particles, option):
     params, exact = mixture_exact_gradients()
     pyro.set_rng_seed(5)
     elbo = RoutedELBO(num_particles=particles, vectorize_particles=particles > 1)
-    draws = draw_gradients(elbo, mixture_model, mixture_guide, params, 400)
+    draws = draw_gradients(elbo, mixture_model, lambda: mixture_guide(option), params, 400)
     assert_unbiased(draws, exact)
     route = elbo.routes["z"]
     assert route.estimator == "implicit" and not route.forced
     assert route.reason.startswith("MixtureSameFamily has no rsample; implicit reparameterization")
-    assert "sum_k w_k F_k" in route.reason and "dz/dphi = -(dF/dphi) / q(z)" in route.reason
+    if option is None:
+        assert "2 components side by side" in route.reason, route.reason
+    else:
+        assert "sum_k w_k F_k" in route.reason and "dz/dphi = -(dF/dphi) / q(z)" in route.reason
 
 
 def test_analytic_kl_composes_on_a_normal_forced_to_implicit():
@@ -369,11 +431,14 @@ MIX = dist.Categorical(logits=torch.zeros(2))
 ROUTES = {
     "von_mises": (dist.VonMises(0.3, 2.0), "implicit", "the von Mises cdf"),
     "mixture": (dist.MixtureSameFamily(MIX, dist.Normal(torch.tensor([0.0, 1.0]), 1.0)),
-                "implicit", "sum_k w_k F_k"),
+                "implicit", "2 components side by side"),
     "mixture_diag": (dist.MixtureSameFamily(MIX, dist.Normal(torch.zeros(2, 3), 1.0).to_event(1)),
-                     "implicit", "the distributional transform"),
+                     "implicit", "2 components side by side"),
     "von_mises_mixture": (dist.MixtureSameFamily(MIX, dist.VonMises(torch.tensor([0.0, 1.0]), 3.0)),
-                          "implicit", "sum_k w_k F_k"),
+                          "implicit", "2 components side by side"),
+    "mixture_map": (dist.MixtureSameFamily(dist.Categorical(logits=torch.zeros(3, 2)),
+                                           dist.Normal(torch.zeros(3, 2), 1.0)).to_event(1),
+                    "implicit", "sum_k w_k F_k"),
     "plated_von_mises": (dist.VonMises(torch.zeros(4), 2.0).to_event(1), "implicit", "von Mises"),
     "normal": (dist.Normal(0.0, 1.0), "pathwise", "Normal has rsample"),
     "gamma": (dist.Gamma(2.0, 1.0), "pathwise", "Gamma has rsample"),
@@ -449,7 +514,57 @@ def test_a_mixture_map_beside_a_score_map_with_element_level_costs():
     grads = torch.autograd.grad(loss, params)
     assert all(bool(torch.isfinite(g).all()) and bool(g.abs().sum() > 0) for g in grads)
     assert elbo.routes["z"].estimator == "implicit"
+    assert "sum_k w_k F_k" in elbo.routes["z"].reason  # a map of mixtures: one draw
     assert "element-level costs" in elbo.routes["b"].reason, elbo.routes["b"].reason
+
+
+def map_of_one_mixture_model(x):
+    with pyro.plate("images", B):
+        z = pyro.sample("z", dist.Normal(torch.zeros(B, H * W), 1.0).to_event(1))
+        b = pyro.sample("b", dist.Bernoulli(0.5 * torch.ones(B, 1, H, W)).to_event(3))
+        image = z.reshape(z.shape[:-1] + (1, H, W)) + b
+        out = torch.nn.functional.conv2d(image, torch.ones(1, 1, 3, 3) / 9, padding=1)
+        pyro.sample("x", dist.Normal(out, 1.0).to_event(3), obs=x)
+
+
+def map_of_one_mixture_guide(x):
+    logits = param("map1_logits", torch.zeros(B, 2))
+    loc = param("map1_loc", torch.tensor([-1.0, 1.0]).reshape(2, 1).expand(B, 2, H * W))
+    b_logits = param("b_logits", torch.zeros(B, 1, H, W))
+    with pyro.plate("images", B):
+        comps = dist.Normal(loc, 0.7).to_event(1)
+        pyro.sample("z", dist.MixtureSameFamily(dist.Categorical(logits=logits), comps))
+        pyro.sample("b", dist.Bernoulli(logits=b_logits).to_event(3), infer={"estimator": "score"})
+
+
+def test_a_mixture_per_image_side_by_side_beside_a_score_map_with_element_level_costs():
+    """One mixture of diagonal Gaussians per image (its components side by side through a
+    conv, folded) beside an element-level score map; the score map's gradient agrees with
+    the one it gets beside one draw of the mixture (the mixture's route changes only the
+    variance)."""
+    x = torch.randn(B, 1, H, W, generator=torch.Generator().manual_seed(8))
+    names = ("map1_logits", "map1_loc", "b_logits")
+    draws = {}
+    for option in (None, "responsibilities"):
+        pyro.set_rng_seed(8)
+        elbo = RoutedELBO()
+        infer = {} if option is None else {"implicit_mixture": option}
+        guide = poutine.infer_config(
+            map_of_one_mixture_guide, lambda site: infer if site["name"] == "z" else {}
+        )
+        rows = []
+        for _ in range(300):
+            loss = elbo.differentiable_loss(map_of_one_mixture_model, guide, x)
+            grads = torch.autograd.grad(loss, [pyro.param(n) for n in names])
+            rows.append(torch.cat([g.reshape(-1) for g in grads]))
+        draws[option] = torch.stack(rows)
+        assert bool(torch.isfinite(draws[option]).all())
+        assert "element-level costs" in elbo.routes["b"].reason, elbo.routes["b"].reason
+        side = "2 components side by side" in elbo.routes["z"].reason
+        assert side == (option is None), elbo.routes["z"].reason
+    a, b = draws[None], draws["responsibilities"]
+    se = (a.var(0) / len(a) + b.var(0) / len(b)).sqrt()
+    assert bool(((a.mean(0) - b.mean(0)).abs() <= 4.5 * se + 1e-6).all())
 
 
 def test_compare_estimators_and_the_bias_check_see_it():
@@ -485,7 +600,7 @@ def diag_guide(option=None):
         )
 
 
-@pytest.mark.parametrize("option", [None, "transform"])
+@pytest.mark.parametrize("option", [None, "responsibilities", "transform"])
 def test_a_diagonal_mixture_in_a_plate_with_vectorized_particles(option):
     pyro.set_rng_seed(10)
     elbo = RoutedELBO(num_particles=3, vectorize_particles=True, max_plate_nesting=1)
@@ -493,8 +608,70 @@ def test_a_diagonal_mixture_in_a_plate_with_vectorized_particles(option):
     grads = torch.autograd.grad(loss, [pyro.param("diag_logits"), pyro.param("diag_loc")])
     assert all(bool(torch.isfinite(g).all()) and bool(g.abs().sum() > 0) for g in grads)
     reason = elbo.routes["z"].reason
-    expected = "dimension by dimension" if option else "weighted by their responsibilities"
+    expected = {
+        None: "2 components side by side",
+        "responsibilities": "weighted by their responsibilities",
+        "transform": "dimension by dimension",
+    }[option]
     assert elbo.routes["z"].estimator == "implicit" and expected in reason, reason
+
+
+def plated_mixture_guide():
+    logits = param("plated_logits", [[0.2, -0.3], [0.5, 0.4], [-1.0, 0.3]])
+    loc = param("plated_loc", [[-0.5, 1.0], [0.3, 2.0], [-1.2, -0.1]])
+    log_s = param("plated_log_s", [[-0.2, -0.7], [0.1, -0.4], [-0.5, 0.0]])
+    with pyro.plate("N", 3):
+        components = dist.Normal(loc, log_s.exp())
+        pyro.sample("z", dist.MixtureSameFamily(dist.Categorical(logits=logits), components))
+
+
+def plated_mixture_model():
+    with pyro.plate("N", 3):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor([X_OBS, -0.4, 2.0]))
+
+
+def test_the_components_side_by_side_per_plate_element_with_vectorized_particles():
+    """Three independent mixtures in a plate, 4 particles vectorized: the components' dim,
+    the plate's and the particles' together; the gradient against quadrature per element."""
+    names = ["plated_logits", "plated_loc", "plated_log_s"]
+    plated_mixture_guide()
+    params = [pyro.param(n) for n in names]
+    z = torch.linspace(-15, 15, 30001, dtype=F64).unsqueeze(-1)
+    q = dist.MixtureSameFamily(
+        dist.Categorical(logits=params[0].double()),
+        dist.Normal(params[1].double(), params[2].double().exp()),
+    )
+    x = torch.tensor([X_OBS, -0.4, 2.0], dtype=F64)
+    log_q = q.log_prob(z)
+    log_p = dist.Normal(0.0, 1.0).log_prob(z) + dist.Normal(z, 1.0).log_prob(x)
+    exact = torch.autograd.grad(-(log_q.exp() * (log_p - log_q)).sum() * 0.001, params)
+    pyro.set_rng_seed(12)
+    elbo = RoutedELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+    draws = draw_gradients(
+        elbo, plated_mixture_model, plated_mixture_guide, dict(zip(names, params)), 300
+    )
+    assert_unbiased(draws, dict(zip(names, exact)))
+    assert "2 components side by side" in elbo.routes["z"].reason
+
+
+def test_values_side_by_side_that_fail_fall_back_to_one_draw():
+    """A term outside the mixture's plate that depends on it: the components side by side
+    cannot be weighted per element, so the site keeps the implicit gradient with one draw
+    (not the score function) and the route says why."""
+
+    def model():
+        with pyro.plate("N", 3):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z.sum(-1), 1.0), obs=torch.tensor(0.5))
+
+    pyro.set_rng_seed(13)
+    elbo = RoutedELBO()
+    for _ in range(2):
+        elbo.loss_and_grads(model, plated_mixture_guide)
+    route = elbo.routes["z"]
+    assert route.estimator == "implicit", route.reason
+    assert "one draw per particle instead" in route.reason and "sum_k w_k F_k" in route.reason
 
 
 def test_a_bad_mixture_option_names_the_site():

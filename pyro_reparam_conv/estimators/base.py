@@ -24,7 +24,9 @@ class with
   parts into ``site["score_parts"]``), and :meth:`Estimator.surrogate`, a term of its own.
 
 A layout may evaluate several values of the site in one particle
-(:meth:`Layout.evaluations` > 1: the exact sum over a finite support, an antithetic pair).
+(:meth:`Layout.evaluations` > 1, or :meth:`Layout.site_evaluations` where the count depends
+on the site's ``infer`` or plates: the exact sum over a finite support, an antithetic pair,
+a mixture's components).
 Routing then gives the site an *evaluation dim* left of every plate (where Pyro puts
 enumeration dims) and :meth:`Layout.draw` lays the values out along it; the model and the
 rest of the guide see them side by side, and every term that depends on them has the dim
@@ -74,6 +76,12 @@ class Layout:
     def evaluations(self, fn) -> int:
         """How many values of the site one particle evaluates side by side (1: one draw)."""
         return 1
+
+    def site_evaluations(self, msg: dict) -> int:
+        """:meth:`evaluations` for one site as routing sees it (its ``fn``, ``infer`` and
+        plates, ``msg["cond_indep_stack"]``): a layout whose count depends on more than the
+        distribution overrides this one (default: ``evaluations(msg["fn"])``)."""
+        return self.evaluations(msg["fn"])
 
     def draw(self, msg: dict, dim: Optional[int] = None) -> None:
         """Set ``msg["value"]`` for a latent site, or leave it ``None`` for Pyro's own draw.
@@ -147,6 +155,13 @@ class Estimator:
     def note(self, fn, infer: dict) -> str:
         """What a route's reason adds whenever the estimator is used (its cost, its bias)."""
         return ""
+
+    def one_draw(self, infer: dict) -> Optional[dict]:
+        """The site's ``infer`` with which the estimator draws one value per particle, for a
+        site whose values side by side failed (``RoutingOptions.avoid``): ``infer`` itself
+        where it draws one already, ``None`` (default) where it cannot do without them (then
+        routing takes the next estimator)."""
+        return None
 
     def has_score_function(self, fn) -> bool:
         """Whether :meth:`score_parts` can carry a score-function part for ``fn``, or
