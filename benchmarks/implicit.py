@@ -1,6 +1,6 @@
 """Issue 22 benchmark: implicit reparameterization gradients for guides without rsample.
 
-Run (about 30 s on a 2-core CPU, one torch thread; `--dim 64` about 30 s)::
+Run (about 25 s on a 2-core CPU, one torch thread; `--dim 64` about 40 s)::
 
     .venv/bin/python benchmarks/implicit.py [--draws 400] [--vae-draws 40] [--seed 0] [--dim 8]
 
@@ -50,9 +50,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _timing import environment, format_table  # noqa: E402
+from _timing import environment, format_table, median, time_interleaved  # noqa: E402
 
-from pyro_reparam_conv import compare_estimators  # noqa: E402
+from pyro_reparam_conv import RoutedELBO, compare_estimators, force_estimator  # noqa: E402
 from pyro_reparam_conv.data import load_default_images  # noqa: E402
 from pyro_reparam_conv.models import ConvClusterVAE  # noqa: E402
 
@@ -172,6 +172,29 @@ def _table(title, rows, groups=None, reference="implicit"):
     return f"{title}\n" + format_table(headers, body)
 
 
+def _step_times(rounds: int, seed: int) -> dict[str, float]:
+    """Seconds per gradient step (loss and backward, one particle) of the mixture guide's
+    routes, the median of ``rounds`` interleaved rounds (drift in the shared machine's load
+    hits each alike; ``compare_estimators`` times each route in one block)."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    routes = {
+        "implicit": (RoutedELBO(), mixture_guide),
+        "implicit, one draw": (RoutedELBO(), one_draw_guide),
+        "MixtureOfDiagNormals pathwise": (RoutedELBO(), diag_normals_guide),
+        "score + decaying avg": (
+            RoutedELBO(baseline="decaying_avg"), force_estimator(mixture_guide, "score")
+        ),
+    }
+
+    def step(elbo, guide):
+        return lambda: [elbo.loss_and_grads(mixture_model, guide) for _ in range(5)]
+
+    fns = {label: step(*route) for label, route in routes.items()}
+    times = time_interleaved(fns, repeats=rounds, warmup=2)
+    return {label: median(t) / 5 for label, t in times.items()}
+
+
 def _total(row, params=None):
     return sum(v for p, v in row[0].items() if params is None or p in params)
 
@@ -182,6 +205,7 @@ def main(argv=None) -> None:
     parser.add_argument("--vae-draws", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dim", type=int, default=8, help="dimension of the mixture's z")
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds")
     args = parser.parse_args(argv)
     global D
     D = args.dim
@@ -216,6 +240,14 @@ def main(argv=None) -> None:
             f"{best / ours:.3g} (>= 100)"
         )
     print(f"goal: time implicit / MixtureOfDiagNormals = {implicit[1] / pathwise[1]:.3g} (<= 2)")
+    times = _step_times(args.rounds, args.seed)
+    print(
+        f"time per step, median of {args.rounds} interleaved rounds of 5 steps: "
+        + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in times.items())
+        + f"; implicit / MixtureOfDiagNormals = "
+        f"{times['implicit'] / times['MixtureOfDiagNormals pathwise']:.3g} (goal <= 2), "
+        f"implicit / score = {times['implicit'] / times['score + decaying avg']:.3g}"
+    )
 
     rows = _measure(von_mises_model, von_mises_guide, same, (), args.draws, args.seed)
     print()
