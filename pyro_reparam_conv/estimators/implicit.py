@@ -50,8 +50,8 @@ shapes, event shapes and plates as usual):
   index per element of the site's plates: a mixture whose batch dims are an event
   (``.to_event``: a map of independent mixtures) would need ``K`` to the number of
   elements, and gets one draw as below (so does a site whose values side by side fail, the
-  route saying why). On ``benchmarks/implicit.py``'s mixture of 3 diagonal Gaussians in ``D
-  = 8`` and ``64`` dims (the README has the table) the weights' gradient has 45-250x less
+  route saying why). On ``benchmarks/implicit.py``'s mixture of 3 diagonal Gaussians in
+  ``D = 8`` and ``64`` dims (the README has the table) the weights' gradient has 45-250x less
   variance than one draw's and the components' 4.4-4.7x less, the total 0.005-0.2x that of
   Pyro's ``MixtureOfDiagNormals`` and 145-460x less than the best score-function route, at
   0.8-0.9x the time per step of the former and 1.2-1.5x that of the latter. The other way to
