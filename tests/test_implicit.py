@@ -735,3 +735,27 @@ def test_implicit_is_unbiased_under_a_subsampled_plate():
     mean, se = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
     exact = -(x - 2 * pyro.param("loc").detach())
     assert ((mean - exact).abs() / se).max() < 4.5, (mean, exact, se)
+
+
+def test_a_mixture_of_many_components_draws_once_unless_asked():
+    """More components than MAX_COMPONENTS_SIDE_BY_SIDE: one draw by default (the route says
+    why), the components side by side when asked."""
+    from pyro_reparam_conv.estimators.implicit import MAX_COMPONENTS_SIDE_BY_SIDE
+
+    k = MAX_COMPONENTS_SIDE_BY_SIDE + 1
+
+    def model(asked):
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def guide(asked):
+        logits = pyro.param("logits", torch.zeros(k))
+        locs = pyro.param("locs", torch.linspace(-2, 2, k))
+        mix = dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(locs, 1.0))
+        pyro.sample("z", mix, infer=asked)
+
+    pyro.clear_param_store()
+    elbo = RoutedELBO(max_plate_nesting=0)
+    elbo.loss(model, guide, {})
+    assert "one draw (17 components > 16 side by side)" in elbo.routes["z"].reason
+    elbo.loss(model, guide, {"implicit_mixture": "components"})
+    assert "17 components side by side" in elbo.routes["z"].reason

@@ -44,7 +44,9 @@ shapes, event shapes and plates as usual):
   values lie side by side along an evaluation dim, weighted by ``w_k`` per element of the
   site's plates (as the exact sum over a discrete site's support is, by ``q(k)``; Pyro's
   ``TraceEnum_ELBO`` would enumerate ``c`` the same way for a guide written as ``c`` then
-  ``z | c``): ``K`` evaluations of everything that depends on the site. This is the
+  ``z | c``): ``K`` evaluations of everything that depends on the site. A mixture of more than
+  ``MAX_COMPONENTS_SIDE_BY_SIDE`` (16) components draws once unless asked, as routing
+  enumerates at most ``max_enumerate`` values. This is the
   stratified ELBO of Morningstar et al. (2021, "Automatic Differentiation Variational
   Inference with Mixtures", AISTATS) with one draw per component. It needs the component
   index per element of the site's plates: a mixture whose batch dims are an event
@@ -426,8 +428,20 @@ def _batch_in_plates(msg: dict) -> bool:
     return all(n == 1 or i - len(batch) in plates for i, n in enumerate(batch))
 
 
-def _mixture_option(infer: dict) -> str:
-    option = infer.get("implicit_mixture", MIXTURE_GRADIENTS[0])
+#: the most components a mixture gets side by side without being asked (``K`` evaluations of
+#: everything downstream; as many as routing enumerates, ``RoutingOptions.max_enumerate``)
+MAX_COMPONENTS_SIDE_BY_SIDE = 16
+
+
+def _mixture_option(infer: dict, fn=None) -> str:
+    """The site's ``implicit_mixture``: as asked, else the components side by side where a
+    mixture ``fn`` has at most :data:`MAX_COMPONENTS_SIDE_BY_SIDE` of them, else one draw."""
+    default = MIXTURE_GRADIENTS[0]
+    mix = None if fn is None else _unwrap(fn)
+    if isinstance(mix, MixtureSameFamily):
+        if mix.mixture_distribution.logits.shape[-1] > MAX_COMPONENTS_SIDE_BY_SIDE:
+            default = "responsibilities"
+    option = infer.get("implicit_mixture", default)
     if option not in MIXTURE_GRADIENTS:
         raise ValueError(
             f"infer['implicit_mixture'] must be one of {', '.join(map(repr, MIXTURE_GRADIENTS))}"
@@ -450,7 +464,7 @@ class ImplicitDraw(Layout):
 
     def site_evaluations(self, msg: dict) -> int:
         mix = _per_element_mixture(msg["fn"])
-        if mix is None or _mixture_option(msg["infer"]) != "components":
+        if mix is None or _mixture_option(msg["infer"], msg["fn"]) != "components":
             return 1
         if not _batch_in_plates(msg):
             return 1
@@ -497,7 +511,7 @@ class ImplicitEstimator(Estimator):
         return "" if _unwrap(fn).support.is_discrete else self.why_not(fn)
 
     def note(self, fn, infer: dict) -> str:
-        base, option = _unwrap(fn), _mixture_option(infer)  # a bad option: an error here
+        base, option = _unwrap(fn), _mixture_option(infer, fn)  # a bad option: an error here
         if isinstance(base, MixtureSameFamily):
             k = base.mixture_distribution.logits.shape[-1]
             if option == "components" and _per_element_mixture(fn) is not None:
@@ -507,6 +521,9 @@ class ImplicitEstimator(Estimator):
                     "differentiable weights w_k), each drawn with its own pathwise or implicit "
                     "gradient: no score function"
                 )
+            if "implicit_mixture" not in infer and k > MAX_COMPONENTS_SIDE_BY_SIDE:
+                how = f"one draw ({k} components > {MAX_COMPONENTS_SIDE_BY_SIDE} side by side): "
+                return how + self.note(fn, {"implicit_mixture": option})
             if not base.event_shape:
                 how = "its mixture's cdf sum_k w_k F_k"
             elif option == "transform":
