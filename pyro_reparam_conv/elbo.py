@@ -255,13 +255,14 @@ class RoutedELBO(ELBO):
     :param max_enumerate: the largest finite support (values per plate element) that a
         site is summed over exactly without being asked (``"enumerate"``); larger discrete
         sites get DisARM (Bernoulli) or the score function.
-    :param layer_estimators: ``"requested"`` (default): flipout and local reparameterization
-        only for weight sites that ask for them (``infer={"estimator": "flipout"}``);
-        ``"auto"``: also for every factorized Normal site that its first step shows used
-        only as one ``F.linear``/``F.conv*`` call's weight. Both draw a weight per example:
-        unbiased only when the examples reach the likelihood through terms of their own
-        (no mean over the batch, no batch statistics after the layer); ``"auto"`` is that
-        assertion, which the ELBO checks for batch normalization only.
+    :param layer_estimators: ``"auto"`` (default): flipout (convolutions) and local
+        reparameterization (linear layers) for every factorized Normal site that its first
+        step shows used only as one ``F.linear``/``F.conv*`` call's weight, and whose
+        layer's examples that step shows to reach the model's terms through terms of their
+        own (:mod:`pyro_reparam_conv.per_example`: no mean over the batch, no batch
+        statistics, no mixing of examples after the layer), which a weight drawn per
+        example needs to stay unbiased; ``"requested"``: only for weight sites that ask for
+        them (``infer={"estimator": "flipout"}``), with the same checks.
 
     After each call ``routes`` maps every guide latent site to its :class:`~.routing.Route`.
     """
@@ -285,7 +286,7 @@ class RoutedELBO(ELBO):
         dependency_tracking: str = "cached",
         fast_path: bool = True,
         max_enumerate: int = RoutingOptions.max_enumerate,
-        layer_estimators: str = "requested",
+        layer_estimators: str = "auto",
     ) -> None:
         if not isinstance(num_particles, int) or num_particles < 1:
             raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
@@ -418,6 +419,7 @@ class RoutedELBO(ELBO):
             key = (signature(model_trace, guide_trace, router.routes), arguments)
             cached = None if track else learned.dependencies.lookup(key)
             verify = bool(router.dims) and (track or key not in learned.verified)
+            weights.prove_examples(model_trace)
             plans = learned.layer_decisions(router.plans, weights)
             particle, found = _particle_terms(
                 (model, guide, args, kwargs), model_trace, guide_trace, plans, cached,

@@ -36,7 +36,7 @@ __all__ = ["Learned"]
 class Learned:
     """What the ELBO knows about the model's structure (see the module docstring)."""
 
-    def __init__(self, dependency_tracking: str = "cached", auto_layers: bool = False) -> None:
+    def __init__(self, dependency_tracking: str = "cached", auto_layers: bool = True) -> None:
         self.dependencies = DependencyCache(dependency_tracking)
         self.verified: set[tuple] = set()
         self.avoid: dict[str, dict[str, str]] = {}  # site -> {estimator: why not}
@@ -48,8 +48,8 @@ class Learned:
         self.auto: dict[str, Optional[tuple[str, str]]] = {}
         self.dropped: dict[str, str] = {}
         #: whether plain Normal weights are routed to the layer estimators automatically
-        #: (``RoutedELBO(layer_estimators="auto")``: the user asserts that the examples reach
-        #: the likelihood through terms of their own, which a per-example weight needs)
+        #: (``RoutedELBO(layer_estimators="auto")``, once their first step shows them used
+        #: as one layer's weight whose examples reach the terms separately)
         self.auto_layers = auto_layers
 
     def candidate(self, name: str, fn, plan) -> bool:
@@ -86,7 +86,8 @@ class Learned:
                 decided[name] = self._watched_candidate(plans[name], weights)
                 continue
             if name in weights.watched:
-                found = verdict(weights.other.get(name), weights.layer_calls.get(name, 0))
+                found = verdict(weights.other.get(name), weights.layer_calls.get(name, 0),
+                                weights.mixed.get(name))
                 self.layers[name] = found
                 text = found or "plain weight draw on its first step, while its uses are checked"
             elif self.layers.get(name) is not None:
@@ -99,9 +100,14 @@ class Learned:
     def _watched_candidate(self, plan, weights):
         name = plan.route.site
         func = weights.layer_funcs.get(name)
-        if func is None or verdict(weights.other.get(name), weights.layer_calls[name]):
+        calls = weights.layer_calls.get(name, 0)
+        why = verdict(weights.other.get(name), calls, weights.mixed.get(name))
+        if func is None or why:
             self.auto[name] = None
-            return plan
+            if func is None:  # no weight
+                return plan
+            self.dropped[name] = why
+            return plan.decided(layers=f"not a layer estimator: {why}")
         chosen = "local_reparam" if LAYERS[func] == 0 else "flipout"  # exact / unbiased
         self.auto[name] = (
             chosen,

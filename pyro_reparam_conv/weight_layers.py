@@ -32,6 +32,7 @@ from pyro.poutine.messenger import Messenger
 from torch.overrides import TorchFunctionMode
 
 from .estimators.flipout import LAYERS, batched_layer
+from .per_example import ExampleBoxes
 from .routing import SitePlan, is_latent
 from .sparsity import NO_VALUES, op_name
 
@@ -66,12 +67,17 @@ def rewrites_layers(plan: SitePlan) -> bool:
     return hasattr(plan.estimator, "layer")
 
 
-def verdict(other: Optional[str], calls: int) -> Optional[str]:
-    """Why a watched site must stay a plain draw (``None``: its layer may be rewritten)."""
+def verdict(other: Optional[str], calls: int, mixed: Optional[str] = None) -> Optional[str]:
+    """Why a watched site must stay a plain draw (``None``: its layer may be rewritten):
+    ``other`` a use besides one layer's weight, ``calls`` its layer calls, ``mixed`` why its
+    layer's examples are not shown to reach the terms separately (:mod:`.per_example`)."""
     if other is not None:
         return f"plain weight draw: its value is used {other}"
     if calls == 0:
         return "plain weight draw: its value is used as no layer's weight"
+    if mixed is not None:
+        return ("plain weight draw: its layer's examples are not shown to reach the model's "
+                f"terms separately ({mixed})")  # fmt: skip
     return None
 
 
@@ -166,6 +172,10 @@ class WeightLayers(Messenger):
         self.other: dict[str, str] = {}  # site -> its first use that is no layer's weight
         self.layer_calls: dict[str, int] = {}
         self.rewritten: dict[str, str] = {}  # site -> the layer rewritten
+        #: the example indices of watched sites' layer outputs (:mod:`.per_example`), and
+        #: per watched site why its examples are not shown to reach the terms separately
+        self.examples: Optional[ExampleBoxes] = None
+        self.mixed: dict[str, str] = {}
         self._mode = _Mode(self)
 
     # --------------------------------------------------------------- the guide
@@ -199,7 +209,11 @@ class WeightLayers(Messenger):
 
     # --------------------------------------------------------------- the model
     def __enter__(self):  # the model starts: the guide has run
-        self._active = bool(self.fns.keys() - self.skip.keys())
+        sites = self.fns.keys() - self.skip.keys()
+        self._active = bool(sites)
+        if any(name in self.candidates or self.check(name) for name in sites):
+            self.examples = ExampleBoxes()  # below the mode: it sees the layers' outputs
+            self.examples.__enter__()
         if self._active:  # no mode (no cost per operator) when no site rewrites layers
             self._mode.__enter__()
         return super().__enter__()
@@ -210,6 +224,14 @@ class WeightLayers(Messenger):
         finally:
             if self._active:
                 self._mode.__exit__(*exc)
+            if self.examples is not None:
+                self.examples.__exit__(*exc)
+
+    def prove_examples(self, model_trace) -> None:
+        """After the run: why each watched site's layer examples are not shown to reach the
+        model's terms separately (:attr:`mixed`; :mod:`.per_example`)."""
+        if self.examples is not None:
+            self.mixed = self.examples.mixing(model_trace)
 
     def _pyro_post_sample(self, msg: dict) -> None:
         name = self.alias.get(msg["name"], msg["name"])
@@ -253,7 +275,10 @@ class WeightLayers(Messenger):
         if weight.dim() > spatial + 2:
             apply = functools.partial(batched_layer, func, spatial)
         if site in self.watched or self.layer_calls[site] > 1:
-            return apply(x, weight, *args[2:], **rest)
+            out = apply(x, weight, *args[2:], **rest)
+            if site in self.watched and self.examples is not None:
+                self.examples.add_layer(site, name, out, spatial)
+            return out
         loc = base.loc.expand(weight.shape)
         scale = base.scale.expand(weight.shape)
         estimator = self.plans()[site].estimator

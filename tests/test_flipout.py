@@ -262,7 +262,7 @@ def test_batch_norm_in_training_mode_after_the_layer_keeps_the_plain_draw(traini
         elbo.loss(_conv_model_then(then), _unrouted_guide, x, y)
     route = elbo.routes["w"]
     if training:
-        assert route.estimator == "pathwise" and route.layers is None
+        assert route.estimator == "pathwise" and "batch_norm" in route.layers
     else:  # running statistics: each example normalized alone
         assert route.estimator == "flipout"
 
@@ -343,9 +343,9 @@ def _both(x, y, seen=None):
         pyro.sample("y", dist.Normal(out, 0.5).to_event(1), obs=y)
 
 
-def test_plain_weight_draws_unless_layer_estimators_are_requested_or_auto():
+def test_plain_weight_draws_unless_requested_with_layer_estimators_requested():
     x, y = _data()
-    elbo = RoutedELBO()
+    elbo = RoutedELBO(layer_estimators="requested")
     for _ in range(3):
         elbo.loss(_both, _auto_guide, x, y)
     assert {n: r.estimator for n, r in elbo.routes.items()} == {"w": "pathwise", "v": "pathwise"}
@@ -355,7 +355,7 @@ def test_plain_weight_draws_unless_layer_estimators_are_requested_or_auto():
 
 def test_auto_routes_weights_of_conv_to_flipout_and_of_linear_to_local_reparam():
     x, y = _data()
-    elbo = RoutedELBO(layer_estimators="auto")
+    elbo = RoutedELBO()  # layer_estimators="auto" is the default
     elbo.loss(_both, _auto_guide, x, y)
     assert {n: r.estimator for n, r in elbo.routes.items()} == {"w": "pathwise", "v": "pathwise"}
     assert "so flipout from the next step" in elbo.routes["w"].reason
@@ -415,6 +415,93 @@ def test_autonormal_weights_are_routed_with_auto_layer_estimators():
     assert elbo.routes["conv.weight_unconstrained"].layers == "flipout in conv2d"
     assert elbo.routes["fc.weight_unconstrained"].layers == "local_reparam in linear"
     assert elbo.routes["fc.bias_unconstrained"].estimator == "pathwise"  # the call's bias
+
+
+def _attention(h):
+    flat = h.flatten(1)
+    return (torch.softmax(flat @ flat.T, -1) @ flat).reshape(h.shape)
+
+
+@pytest.mark.parametrize(
+    "mix,why",
+    [
+        (lambda h: h.mean(0, keepdim=True) + h * 0, "depends on 6 examples"),
+        (lambda h: h - h.mean(0), "depends on 6 examples"),
+        (lambda h: F.batch_norm(h, None, None, training=True), "batch_norm"),
+        (lambda h: h.cumsum(0), "depends on 6 examples"),
+        (lambda h: h.sort(0).values, "depends on 6 examples"),
+        (_attention, "depends on 6 examples"),
+        (lambda h: F.softmax(h, dim=0), "depends on 6 examples"),
+        (lambda h: h.roll(1, 0) + h, "depends on 6 examples"),
+        (lambda h: h * float(h.sum()), "leaves the tensor graph"),
+        (lambda h: h[h[:, 0, 0, 0].argsort()], "an index computed from the map"),
+        (lambda h: torch.einsum("nchw->nchw", h), "not on the allowlist"),
+    ],
+    ids=["mean", "centre", "batch_norm", "cumsum", "sort", "attention",
+         "softmax_dim0", "roll", "item", "index", "unknown_op"],  # fmt: skip
+)
+def test_a_layer_whose_examples_mix_before_the_likelihood_keeps_the_plain_draw(mix, why):
+    """A weight drawn per example is unbiased only where each example reaches the terms
+    alone; whatever mixes examples (or cannot be followed) keeps the plain draw, and says so
+    in the route, by default and on request alike."""
+    x, y = _data()
+    model = _conv_model_then(lambda w, h: mix(h.reshape(6, 2, 1, 1)).reshape(6, 2))
+    for guide in (_unrouted_guide, guide_for("w", CONV, "flipout")):
+        pyro.clear_param_store()
+        elbo = RoutedELBO()
+        for _ in range(3):
+            elbo.loss(model, guide, x, y)
+        route = elbo.routes["w"]
+        assert route.layers is not None and "plain weight draw" in route.layers, route.layers
+        assert why in route.layers, route.layers
+    assert route.estimator == "flipout"  # requested, but its layer kept plain
+
+
+def test_examples_that_stay_apart_get_the_layer_estimators_by_default():
+    """A permutation of the batch and per-example reductions keep each term on one example."""
+    x, y = _data()
+    model = _conv_model_then(
+        lambda w, h: h.flip(0).flip(0) * h.softmax(-1) + F.layer_norm(h, h.shape[1:])
+    )
+    elbo = RoutedELBO()
+    for _ in range(2):
+        elbo.loss(model, _unrouted_guide, x, y)
+    assert elbo.routes["w"].layers == "flipout in conv2d"
+
+
+class _PixelCNN(PyroModule):
+    """A CNN whose likelihood is a Normal per example and pixel (an image-to-image map)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = PyroModule[torch.nn.Conv2d](1, 2, 3, padding=1)
+        self.conv.weight = PyroSample(dist.Normal(0.0, 1.0).expand([2, 1, 3, 3]).to_event(4))
+        self.out = PyroModule[torch.nn.Conv2d](2, 1, 1)
+        self.out.weight = PyroSample(dist.Normal(0.0, 1.0).expand([1, 2, 1, 1]).to_event(4))
+
+    def forward(self, x, y=None):
+        mean = self.out(torch.relu(self.conv(x)))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Normal(mean, 0.1).to_event(3), obs=y)
+
+
+@pytest.mark.parametrize("net", ["classifier", "pixels"])
+def test_a_cnn_gets_flipout_and_local_reparam_by_default(net):
+    torch.manual_seed(0)
+    x, _ = _data()
+    model, y = (BayesianCNN(), torch.randint(0, 3, (6,))) if net == "classifier" else (
+        _PixelCNN(), torch.randn(6, 1, 5, 5))  # fmt: skip
+    elbo = RoutedELBO()
+    svi = SVI(model, AutoNormal(model), pyro.optim.Adam({"lr": 0.01}), elbo)
+    for _ in range(3):
+        assert math.isfinite(svi.step(x, y))
+    found = {n: r.layers for n, r in elbo.routes.items() if r.layers}
+    if net == "classifier":
+        assert found == {"conv.weight_unconstrained": "flipout in conv2d",
+                         "fc.weight_unconstrained": "local_reparam in linear"}  # fmt: skip
+    else:
+        assert found == {"conv.weight_unconstrained": "flipout in conv2d",
+                         "out.weight_unconstrained": "flipout in conv2d"}  # fmt: skip
 
 
 def test_the_bayesian_cnn_example_runs(capsys):
