@@ -61,7 +61,7 @@ from .dependencies import (
     untag_values,
     with_escapes,
 )
-from .analytic_kl import MEASURE_PARTICLES, measure_kl, plan_kl
+from .analytic_kl import MEASURE_PARTICLES, kl_sites, measure_kl, plan_kl
 from .baselines import DecayingAverages, normalize_kind, score_surrogate
 from .evaluations import SideBySideError, side_by_side_mismatch
 from .kernels import FAST, REFERENCE, Kernels
@@ -203,7 +203,8 @@ def _particle_terms(
     keep = track or may_need_costs(guide_trace, plans)
     if cached is not None:  # element-level costs: their per-element terms, once
         precompute(model_trace, guide_trace, _local(cached.footprints))
-    kernels.log_densities(model_trace, guide_trace, frozenset() if keep else frozenset(kl), nesting)
+    skip = frozenset() if keep else frozenset().union(*kl_sites(kl, plans))
+    kernels.log_densities(model_trace, guide_trace, skip, nesting)
     terms, footprints, found = _dependencies(
         analysis, cached, model_trace, guide_trace, plans, priors, untracked
     )
@@ -461,7 +462,7 @@ class RoutedELBO(ELBO):
             model_trace, guide_trace, _ = _traces(model, router(guide), args, kwargs, nesting)
             model_trace.compute_log_prob()
             guide_trace.compute_log_prob()
-        sites = [name for name, r in particle.routes.items() if r.analytic_kl]
+        sites = {name: r.kl.through for name, r in particle.routes.items() if r.analytic_kl}
         return measure_kl(
             model_trace, guide_trace, sites, -int(nesting), self.num_particles, self.kernels
         )

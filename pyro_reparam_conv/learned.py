@@ -87,7 +87,7 @@ class Learned:
                 continue
             if name in weights.watched:
                 found = verdict(weights.other.get(name), weights.layer_calls.get(name, 0),
-                                weights.mixed.get(name))
+                                weights.mixed.get(name), weights.parts.get(name, ()))
                 self.layers[name] = found
                 text = found or "plain weight draw on its first step, while its uses are checked"
             elif self.layers.get(name) is not None:
@@ -100,11 +100,11 @@ class Learned:
     def _watched_candidate(self, plan, weights):
         name = plan.route.site
         func = weights.layer_funcs.get(name)
-        calls = weights.layer_calls.get(name, 0)
-        why = verdict(weights.other.get(name), calls, weights.mixed.get(name))
+        calls, parts = weights.layer_calls.get(name, 0), weights.parts.get(name, ())
+        why = verdict(weights.other.get(name), calls, weights.mixed.get(name), parts)
         if func is None or why:
             self.auto[name] = None
-            if func is None:  # no weight
+            if func is None and not parts:  # no weight
                 return plan
             self.dropped[name] = why
             return plan.decided(layers=f"not a layer estimator: {why}")

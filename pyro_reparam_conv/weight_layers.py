@@ -31,6 +31,7 @@ import torch
 from pyro.poutine.messenger import Messenger
 from torch.overrides import TorchFunctionMode
 
+from .distributions import expands
 from .estimators.flipout import LAYERS, batched_layer
 from .per_example import ExampleBoxes
 from .routing import SitePlan, is_latent
@@ -67,12 +68,19 @@ def rewrites_layers(plan: SitePlan) -> bool:
     return hasattr(plan.estimator, "layer")
 
 
-def verdict(other: Optional[str], calls: int, mixed: Optional[str] = None) -> Optional[str]:
+def verdict(
+    other: Optional[str], calls: int, mixed: Optional[str] = None, parts: tuple = ()
+) -> Optional[str]:
     """Why a watched site must stay a plain draw (``None``: its layer may be rewritten):
     ``other`` a use besides one layer's weight, ``calls`` its layer calls, ``mixed`` why its
-    layer's examples are not shown to reach the terms separately (:mod:`.per_example`)."""
+    layer's examples are not shown to reach the terms separately (:mod:`.per_example`),
+    ``parts`` the guide sites that pass slices of its value on."""
     if other is not None:
         return f"plain weight draw: its value is used {other}"
+    if calls == 0 and parts:
+        return (f"plain weight draw: the model gets its value only in slices ({', '.join(parts)};"
+                " one latent vector for several sites, as AutoDiagonalNormal's), which the layer"
+                " estimators do not take apart yet")  # fmt: skip
     if calls == 0:
         return "plain weight draw: its value is used as no layer's weight"
     if mixed is not None:
@@ -139,6 +147,15 @@ class _Mode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _shares_memory(value, drawn: torch.Tensor) -> bool:
+    """Whether ``value`` is a view of part of ``drawn``'s memory (a slice: Pyro's
+    ``AutoDiagonalNormal`` passes each site a reshaped slice of its one latent vector)."""
+    if not isinstance(value, torch.Tensor) or value.device != drawn.device:
+        return False
+    storage = drawn.untyped_storage()
+    return storage.data_ptr() <= value.data_ptr() < storage.data_ptr() + storage.nbytes()
+
+
 def _mixes_batch(args, kwargs) -> bool:
     """Whether an ``F.batch_norm`` call normalizes with the batch's own statistics."""
     running = args[1] if len(args) > 1 else kwargs.get("running_mean")
@@ -165,7 +182,8 @@ class WeightLayers(Messenger):
         self.outputs: dict[int, frozenset] = {}  # id of a tensor computed from weights -> sites
         self.fns: dict[str, object] = {}  # the guide's distribution per routed site
         self.alias: dict[str, str] = {}  # a guide Delta site -> the routed site it passes on
-        self._draws: dict[int, str] = {}  # id of a routed site's value in the guide -> site
+        self.parts: dict[str, list] = {}  # a routed site -> the Delta sites passing slices
+        self._draws: list = []  # (a routed site's value in the guide, the site)
         self.values: dict[int, str] = {}  # id of the value the model got -> site
         self._alive: list = []  # keeps those values (and their ids) alive for the run
         self.watched: set[str] = set()
@@ -196,14 +214,18 @@ class WeightLayers(Messenger):
                     if not routed:
                         owner.candidates.add(name)
                     owner.fns[name] = msg["fn"]
-                    owner._draws[id(msg["value"])] = name
+                    owner._draws.append((msg["value"], name))
                     owner._alive.append(msg["value"])
                     return
                 base = msg["fn"]
                 while hasattr(base, "base_dist"):
                     base = base.base_dist
-                if id(getattr(base, "v", None)) in owner._draws:
-                    owner.alias[name] = owner._draws[id(base.v)]
+                passed = getattr(base, "v", None)
+                for drawn, site in owner._draws:
+                    if expands(passed, drawn):
+                        owner.alias[name] = site
+                    elif _shares_memory(passed, drawn):
+                        owner.parts.setdefault(site, []).append(name)
 
         return _Record()
 
