@@ -71,7 +71,7 @@ from .locality import Footprint, cost_level, plan_footprints, precompute
 from .routing import PlateNestingNeeded, Route, RouteMessenger, RoutingOptions, SitePlan
 from .sparsity import Analysis
 from .terms import ParticleTerms, add_terms, may_need_costs, particle_terms
-from .weight_layers import WeightLayers, WeightUse
+from .weight_layers import BatchedLayers, WeightLayers, WeightUse
 
 __all__ = ["NonFiniteLossError", "RoutedELBO", "SideBySideError"]
 
@@ -400,7 +400,8 @@ class RoutedELBO(ELBO):
         layers = learned.layers
         skip = {name: why for name, why in layers.items() if why is not None}
         weights = WeightLayers(
-            lambda: router.plans, lambda name: name not in layers, skip, learned.candidate
+            lambda: router.plans, lambda name: name not in layers, skip, learned.candidate,
+            batched=self.vectorize_particles,
         )
         traced_model, traced_guide = weights(model), weights.guide()(router(guide))
         analysis = Analysis() if track else None
@@ -458,7 +459,7 @@ class RoutedELBO(ELBO):
         options = self._learned.routing_options(self.options.max_enumerate)
         router = RouteMessenger(self.default_baseline, options, -1 - int(self.max_plate_nesting))
         nesting = self.max_plate_nesting
-        with torch.no_grad():
+        with torch.no_grad(), BatchedLayers():  # weights with a particle dim: plain draws
             model_trace, guide_trace, _ = _traces(model, router(guide), args, kwargs, nesting)
             model_trace.compute_log_prob()
             guide_trace.compute_log_prob()

@@ -37,7 +37,9 @@ from .per_example import ExampleBoxes
 from .routing import SitePlan, is_latent
 from .sparsity import NO_VALUES, op_name
 
-__all__ = ["NOT_A_WEIGHT", "WeightLayers", "WeightUse", "rewrites_layers", "verdict"]
+__all__ = [
+    "BatchedLayers", "NOT_A_WEIGHT", "WeightLayers", "WeightUse", "rewrites_layers", "verdict",
+]
 
 #: what :meth:`WeightLayers.layer` returns where the value is not the call's weight
 NOT_A_WEIGHT = object()
@@ -156,6 +158,24 @@ def _shares_memory(value, drawn: torch.Tensor) -> bool:
     return storage.data_ptr() <= value.data_ptr() < storage.data_ptr() + storage.nbytes()
 
 
+class BatchedLayers(TorchFunctionMode):
+    """Applies a layer of :data:`~.estimators.flipout.LAYERS` whose weight has leading dims
+    (vectorized particles, a plate of weights) per index of those dims
+    (:func:`~.estimators.flipout.batched_layer`), where torch would raise: the plain weight
+    draws of a vectorized model, which plain Pyro cannot run."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        spatial = LAYERS.get(func)
+        weight = None if spatial is None else (args[1] if len(args) > 1 else kwargs.get("weight"))
+        if not isinstance(weight, torch.Tensor) or weight.dim() <= spatial + 2:
+            return func(*args, **kwargs)
+        rest = dict(kwargs)
+        x = args[0] if args else rest.pop("input")
+        rest.pop("weight", None)
+        return batched_layer(func, spatial, x, weight, *args[2:], **rest)
+
+
 def _mixes_batch(args, kwargs) -> bool:
     """Whether an ``F.batch_norm`` call normalizes with the batch's own statistics."""
     running = args[1] if len(args) > 1 else kwargs.get("running_mean")
@@ -173,8 +193,10 @@ class WeightLayers(Messenger):
     def __init__(
         self, plans: Callable[[], Mapping[str, SitePlan]], check: Callable[[str], bool],
         skip: Mapping[str, str], candidate: Callable[[str, object, SitePlan], bool] = None,
+        batched: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
+        self.batched = BatchedLayers() if batched else None  # any weight with leading dims
         self.plans, self.check, self.skip = plans, check, skip
         self.candidate = candidate or (lambda name, fn, plan: False)
         self.candidates: set[str] = set()
@@ -236,6 +258,8 @@ class WeightLayers(Messenger):
         if any(name in self.candidates or self.check(name) for name in sites):
             self.examples = ExampleBoxes()  # below the mode: it sees the layers' outputs
             self.examples.__enter__()
+        if self.batched is not None:  # between: the analysis sees what it computes
+            self.batched.__enter__()
         if self._active:  # no mode (no cost per operator) when no site rewrites layers
             self._mode.__enter__()
         return super().__enter__()
@@ -246,6 +270,8 @@ class WeightLayers(Messenger):
         finally:
             if self._active:
                 self._mode.__exit__(*exc)
+            if self.batched is not None:
+                self.batched.__exit__(*exc)
             if self.examples is not None:
                 self.examples.__exit__(*exc)
 

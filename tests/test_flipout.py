@@ -6,6 +6,7 @@ error where the route does not apply; an AutoNormal guide on a PyroModule CNN.""
 
 import copy
 import math
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -109,15 +110,33 @@ def test_unbiased_against_the_plain_weight_draw(model, site, shape, estimator):
 
 @pytest.mark.parametrize(
     "model,site,shape,estimator",
-    [(conv_model, "w", CONV, "flipout"), (linear_model, "v", LINEAR, "local_reparam")],
+    [(conv_model, "w", CONV, "flipout"), (linear_model, "v", LINEAR, "local_reparam"),
+     (conv_model, "w", CONV, "pathwise")],  # fmt: skip
 )
 def test_vectorized_particles_batched_layers_unbiased(model, site, shape, estimator):
     """With ``vectorize_particles=True`` the weight has a particle dim: each particle's
-    weight is applied to the batch (a grouped convolution), where plain Pyro fails."""
+    weight is applied to the batch (a grouped convolution), where plain Pyro fails; plain
+    weight draws too (``BatchedLayers``)."""
     vectorized = {"num_particles": 4, "vectorize_particles": True, "max_plate_nesting": 1}
     draws = _gradients(model, site, shape, estimator, 300, seed=1, **vectorized)
     plain = _gradients(model, site, shape, "pathwise", 1000, seed=2)
     _assert_same_mean(draws, plain)
+
+
+@pytest.mark.parametrize("func,shape", [
+    (F.conv2d, (2, 1, 3, 3)), (F.conv_transpose2d, (1, 2, 2, 2)), (F.linear, (2, 25)),
+])  # fmt: skip
+def test_batched_layers_apply_each_particles_weight_to_the_batch(func, shape):
+    from pyro_reparam_conv.weight_layers import BatchedLayers
+
+    x, _ = _data()
+    x = x.flatten(1) if func is F.linear else x
+    weight = torch.randn((4, 1) + shape)  # particles, then a broadcast batch dim
+    with BatchedLayers():
+        got = func(x, weight, torch.ones(shape[1] if func is F.conv_transpose2d else shape[0]))
+    for p in range(4):
+        bias = torch.ones(shape[1] if func is F.conv_transpose2d else shape[0])
+        assert torch.allclose(got[p], func(x, weight[p, 0], bias), atol=1e-5)
 
 
 def coupled_model(x, y, seen=None):
@@ -544,7 +563,6 @@ def test_a_cnn_gets_flipout_and_local_reparam_by_default(net):
 
 def test_the_bayesian_cnn_example_runs(capsys):
     import runpy
-    from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "examples" / "bayesian_cnn.py"
     found = runpy.run_path(str(path))["main"](steps=3, num_samples=4)
@@ -552,6 +570,19 @@ def test_the_bayesian_cnn_example_runs(capsys):
     assert found["routes"]["fc.weight_unconstrained"].estimator == "local_reparam"
     assert 0 <= found["ece"] <= 1 and "posterior_predictive" in found["data"].groups()
     assert "expected calibration error" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="no fashion-mnist package"
+)
+def test_the_bayesian_cnn_example_runs_on_fashion_mnist(capsys):
+    import runpy
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "bayesian_cnn.py"
+    found = runpy.run_path(str(path))["main"](steps=2, num_samples=2, fashion_mnist=True)
+    assert found["routes"]["conv1.weight_unconstrained"].estimator == "flipout"
+    assert found["data"].posterior["conv1.weight"].sizes["draw"] == 2
+    assert "1000 images" in capsys.readouterr().out
 
 
 def _on_device(device: str, estimator: str) -> None:
