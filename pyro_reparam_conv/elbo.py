@@ -433,6 +433,9 @@ class RoutedELBO(ELBO):
             raise
         except Exception as error:
             raise _AttemptFailed(error, router.plans) from error
+        if weights.watched:
+            known = found or cached
+            learned.guide_uses(weights, known.terms if known else None, router.plans)
         if found is not None:
             self.last_footprints = dict(found.footprints)
             learned.dependencies.store(key, found if analysis.reusable else None)

@@ -28,7 +28,7 @@ from .dependencies import DependencyCache
 from .estimators.flipout import LAYERS
 from .estimators.base import RoutingOptions
 from .evaluations import avoid_after_failure
-from .weight_layers import verdict
+from .weight_layers import WeightUse, verdict
 
 __all__ = ["Learned"]
 
@@ -70,6 +70,27 @@ class Learned:
             self.auto[error.site] = None
             self.dropped[error.site] = error.reason
         self.layers[error.site] = error.reason
+
+    def guide_uses(self, weights, terms, plans) -> None:
+        """After a step that watched weight sites: one whose draw another guide site depends
+        on (``terms``: the step's term dependencies, ``None`` where unknown) stays a plain
+        draw, as for another use in the model: that site and the model's per-example
+        weights would no longer have the guide's joint law."""
+        for name in weights.watched:
+            if name not in self.layers or self.layers[name] is not None:
+                continue  # not proven on this step: nothing to withdraw
+            passing = {name} | {d for d, site in weights.alias.items() if site == name}
+            if terms is None:
+                how = "in the guide, where its dependents are not tracked on this step"
+            else:
+                users = sorted(
+                    n for (role, n), deps in terms.items()
+                    if role == "guide" and name in deps and n not in passing
+                )  # fmt: skip
+                if not users:
+                    continue
+                how = f"by guide site {users[0]!r} (the guide's joint law would change)"
+            self.weight_used(WeightUse(name, how), plans)
 
     def layer_decisions(self, plans, weights) -> dict:
         """``plans`` with each weight site's layer decision of this step

@@ -514,6 +514,35 @@ def test_a_layer_whose_examples_mix_before_the_likelihood_keeps_the_plain_draw(m
     assert route.estimator == "flipout"  # requested, but its layer kept plain
 
 
+@pytest.mark.parametrize("tracking", ["cached", "order"])
+def test_a_weight_another_guide_site_depends_on_keeps_the_plain_draw(tracking):
+    """A guide site computed from the weight's draw sees the shared draw, the model's layer
+    per-example ones: their joint law would not be the guide's."""
+    x, y = _data()
+
+    def model(x, y):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand(CONV).to_event(4))
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        h = torch.tanh(F.conv2d(x, w, padding=1)).mean((-1, -2)) + z
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(h, 0.5).to_event(1), obs=y)
+
+    def guide(x, y, coupled):
+        w = pyro.sample("w", dist.Normal(param("m", torch.zeros(CONV)), 0.5).to_event(4))
+        pyro.sample("z", dist.Normal(w.sum() if coupled else 0.0, 1.0))
+
+    for coupled in (True, False):
+        elbo = RoutedELBO(dependency_tracking=tracking)
+        for _ in range(3):
+            elbo.loss(lambda x, y, _: model(x, y), guide, x, y, coupled)
+        route = elbo.routes["w"]
+        if coupled or tracking == "order":  # "order": the guide's dependents are unknown
+            assert route.estimator == "pathwise" and "in the guide" in route.layers or (
+                "by guide site 'z'" in route.layers), route.layers
+        else:
+            assert route.layers == "flipout in conv2d"
+
+
 def test_examples_that_stay_apart_get_the_layer_estimators_by_default():
     """A permutation of the batch and per-example reductions keep each term on one example."""
     x, y = _data()
