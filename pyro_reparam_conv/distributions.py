@@ -5,6 +5,8 @@ another site's draw on unchanged. Read-only: nothing here changes a user's distr
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pyro.distributions import Delta
 from pyro.distributions.distribution import Distribution as PyroDistribution
@@ -15,6 +17,7 @@ __all__ = [
     "distribution_name",
     "expands",
     "passed_on",
+    "slice_offset",
     "is_plain_normal",
     "partially_reparameterized",
     "unwrap_independent",
@@ -93,3 +96,32 @@ def passed_on(fn, drawn: torch.Tensor) -> bool:
     density = fn.log_density
     zero = bool((density == 0).all()) if isinstance(density, torch.Tensor) else density == 0
     return zero and expands(fn.v, drawn)
+
+
+def slice_offset(value, drawn: torch.Tensor):
+    """Where ``value`` starts in ``drawn``'s last dim when it is a view of one contiguous
+    block of it per batch index, reshaped: ``value[b].flatten() == drawn[b, k : k + n]``
+    (``n`` the size of ``value[b]``, ``b`` any index of ``drawn``'s batch dims); ``None``
+    otherwise. Pyro's ``AutoDiagonalNormal`` gives each site such a slice of its one latent
+    vector."""
+    batch = drawn.dim() - 1
+    if not isinstance(value, torch.Tensor) or batch < 0:
+        return None
+    strides = zip(drawn.shape[:batch], value.stride(), drawn.stride())
+    if (
+        value.dtype != drawn.dtype or value.dim() < batch or value.device != drawn.device
+        or tuple(value.shape[:batch]) != tuple(drawn.shape[:batch]) or drawn.stride()[-1] != 1
+        or any(n > 1 and a != b for n, a, b in strides)
+    ):  # fmt: skip
+        return None
+    inner = value.shape[batch:]
+    expected = [1] * len(inner)
+    for i in range(len(inner) - 2, -1, -1):
+        expected[i] = expected[i + 1] * inner[i + 1]
+    if any(n > 1 and s != e for n, s, e in zip(inner, value.stride()[batch:], expected)):
+        return None
+    start, size = value.data_ptr() - drawn.data_ptr(), value.element_size()
+    offset, n = start // size, math.prod(inner)
+    if start % size or offset < 0 or offset + n > drawn.shape[-1]:
+        return None
+    return offset

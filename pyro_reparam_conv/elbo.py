@@ -401,7 +401,7 @@ class RoutedELBO(ELBO):
         skip = {name: why for name, why in layers.items() if why is not None}
         weights = WeightLayers(
             lambda: router.plans, lambda name: name not in layers, skip, learned.candidate,
-            batched=self.vectorize_particles,
+            batched=self.vectorize_particles, units=learned.units, parents=learned.parents,
         )
         traced_model, traced_guide = weights(model), weights.guide()(router(guide))
         analysis = Analysis() if track else None

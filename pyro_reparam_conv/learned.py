@@ -47,6 +47,10 @@ class Learned:
         #: for it and why (``None``: not a weight), and the sites that fell back from one
         self.auto: dict[str, Optional[tuple[str, str]]] = {}
         self.dropped: dict[str, str] = {}
+        #: per slice site checked to be a layer's weight its estimator, and the sites whose
+        #: draws are sliced into such sites (:meth:`~.weight_layers.WeightLayers.guide`)
+        self.units: dict[str, str] = {}
+        self.parents: set[str] = set()
         #: whether plain Normal weights are routed to the layer estimators automatically
         #: (``RoutedELBO(layer_estimators="auto")``, once their first step shows them used
         #: as one layer's weight whose examples reach the terms separately)
@@ -79,13 +83,15 @@ class Learned:
         for name in weights.watched:
             if name not in self.layers or self.layers[name] is not None:
                 continue  # not proven on this step: nothing to withdraw
-            passing = {name} | {d for d, site in weights.alias.items() if site == name}
+            roots = {name, weights.unit_parent.get(name, name)}  # a slice: its whole draw
+            passing = roots | {d for d, site in weights.alias.items() if site in roots}
+            passing |= {d for root in roots for d in weights.parts.get(root, ())}
             if terms is None:
                 how = "in the guide, where its dependents are not tracked on this step"
             else:
                 users = sorted(
                     n for (role, n), deps in terms.items()
-                    if role == "guide" and name in deps and n not in passing
+                    if role == "guide" and deps & roots and n not in passing
                 )  # fmt: skip
                 if not users:
                     continue
@@ -111,12 +117,23 @@ class Learned:
                                 weights.mixed.get(name), weights.parts.get(name, ()))
                 self.layers[name] = found
                 text = found or "plain weight draw on its first step, while its uses are checked"
+                if name in weights.unit_parent and not found:
+                    text = self._unit_checked(name, weights)
             elif self.layers.get(name) is not None:
                 text = self.layers[name]
             else:
                 text = weights.rewritten.get(name) or verdict(None, 0)
             decided[name] = plans[name].decided(layers=text)
         return decided
+
+    def _unit_checked(self, name: str, weights) -> str:
+        """A slice site (:meth:`~.weight_layers.WeightLayers.guide`) found to be one layer's
+        weight: its estimator from the next step, as for an automatic route."""
+        func = weights.layer_funcs[name]
+        self.units[name] = "local_reparam" if LAYERS[func] == 0 else "flipout"
+        return (f"plain weight draw on its first step: a slice of "
+                f"{weights.unit_parent[name]!r}'s factorized Normal used only as the weight of "
+                f"{func.__name__}, so {self.units[name]} from the next step")  # fmt: skip
 
     def _watched_candidate(self, plan, weights):
         name = plan.route.site
@@ -127,6 +144,8 @@ class Learned:
             self.auto[name] = None
             if func is None and not parts:  # no weight
                 return plan
+            if parts:  # its slices are weight sites: their draws are recorded from now on
+                self.parents.add(name)
             self.dropped[name] = why
             return plan.decided(layers=f"not a layer estimator: {why}")
         chosen = "local_reparam" if LAYERS[func] == 0 else "flipout"  # exact / unbiased

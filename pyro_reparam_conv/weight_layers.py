@@ -25,13 +25,15 @@ from those uses (:func:`verdict`) whether later steps may rewrite its layer.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Mapping, Optional
+from typing import Callable, Collection, Mapping, Optional
 
 import torch
 from pyro.poutine.messenger import Messenger
+from torch.distributions import Normal
 from torch.overrides import TorchFunctionMode
 
-from .distributions import expands
+from .distributions import expands, slice_offset, unwrap_independent
+from .estimators import base as estimators
 from .estimators.flipout import LAYERS, batched_layer
 from .per_example import ExampleBoxes
 from .routing import SitePlan, is_latent
@@ -80,9 +82,8 @@ def verdict(
     if other is not None:
         return f"plain weight draw: its value is used {other}"
     if calls == 0 and parts:
-        return (f"plain weight draw: the model gets its value only in slices ({', '.join(parts)};"
-                " one latent vector for several sites, as AutoDiagonalNormal's), which the layer"
-                " estimators do not take apart yet")  # fmt: skip
+        return (f"its value reaches the model in slices ({', '.join(parts)}), each a weight site"
+                " of its own: their routes say how")  # fmt: skip
     if calls == 0:
         return "plain weight draw: its value is used as no layer's weight"
     if mixed is not None:
@@ -149,15 +150,6 @@ class _Mode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _shares_memory(value, drawn: torch.Tensor) -> bool:
-    """Whether ``value`` is a view of part of ``drawn``'s memory (a slice: Pyro's
-    ``AutoDiagonalNormal`` passes each site a reshaped slice of its one latent vector)."""
-    if not isinstance(value, torch.Tensor) or value.device != drawn.device:
-        return False
-    storage = drawn.untyped_storage()
-    return storage.data_ptr() <= value.data_ptr() < storage.data_ptr() + storage.nbytes()
-
-
 class BatchedLayers(TorchFunctionMode):
     """Applies a layer of :data:`~.estimators.flipout.LAYERS` whose weight has leading dims
     (vectorized particles, a plate of weights) per index of those dims
@@ -193,9 +185,13 @@ class WeightLayers(Messenger):
     def __init__(
         self, plans: Callable[[], Mapping[str, SitePlan]], check: Callable[[str], bool],
         skip: Mapping[str, str], candidate: Callable[[str, object, SitePlan], bool] = None,
-        batched: bool = False,
+        batched: bool = False, units: Mapping[str, str] = {}, parents: Collection[str] = (),
     ) -> None:  # fmt: skip
         super().__init__()
+        #: per slice site (see :meth:`guide`) checked to be a layer's weight: its estimator;
+        #: the sites whose draws are sliced so (their draws recorded on every step)
+        self.units, self.parents = units, parents
+        self.unit_parent: dict[str, str] = {}  # a slice site -> the site it slices
         self.batched = BatchedLayers() if batched else None  # any weight with leading dims
         self.plans, self.check, self.skip = plans, check, skip
         self.candidate = candidate or (lambda name, fn, plan: False)
@@ -205,7 +201,7 @@ class WeightLayers(Messenger):
         self.fns: dict[str, object] = {}  # the guide's distribution per routed site
         self.alias: dict[str, str] = {}  # a guide Delta site -> the routed site it passes on
         self.parts: dict[str, list] = {}  # a routed site -> the Delta sites passing slices
-        self._draws: list = []  # (a routed site's value in the guide, the site)
+        self._draws: list = []  # (a routed site's value in the guide, the site, its fn)
         self.values: dict[int, str] = {}  # id of the value the model got -> site
         self._alive: list = []  # keeps those values (and their ids) alive for the run
         self.watched: set[str] = set()
@@ -223,7 +219,10 @@ class WeightLayers(Messenger):
         """A messenger for the guide that records the distribution of each such site, and
         the sites that only pass such a site's value on: a ``Delta`` whose value is that
         very tensor (Pyro's ``AutoNormal`` samples ``name + "_unconstrained"`` and then
-        ``name`` as a ``Delta`` at its value, through the identity for a real support)."""
+        ``name`` as a ``Delta`` at its value, through the identity for a real support), or a
+        reshaped slice of its last dim (Pyro's ``AutoDiagonalNormal``: one latent vector, a
+        slice per site). A slice site is a weight site of its own (a *unit*): its law is the
+        matching slice of the factorized Normal, independent of the other slices."""
         owner = self
 
         class _Record(Messenger):
@@ -236,20 +235,36 @@ class WeightLayers(Messenger):
                     if not routed:
                         owner.candidates.add(name)
                     owner.fns[name] = msg["fn"]
-                    owner._draws.append((msg["value"], name))
+                if name in owner.fns or name in owner.parents:
+                    owner._draws.append((msg["value"], name, msg["fn"]))
                     owner._alive.append(msg["value"])
                     return
                 base = msg["fn"]
                 while hasattr(base, "base_dist"):
                     base = base.base_dist
                 passed = getattr(base, "v", None)
-                for drawn, site in owner._draws:
+                for drawn, site, fn in owner._draws:
                     if expands(passed, drawn):
                         owner.alias[name] = site
-                    elif _shares_memory(passed, drawn):
-                        owner.parts.setdefault(site, []).append(name)
+                    elif slice_offset(passed, drawn) is not None:
+                        owner._unit(name, site, fn, drawn, passed)
 
         return _Record()
+
+    def _unit(self, name: str, parent: str, fn, drawn, value) -> None:
+        """Guide site ``name`` passes ``value``, a reshaped slice of ``parent``'s draw: a
+        weight site with that slice of ``parent``'s factorized Normal (when it is one)."""
+        self.parts.setdefault(parent, []).append(name)
+        base, _ = unwrap_independent(fn)
+        if not isinstance(base, Normal):
+            return
+        start, size = slice_offset(value, drawn), value[(0,) * (drawn.dim() - 1)].numel()
+
+        def part(t):
+            return t.expand(drawn.shape)[..., start : start + size].reshape(value.shape)
+
+        self.fns[name] = Normal(part(base.loc), part(base.scale), validate_args=False)
+        self.unit_parent[name] = parent
 
     # --------------------------------------------------------------- the model
     def __enter__(self):  # the model starts: the guide has run
@@ -329,6 +344,9 @@ class WeightLayers(Messenger):
             return out
         loc = base.loc.expand(weight.shape)
         scale = base.scale.expand(weight.shape)
-        estimator = self.plans()[site].estimator
+        estimator = (
+            estimators.get(self.units[site]) if site in self.unit_parent
+            else self.plans()[site].estimator
+        )  # fmt: skip
         self.rewritten[site] = f"{estimator.name} in {name}"
         return estimator.layer(apply, spatial, x, weight, loc, scale, tuple(args[2:]), rest)

@@ -370,19 +370,31 @@ def test_autonormal_with_vectorized_particles_routed_and_unbiased():
     _assert_same_mean(draws, plain)
 
 
-def test_autodiagonalnormal_weights_stay_plain_draws_and_say_why():
-    """One flat latent for all sites: each weight is a slice (sound for flipout, as each
-    slice is a factorized Normal independent of the others, but not taken apart yet)."""
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_autodiagonalnormal_slices_are_weight_sites_and_unbiased(vectorize):
+    """One flat latent for all sites, each weight a reshaped slice of it: each slice is a
+    factorized Normal independent of the others, so each is a weight site of its own (the
+    bias slice, used as a bias, stays plain); the gradient matches plain weight draws."""
     torch.manual_seed(0)
+    pyro.clear_param_store()
     x, _ = _data()
+    y = torch.randint(0, 3, (6,))
     model = BayesianCNN()
-    elbo = RoutedELBO()
-    guide = AutoDiagonalNormal(model)
-    for _ in range(2):
-        elbo.loss(model, guide, x, torch.randint(0, 3, (6,)))
-    route = elbo.routes["_AutoDiagonalNormal_latent"]
-    assert route.estimator == "pathwise"
-    assert "only in slices (conv.weight, fc.weight, fc.bias" in route.layers
+    guide = AutoDiagonalNormal(model, init_scale=0.5)
+    options = {"num_particles": 4, "vectorize_particles": True, "max_plate_nesting": 1}
+    elbo = RoutedELBO(**(options if vectorize else {}))
+    elbo.loss(model, guide, x, y)
+    store = pyro.get_param_store()
+    params = {k: store[f"AutoDiagonalNormal.{k}"].unconstrained() for k in ("loc", "scale")}
+    draws = draw_gradients(elbo, model, guide, params, 250 if vectorize else 1000, x, y)
+    routes = elbo.routes
+    assert "slices (conv.weight, fc.weight, fc.bias)" in routes["_AutoDiagonalNormal_latent"].layers
+    assert routes["conv.weight"].layers == "flipout in conv2d"
+    assert routes["fc.weight"].layers == "local_reparam in linear"
+    assert routes["fc.bias"].layers.startswith("plain weight draw: its value is used by linear")
+    plain = draw_gradients(RoutedELBO(layer_estimators="requested"), model, guide, params, 1000,
+                           x, y)  # fmt: skip
+    _assert_same_mean(draws, plain)
 
 
 def _auto_guide(x, y, seen=None):
