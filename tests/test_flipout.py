@@ -347,6 +347,7 @@ def test_autonormal_on_a_pyro_module_cnn():
     assert routes["fc.weight_unconstrained"].layers == "local_reparam in linear"
 
 
+@pytest.mark.slow
 def test_autonormal_with_vectorized_particles_routed_and_unbiased():
     """Vectorized particles expand AutoNormal's Delta (a view of the draw): the weight is
     still recognized, applied per particle as one grouped convolution (plain Pyro fails
@@ -370,6 +371,31 @@ def test_autonormal_with_vectorized_particles_routed_and_unbiased():
     _assert_same_mean(draws, plain)
 
 
+@pytest.mark.parametrize("vectorize", [False, True])
+@pytest.mark.parametrize("autoguide", [AutoNormal, AutoDiagonalNormal])
+def test_autoguide_weights_are_routed_with_and_without_vectorized_particles(autoguide, vectorize):
+    """AutoNormal's Delta passes the draw on (expanded by the particle plate when
+    vectorized); AutoDiagonalNormal's slices of its flat latent are weight sites of their
+    own. The slow tests below check the gradients."""
+    torch.manual_seed(0)
+    x, _ = _data()
+    model = BayesianCNN()
+    options = {"num_particles": 2, "vectorize_particles": True, "max_plate_nesting": 1}
+    elbo = RoutedELBO(**(options if vectorize else {}))
+    guide = autoguide(model)
+    for _ in range(2):
+        assert math.isfinite(elbo.loss(model, guide, x, torch.randint(0, 3, (6,))))
+    suffix = "_unconstrained" if autoguide is AutoNormal else ""
+    routes = elbo.routes
+    assert routes[f"conv.weight{suffix}"].layers == "flipout in conv2d"
+    assert routes[f"fc.weight{suffix}"].layers == "local_reparam in linear"
+    if autoguide is AutoDiagonalNormal:
+        latent = routes["_AutoDiagonalNormal_latent"].layers
+        assert "slices (conv.weight, fc.weight, fc.bias)" in latent
+        assert routes["fc.bias"].layers.startswith("plain weight draw: its value is used by")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("vectorize", [False, True])
 def test_autodiagonalnormal_slices_are_weight_sites_and_unbiased(vectorize):
     """One flat latent for all sites, each weight a reshaped slice of it: each slice is a
