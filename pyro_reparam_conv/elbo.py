@@ -399,8 +399,10 @@ class RoutedELBO(ELBO):
         router = RouteMessenger(self.default_baseline, options, first_dim)
         layers = learned.layers
         skip = {name: why for name, why in layers.items() if why is not None}
+        proven = learned.proven  # a site is checked again under arguments of a new fingerprint
         weights = WeightLayers(
             lambda: router.plans, lambda name: name not in layers, skip, learned.candidate,
+            verify=lambda name: arguments not in proven.get(name, ()),
             batched=self.vectorize_particles, units=learned.units, parents=learned.parents,
         )
         traced_model, traced_guide = weights(model), weights.guide()(router(guide))
@@ -436,6 +438,9 @@ class RoutedELBO(ELBO):
         if weights.watched:
             known = found or cached
             learned.guide_uses(weights, known.terms if known else None, router.plans)
+        for name in weights.watched | weights.verifying:
+            if name in layers and layers[name] is None:  # shown for these arguments
+                proven.setdefault(name, []).append(arguments)
         if found is not None:
             self.last_footprints = dict(found.footprints)
             learned.dependencies.store(key, found if analysis.reusable else None)

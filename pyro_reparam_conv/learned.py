@@ -51,6 +51,9 @@ class Learned:
         #: draws are sliced into such sites (:meth:`~.weight_layers.WeightLayers.guide`)
         self.units: dict[str, str] = {}
         self.parents: set[str] = set()
+        #: per weight site, the argument fingerprints (:func:`~.dependencies.fingerprint`)
+        #: of the steps that showed its layer may be rewritten: a new one checks it again
+        self.proven: dict[str, list] = {}
         #: whether plain Normal weights are routed to the layer estimators automatically
         #: (``RoutedELBO(layer_estimators="auto")``, once their first step shows them used
         #: as one layer's weight whose examples reach the terms separately)

@@ -59,13 +59,10 @@ class WeightUse(Exception):
     """A weight site routed to a layer estimator was used otherwise in the model (not a
     ``RuntimeError``: Pyro's trace re-raises those as a new exception of the same type)."""
 
-    def __init__(self, site: str, how: str) -> None:
+    def __init__(self, site: str, how: str, reason: Optional[str] = None) -> None:
         self.site, self.how = site, how
-        super().__init__(f"site {site!r}: its value is used {how}")
-
-    @property
-    def reason(self) -> str:
-        return f"plain weight draw: its value is used {self.how}"
+        self.reason = reason or f"plain weight draw: its value is used {how}"
+        super().__init__(f"site {site!r}: {self.reason}")
 
 
 def rewrites_layers(plan: SitePlan) -> bool:
@@ -186,8 +183,12 @@ class WeightLayers(Messenger):
         self, plans: Callable[[], Mapping[str, SitePlan]], check: Callable[[str], bool],
         skip: Mapping[str, str], candidate: Callable[[str, object, SitePlan], bool] = None,
         batched: bool = False, units: Mapping[str, str] = {}, parents: Collection[str] = (),
+        verify: Callable[[str], bool] = lambda name: False,
     ) -> None:  # fmt: skip
         super().__init__()
+        #: rewritten sites whose layer's examples are followed again on this step (new
+        #: arguments): where they mix, :meth:`prove_examples` raises :class:`WeightUse`
+        self.verify, self.verifying = verify, set()
         #: per slice site (see :meth:`guide`) checked to be a layer's weight: its estimator;
         #: the sites whose draws are sliced so (their draws recorded on every step)
         self.units, self.parents = units, parents
@@ -270,7 +271,8 @@ class WeightLayers(Messenger):
     def __enter__(self):  # the model starts: the guide has run
         sites = self.fns.keys() - self.skip.keys()
         self._active = bool(sites)
-        if any(name in self.candidates or self.check(name) for name in sites):
+        if any(name in self.candidates or self.check(name) or self.verify(name)
+               for name in sites):  # fmt: skip
             self.examples = ExampleBoxes()  # below the mode: it sees the layers' outputs
             self.examples.__enter__()
         if self.batched is not None:  # between: the analysis sees what it computes
@@ -295,6 +297,8 @@ class WeightLayers(Messenger):
         model's terms separately (:attr:`mixed`; :mod:`.per_example`)."""
         if self.examples is not None:
             self.mixed = self.examples.mixing(model_trace)
+        for site in sorted(self.verifying & self.mixed.keys()):
+            raise WeightUse(site, "", verdict(None, 1, self.mixed[site]))
 
     def _pyro_post_sample(self, msg: dict) -> None:
         name = self.alias.get(msg["name"], msg["name"])
@@ -302,6 +306,8 @@ class WeightLayers(Messenger):
             return
         if name in self.candidates or self.check(name):
             self.watched.add(name)
+        elif self.verify(name):
+            self.verifying.add(name)
         self.values[id(msg["value"])] = name
         self._alive.append(msg["value"])
         self.layer_calls[name] = 0
@@ -349,4 +355,7 @@ class WeightLayers(Messenger):
             else self.plans()[site].estimator
         )  # fmt: skip
         self.rewritten[site] = f"{estimator.name} in {name}"
-        return estimator.layer(apply, spatial, x, weight, loc, scale, tuple(args[2:]), rest)
+        out = estimator.layer(apply, spatial, x, weight, loc, scale, tuple(args[2:]), rest)
+        if site in self.verifying and self.examples is not None:
+            self.examples.add_layer(site, name, out, spatial)
+        return out

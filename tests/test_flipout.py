@@ -552,6 +552,31 @@ def test_a_layer_whose_examples_mix_before_the_likelihood_keeps_the_plain_draw(m
     assert route.estimator == "flipout"  # requested, but its layer kept plain
 
 
+def test_arguments_of_a_new_fingerprint_check_the_examples_again():
+    """The proof holds for the code path it ran: a step with new arguments follows the
+    examples of the rewritten layer again, and recomputes the step with the plain draw
+    where they mix."""
+    x, y = _data()
+    calls = []
+
+    def then(w, h):
+        calls.append(None)
+        return h - h.mean(0) if mix[0] else h
+
+    model, guide, mix = _conv_model_then(then), _unrouted_guide, [False]
+    elbo = RoutedELBO()
+    for _ in range(2):
+        elbo.loss(model, guide, x, y)
+    assert elbo.routes["w"].layers == "flipout in conv2d"
+    elbo.loss(model, guide, x[:5], y[:5])  # new shapes, same code path: still flipout
+    assert elbo.routes["w"].layers == "flipout in conv2d" and len(calls) == 3
+    mix[0] = True
+    elbo.loss(model, guide, x[:4], y[:4])  # new shapes, examples mixed: recomputed plain
+    route = elbo.routes["w"]
+    assert len(calls) == 5 and route.estimator == "pathwise"
+    assert "depends on 4 examples" in route.layers
+
+
 @pytest.mark.parametrize("tracking", ["cached", "order"])
 def test_a_weight_another_guide_site_depends_on_keeps_the_plain_draw(tracking):
     """A guide site computed from the weight's draw sees the shared draw, the model's layer
