@@ -10,8 +10,16 @@
 - ``kl_measured``: per structure key, the analytic-KL sites measured to give the ELBO more
   variance than their Monte Carlo terms (:func:`~.analytic_kl.measure_kl`);
 - ``layers``: per weight site routed to flipout or local reparameterization and seen by a
-  step, ``None`` when its value was used only as one layer call's weight (its layers are
-  rewritten from then on), else why it stays a plain draw (:mod:`.weight_layers`).
+  step, ``None`` when its value was used only as one layer call's weight whose examples
+  reach the model's terms separately (:mod:`.per_example`) and no other guide site depends
+  on it (its layers are rewritten from then on), else why it stays a plain draw
+  (:mod:`.weight_layers`); ``proven``: the argument fingerprints under which that was
+  shown (a new one checks the examples again);
+- ``auto``, ``dropped``: the plain Normal sites routed to a layer estimator automatically
+  (``layer_estimators="auto"``), and those that fell back, with why;
+- ``units``, ``parents``: the slice sites (``AutoDiagonalNormal``'s reshaped slices of one
+  latent vector) checked to be a layer's weight, with their estimator, and the latents
+  sliced so.
 
 Only ``avoid`` changes what a later step computes in a way the next tracked step cannot find
 again by itself, so :meth:`Learned.state_dict` saves it (checkpoints); the rest is derived
