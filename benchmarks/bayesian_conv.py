@@ -1,10 +1,10 @@
 """Issue 21 benchmark: gradient variance of a Bayesian CNN's weight means and scales per
 layer and route, and time per step (plain weight draw, flipout, local reparameterization).
 
-Run (about 15 seconds on a 2-core CPU, one torch thread)::
+Run (about a minute on a 2-core CPU, one torch thread; ``--scales`` adds about two)::
 
     .venv/bin/python benchmarks/bayesian_conv.py [--batch 64] [--draws 300] [--steps 300]
-        [--seed 0]
+        [--seed 0] [--particles 30] [--scales]
 
 The network, on the embedded 8x8 digits: ``conv1`` (1 -> 8 channels, 3x3, padding 1),
 ReLU, 2x2 max-pool, ``conv2`` (8 -> 16, 3x3, padding 1), ReLU, global mean, ``fc``
@@ -17,6 +17,12 @@ independent gradients of the loss at that fixed point (one particle, batch ``--b
 per layer and parameter (``mu``, ``rho``), the total variance (sum over the elements of the
 per-element variance) and the ratio plain / route; and the median seconds per
 ``loss_and_grads`` step (interleaved rounds), so "variance x time" compares at equal cost.
+
+``--particles ROUNDS``: seconds per step with 8 vectorized particles against 8 drawn in a
+Python loop (the same network and routes; Pyro's ``Trace_ELBO`` cannot vectorize it).
+``--scales``: where the conv scales' gradient variance comes from, with an independent weight
+draw per example (:func:`per_example_model`: the most a per-example weight with the model's
+law can reach) and with the analytic or Monte Carlo KL terms.
 
 Configurations: ``plain`` (every weight ``pathwise``: one weight draw per batch),
 ``default`` (routing's own choice: flipout for the convs, local reparameterization for the
