@@ -607,10 +607,12 @@ def test_a_weight_another_guide_site_depends_on_keeps_the_plain_draw(tracking):
 
 
 def test_examples_that_stay_apart_get_the_layer_estimators_by_default():
-    """A permutation of the batch and per-example reductions keep each term on one example."""
+    """A permutation of the batch and per-example reductions keep each term on one example;
+    ``pyro.deterministic`` (a masked Delta) adds no term."""
     x, y = _data()
     model = _conv_model_then(
-        lambda w, h: h.flip(0).flip(0) * h.softmax(-1) + F.layer_norm(h, h.shape[1:])
+        lambda w, h: pyro.deterministic("h", h).flip(0).flip(0) * h.softmax(-1)
+        + F.layer_norm(h, h.shape[1:])
     )
     elbo = RoutedELBO()
     for _ in range(2):
