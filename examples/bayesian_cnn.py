@@ -1,4 +1,5 @@
-"""A Bayesian CNN on the embedded 8x8 digits: PyroSample weights, AutoNormal, RoutedELBO.
+"""A Bayesian CNN on the embedded 8x8 digits (or Fashion-MNIST, 28x28, where Debian's
+package ``fashion-mnist`` put its files): PyroSample weights, AutoNormal, RoutedELBO.
 
 The conv and linear weights are ``pyro.nn.PyroSample`` sites with ``N(0, 1)`` priors; the
 guide is Pyro's ``AutoNormal``. ``RoutedELBO`` checks on the first step how the model uses
@@ -10,8 +11,14 @@ the posterior predictive, and ``to_inference_data`` of the weight posterior with
 predictive.
 
 Run:  python examples/bayesian_cnn.py   (about a minute on one CPU thread)
+      python examples/bayesian_cnn.py --fashion-mnist [--steps 3000]   (28x28 clothes)
 """
 
+import argparse
+import gzip
+from pathlib import Path
+
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
@@ -47,6 +54,36 @@ class BayesianCNN(PyroModule):
         return logits
 
 
+#: where Debian's ``fashion-mnist`` package installs the data set (idx files, gzipped)
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _idx(path: Path) -> np.ndarray:
+    """An idx file (LeCun's format: zero bytes, a type code, the number of dims, each dim as
+    a big-endian int32, then the data), gzipped, of unsigned bytes."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    if raw[:3] != b"\0\0\x08":
+        raise ValueError(f"{path}: not an idx file of unsigned bytes")
+    dims = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def load_fashion_mnist(folder: Path = FASHION_MNIST, train: int = 10000, test: int = 1000):
+    """``(x_train, y_train, x_test, y_test)``: the first ``train`` / ``test`` images of
+    Fashion-MNIST's training and test sets, ``(N, 1, 28, 28)`` in [0, 1]."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no Fashion-MNIST (apt install fashion-mnist)")
+    found = []
+    for part, n in (("train", train), ("t10k", test)):
+        images = _idx(folder / f"{part}-images-idx3-ubyte.gz")[:n]
+        labels = _idx(folder / f"{part}-labels-idx1-ubyte.gz")[:n]
+        found += [torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 255,
+                  torch.tensor(labels, dtype=torch.long)]  # fmt: skip
+    return tuple(found)
+
+
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15):
     """Sum over confidence bins of |accuracy - confidence| weighted by the bin's share."""
     confidence, predicted = probs.max(-1)
@@ -62,16 +99,23 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     return ece.item()
 
 
-def main(steps: int = 3000, batch: int = 64, num_samples: int = 100, seed: int = 0) -> dict:
+def main(
+    steps: int = 3000, batch: int = 64, num_samples: int = 100, seed: int = 0,
+    fashion_mnist: bool = False,
+) -> dict:  # fmt: skip
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    images, labels = load_default_images(seed=seed)
-    x_train, y_train, x_test, y_test = images[:1500], labels[:1500], images[1500:], labels[1500:]
+    if fashion_mnist:
+        x_train, y_train, x_test, y_test = load_fashion_mnist()
+    else:
+        images, labels = load_default_images(seed=seed)
+        x_train, y_train = images[:1500], labels[:1500]
+        x_test, y_test = images[1500:], labels[1500:]
 
     model = BayesianCNN()
     # means start at a prior draw: at the prior's median (0) every unit is the same
     guide = AutoNormal(model, init_loc_fn=init_to_sample, init_scale=0.05)
-    elbo = RoutedELBO(layer_estimators="auto")
+    elbo = RoutedELBO()  # flipout / local reparameterization where the first step proves them
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), elbo)
     for step in range(steps):
         index = torch.randint(0, len(x_train), (batch,))
@@ -99,4 +143,9 @@ def main(steps: int = 3000, batch: int = 64, num_samples: int = 100, seed: int =
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--fashion-mnist", action="store_true",
+                        help=f"Fashion-MNIST from {FASHION_MNIST} instead of the digits")
+    options = parser.parse_args()
+    main(steps=options.steps, fashion_mnist=options.fashion_mnist)

@@ -6,6 +6,13 @@ other latent, ``E_q[log p(z) - log q(z)] = -KL(q || p)`` given everything sample
 (the reparameterization gradient of the rest is unchanged) and removes the Monte Carlo
 noise of that term (Kingma & Welling 2014, eq. 10; Pyro's ``TraceMeanField_ELBO``).
 
+A guide site without a model site of its name may pass its draw on to one: Pyro's
+``AutoNormal`` draws ``"<name>_unconstrained"`` from a Normal and samples ``"<name>"`` as a
+``Delta`` at that very value where the support is real (the identity transform, a log-density
+of zero; :func:`~.distributions.passed_on`). Then ``log p(w) - log q(w_u) - 0`` with
+``w = w_u`` is the same term, and ``-KL(q(w_u) || p(w))`` replaces all three
+(``KLDecision.through`` names the ``Delta`` and its model site).
+
 :func:`plan_kl` decides per pathwise site whether the substitution is exact and says why
 (not) in the site's route; :func:`site_kl` gives a site's scaled, masked, summed KL with the
 kernels of :mod:`pyro_reparam_conv.kernels`.
@@ -21,13 +28,18 @@ from pyro.distributions.util import scale_and_mask
 from pyro.ops.provenance import extract_provenance
 from pyro.poutine import Trace
 
-from .distributions import distribution_name, partially_reparameterized, unwrap_independent
+from .distributions import (
+    distribution_name,
+    partially_reparameterized,
+    passed_on,
+    unwrap_independent,
+)
 from .kernels import FAST, Kernels
 from .evaluations import spans
 from .routing import KLDecision, SitePlan
 
 
-__all__ = ["MEASURE_PARTICLES", "kl_name", "measure_kl", "plan_kl", "site_kl"]
+__all__ = ["MEASURE_PARTICLES", "kl_name", "kl_sites", "measure_kl", "plan_kl", "site_kl"]
 
 #: the fewest vectorized particles on which :func:`measure_kl` compares two variances (a
 #: sample variance's relative standard error is about sqrt(2 / n): 14% at 100)
@@ -92,6 +104,27 @@ def _why_not(model_site: Optional[dict], guide_site: dict, depends_on) -> Option
     return None
 
 
+def _through(guide_trace: Trace, model_trace: Trace, name: str) -> Optional[str]:
+    """The guide ``Delta`` site (with a model site of its name, the same scale and mask) that
+    passes guide site ``name``'s draw on unchanged, if any."""
+    site = guide_trace.nodes[name]
+    for other, delta in guide_trace.nodes.items():
+        if (
+            other != name and delta["type"] == "sample" and other in model_trace.nodes
+            and delta["fn"].event_dim == site["fn"].event_dim
+            and _same_scale_and_mask(site, delta) and passed_on(delta["fn"], site["value"])
+        ):  # fmt: skip
+            return other
+    return None
+
+
+def kl_sites(kl: Mapping[str, torch.Tensor], plans: Mapping[str, SitePlan]):
+    """``(model sites, guide sites)`` whose terms the analytic KLs ``kl`` replace."""
+    through = {name: plans[name].route.kl.through for name in kl}
+    model = frozenset(t or name for name, t in through.items())
+    return model, frozenset(kl) | frozenset(t for t in through.values() if t)
+
+
 def _per_particle(value, dim: int, n: int) -> torch.Tensor:
     """A log-density summed over everything but the particle ``dim`` (a batch dim, counted
     from the right): one value per particle."""
@@ -103,9 +136,11 @@ def _per_particle(value, dim: int, n: int) -> torch.Tensor:
 
 
 def measure_kl(
-    model_trace: Trace, guide_trace: Trace, sites, dim: int, n: int, kernels: Kernels = FAST
-) -> dict[str, str]:
-    """For the ``sites`` planned with an analytic KL: the ones whose Monte Carlo terms
+    model_trace: Trace, guide_trace: Trace, sites: Mapping[str, Optional[str]], dim: int, n: int,
+    kernels: Kernels = FAST,
+) -> dict[str, str]:  # fmt: skip
+    """For the ``sites`` planned with an analytic KL (each with its ``through`` site, or
+    ``None``; :class:`~.routing.KLDecision`): the ones whose Monte Carlo terms
     ``log p - log q`` give the ELBO less variance than ``-KL`` does, each with why, measured
     on traces of ``n`` independent particles vectorized along batch ``dim`` (log-densities
     computed, no values side by side). ``-KL`` is ``E[log p - log q]`` given what is sampled
@@ -120,10 +155,12 @@ def measure_kl(
                  if "log_prob" in s]  # fmt: skip
         total = sum(model) - sum(guide)
         kept: dict[str, str] = {}
-        for name in sites:
-            q_site, p_site = guide_trace.nodes[name], model_trace.nodes[name]
+        for name, through in sites.items():
+            q_site, p_site = guide_trace.nodes[name], model_trace.nodes[through or name]
             terms = _per_particle(p_site["log_prob"], dim, n) - _per_particle(
                 q_site["log_prob"], dim, n)  # fmt: skip
+            if through:  # the Delta's own log-density (zero)
+                terms = terms - _per_particle(guide_trace.nodes[through]["log_prob"], dim, n)
             kl, _ = extract_provenance(kernels.kl(q_site["fn"], p_site["fn"]))
             kl = scale_and_mask(kl, scale=q_site["scale"], mask=q_site["mask"])
             with_kl = total - terms - _per_particle(kl, dim, n)
@@ -163,13 +200,16 @@ def plan_kl(
     whose Monte Carlo terms were measured to vary less (:func:`measure_kl`), with why.
     """
     kl: dict[str, torch.Tensor] = {}
-    planned = dict(plans)
+    planned, passes = dict(plans), {}
     dims = {name: plan.dim for name, plan in plans.items() if plan.dim is not None}
     for name, plan in plans.items():
         if not plan.estimator.takes_analytic_kl:
             continue
         model_site, guide_site = model_trace.nodes.get(name), guide_trace.nodes[name]
-        depends_on = None if priors is None else priors.get(name, frozenset())
+        through = _through(guide_trace, model_trace, name) if model_site is None else None
+        if through is not None:
+            model_site = model_trace.nodes[through]
+        depends_on = None if priors is None else priors.get(through or name, frozenset())
         why_not = (measured.get(name) or _why_not(model_site, guide_site, depends_on)
                    or _evaluated(guide_site, dims))  # fmt: skip
         if why_not is None:
@@ -180,8 +220,14 @@ def plan_kl(
             except ValueError as e:
                 why_not = str(e)
         if why_not is None:
-            decision = KLDecision(True, kl_name(guide_site["fn"], model_site["fn"]))
+            what = kl_name(guide_site["fn"], model_site["fn"])
+            if through is not None:
+                what += f" with model site {through!r} (its guide Delta passes the draw on)"
+                passes[through] = KLDecision(False, f"its terms are in the analytic KL of {name!r}")
+            decision = KLDecision(True, what, through)
         else:
             decision = KLDecision(False, why_not)
         planned[name] = plan.decided(kl=decision)
+    for through, decision in passes.items():
+        planned[through] = planned[through].decided(kl=decision)
     return kl, planned

@@ -61,7 +61,7 @@ from .dependencies import (
     untag_values,
     with_escapes,
 )
-from .analytic_kl import MEASURE_PARTICLES, measure_kl, plan_kl
+from .analytic_kl import MEASURE_PARTICLES, kl_sites, measure_kl, plan_kl
 from .baselines import DecayingAverages, normalize_kind, score_surrogate
 from .evaluations import SideBySideError, side_by_side_mismatch
 from .kernels import FAST, REFERENCE, Kernels
@@ -71,7 +71,7 @@ from .locality import Footprint, cost_level, plan_footprints, precompute
 from .routing import PlateNestingNeeded, Route, RouteMessenger, RoutingOptions, SitePlan
 from .sparsity import Analysis
 from .terms import ParticleTerms, add_terms, may_need_costs, particle_terms
-from .weight_layers import WeightLayers, WeightUse
+from .weight_layers import BatchedLayers, WeightLayers, WeightUse
 
 __all__ = ["NonFiniteLossError", "RoutedELBO", "SideBySideError"]
 
@@ -203,7 +203,8 @@ def _particle_terms(
     keep = track or may_need_costs(guide_trace, plans)
     if cached is not None:  # element-level costs: their per-element terms, once
         precompute(model_trace, guide_trace, _local(cached.footprints))
-    kernels.log_densities(model_trace, guide_trace, frozenset() if keep else frozenset(kl), nesting)
+    skip = frozenset() if keep else frozenset().union(*kl_sites(kl, plans))
+    kernels.log_densities(model_trace, guide_trace, skip, nesting)
     terms, footprints, found = _dependencies(
         analysis, cached, model_trace, guide_trace, plans, priors, untracked
     )
@@ -255,13 +256,14 @@ class RoutedELBO(ELBO):
     :param max_enumerate: the largest finite support (values per plate element) that a
         site is summed over exactly without being asked (``"enumerate"``); larger discrete
         sites get DisARM (Bernoulli) or the score function.
-    :param layer_estimators: ``"requested"`` (default): flipout and local reparameterization
-        only for weight sites that ask for them (``infer={"estimator": "flipout"}``);
-        ``"auto"``: also for every factorized Normal site that its first step shows used
-        only as one ``F.linear``/``F.conv*`` call's weight. Both draw a weight per example:
-        unbiased only when the examples reach the likelihood through terms of their own
-        (no mean over the batch, no batch statistics after the layer); ``"auto"`` is that
-        assertion, which the ELBO checks for batch normalization only.
+    :param layer_estimators: ``"auto"`` (default): flipout (convolutions) and local
+        reparameterization (linear layers) for every factorized Normal site that its first
+        step shows used only as one ``F.linear``/``F.conv*`` call's weight, and whose
+        layer's examples that step shows to reach the model's terms through terms of their
+        own (:mod:`pyro_reparam_conv.per_example`: no mean over the batch, no batch
+        statistics, no mixing of examples after the layer), which a weight drawn per
+        example needs to stay unbiased; ``"requested"``: only for weight sites that ask for
+        them (``infer={"estimator": "flipout"}``), with the same checks.
 
     After each call ``routes`` maps every guide latent site to its :class:`~.routing.Route`.
     """
@@ -285,7 +287,7 @@ class RoutedELBO(ELBO):
         dependency_tracking: str = "cached",
         fast_path: bool = True,
         max_enumerate: int = RoutingOptions.max_enumerate,
-        layer_estimators: str = "requested",
+        layer_estimators: str = "auto",
     ) -> None:
         if not isinstance(num_particles, int) or num_particles < 1:
             raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
@@ -397,8 +399,11 @@ class RoutedELBO(ELBO):
         router = RouteMessenger(self.default_baseline, options, first_dim)
         layers = learned.layers
         skip = {name: why for name, why in layers.items() if why is not None}
+        proven = learned.proven  # a site is checked again under arguments of a new fingerprint
         weights = WeightLayers(
-            lambda: router.plans, lambda name: name not in layers, skip, learned.candidate
+            lambda: router.plans, lambda name: name not in layers, skip, learned.candidate,
+            verify=lambda name: arguments not in proven.get(name, ()),
+            batched=self.vectorize_particles, units=learned.units, parents=learned.parents,
         )
         traced_model, traced_guide = weights(model), weights.guide()(router(guide))
         analysis = Analysis() if track else None
@@ -418,6 +423,7 @@ class RoutedELBO(ELBO):
             key = (signature(model_trace, guide_trace, router.routes), arguments)
             cached = None if track else learned.dependencies.lookup(key)
             verify = bool(router.dims) and (track or key not in learned.verified)
+            weights.prove_examples(model_trace)
             plans = learned.layer_decisions(router.plans, weights)
             particle, found = _particle_terms(
                 (model, guide, args, kwargs), model_trace, guide_trace, plans, cached,
@@ -429,6 +435,12 @@ class RoutedELBO(ELBO):
             raise
         except Exception as error:
             raise _AttemptFailed(error, router.plans) from error
+        if weights.watched:
+            known = found or cached
+            learned.guide_uses(weights, known.terms if known else None, router.plans)
+        for name in weights.watched | weights.verifying:
+            if name in layers and layers[name] is None:  # shown for these arguments
+                proven.setdefault(name, []).append(arguments)
         if found is not None:
             self.last_footprints = dict(found.footprints)
             learned.dependencies.store(key, found if analysis.reusable else None)
@@ -455,11 +467,11 @@ class RoutedELBO(ELBO):
         options = self._learned.routing_options(self.options.max_enumerate)
         router = RouteMessenger(self.default_baseline, options, -1 - int(self.max_plate_nesting))
         nesting = self.max_plate_nesting
-        with torch.no_grad():
+        with torch.no_grad(), BatchedLayers():  # weights with a particle dim: plain draws
             model_trace, guide_trace, _ = _traces(model, router(guide), args, kwargs, nesting)
             model_trace.compute_log_prob()
             guide_trace.compute_log_prob()
-        sites = [name for name, r in particle.routes.items() if r.analytic_kl]
+        sites = {name: r.kl.through for name, r in particle.routes.items() if r.analytic_kl}
         return measure_kl(
             model_trace, guide_trace, sites, -int(nesting), self.num_particles, self.kernels
         )

@@ -10,8 +10,16 @@
 - ``kl_measured``: per structure key, the analytic-KL sites measured to give the ELBO more
   variance than their Monte Carlo terms (:func:`~.analytic_kl.measure_kl`);
 - ``layers``: per weight site routed to flipout or local reparameterization and seen by a
-  step, ``None`` when its value was used only as one layer call's weight (its layers are
-  rewritten from then on), else why it stays a plain draw (:mod:`.weight_layers`).
+  step, ``None`` when its value was used only as one layer call's weight whose examples
+  reach the model's terms separately (:mod:`.per_example`) and no other guide site depends
+  on it (its layers are rewritten from then on), else why it stays a plain draw
+  (:mod:`.weight_layers`); ``proven``: the argument fingerprints under which that was
+  shown (a new one checks the examples again);
+- ``auto``, ``dropped``: the plain Normal sites routed to a layer estimator automatically
+  (``layer_estimators="auto"``), and those that fell back, with why;
+- ``units``, ``parents``: the slice sites (``AutoDiagonalNormal``'s reshaped slices of one
+  latent vector) checked to be a layer's weight, with their estimator, and the latents
+  sliced so.
 
 Only ``avoid`` changes what a later step computes in a way the next tracked step cannot find
 again by itself, so :meth:`Learned.state_dict` saves it (checkpoints); the rest is derived
@@ -28,7 +36,7 @@ from .dependencies import DependencyCache
 from .estimators.flipout import LAYERS
 from .estimators.base import RoutingOptions
 from .evaluations import avoid_after_failure
-from .weight_layers import verdict
+from .weight_layers import WeightUse, verdict
 
 __all__ = ["Learned"]
 
@@ -36,7 +44,7 @@ __all__ = ["Learned"]
 class Learned:
     """What the ELBO knows about the model's structure (see the module docstring)."""
 
-    def __init__(self, dependency_tracking: str = "cached", auto_layers: bool = False) -> None:
+    def __init__(self, dependency_tracking: str = "cached", auto_layers: bool = True) -> None:
         self.dependencies = DependencyCache(dependency_tracking)
         self.verified: set[tuple] = set()
         self.avoid: dict[str, dict[str, str]] = {}  # site -> {estimator: why not}
@@ -47,9 +55,16 @@ class Learned:
         #: for it and why (``None``: not a weight), and the sites that fell back from one
         self.auto: dict[str, Optional[tuple[str, str]]] = {}
         self.dropped: dict[str, str] = {}
+        #: per slice site checked to be a layer's weight its estimator, and the sites whose
+        #: draws are sliced into such sites (:meth:`~.weight_layers.WeightLayers.guide`)
+        self.units: dict[str, str] = {}
+        self.parents: set[str] = set()
+        #: per weight site, the argument fingerprints (:func:`~.dependencies.fingerprint`)
+        #: of the steps that showed its layer may be rewritten: a new one checks it again
+        self.proven: dict[str, list] = {}
         #: whether plain Normal weights are routed to the layer estimators automatically
-        #: (``RoutedELBO(layer_estimators="auto")``: the user asserts that the examples reach
-        #: the likelihood through terms of their own, which a per-example weight needs)
+        #: (``RoutedELBO(layer_estimators="auto")``, once their first step shows them used
+        #: as one layer's weight whose examples reach the terms separately)
         self.auto_layers = auto_layers
 
     def candidate(self, name: str, fn, plan) -> bool:
@@ -71,6 +86,29 @@ class Learned:
             self.dropped[error.site] = error.reason
         self.layers[error.site] = error.reason
 
+    def guide_uses(self, weights, terms, plans) -> None:
+        """After a step that watched weight sites: one whose draw another guide site depends
+        on (``terms``: the step's term dependencies, ``None`` where unknown) stays a plain
+        draw, as for another use in the model: that site and the model's per-example
+        weights would no longer have the guide's joint law."""
+        for name in weights.watched:
+            if name not in self.layers or self.layers[name] is not None:
+                continue  # not proven on this step: nothing to withdraw
+            roots = {name, weights.unit_parent.get(name, name)}  # a slice: its whole draw
+            passing = roots | {d for d, site in weights.alias.items() if site in roots}
+            passing |= {d for root in roots for d in weights.parts.get(root, ())}
+            if terms is None:
+                how = "in the guide, where its dependents are not tracked on this step"
+            else:
+                users = sorted(
+                    n for (role, n), deps in terms.items()
+                    if role == "guide" and deps & roots and n not in passing
+                )  # fmt: skip
+                if not users:
+                    continue
+                how = f"by guide site {users[0]!r} (the guide's joint law would change)"
+            self.weight_used(WeightUse(name, how), plans)
+
     def layer_decisions(self, plans, weights) -> dict:
         """``plans`` with each weight site's layer decision of this step
         (:class:`~.weight_layers.WeightLayers` ``weights``); what the watched sites showed is
@@ -86,9 +124,12 @@ class Learned:
                 decided[name] = self._watched_candidate(plans[name], weights)
                 continue
             if name in weights.watched:
-                found = verdict(weights.other.get(name), weights.layer_calls.get(name, 0))
+                found = verdict(weights.other.get(name), weights.layer_calls.get(name, 0),
+                                weights.mixed.get(name), weights.parts.get(name, ()))
                 self.layers[name] = found
                 text = found or "plain weight draw on its first step, while its uses are checked"
+                if name in weights.unit_parent and not found:
+                    text = self._unit_checked(name, weights)
             elif self.layers.get(name) is not None:
                 text = self.layers[name]
             else:
@@ -96,12 +137,28 @@ class Learned:
             decided[name] = plans[name].decided(layers=text)
         return decided
 
+    def _unit_checked(self, name: str, weights) -> str:
+        """A slice site (:meth:`~.weight_layers.WeightLayers.guide`) found to be one layer's
+        weight: its estimator from the next step, as for an automatic route."""
+        func = weights.layer_funcs[name]
+        self.units[name] = "local_reparam" if LAYERS[func] == 0 else "flipout"
+        return (f"plain weight draw on its first step: a slice of "
+                f"{weights.unit_parent[name]!r}'s factorized Normal used only as the weight of "
+                f"{func.__name__}, so {self.units[name]} from the next step")  # fmt: skip
+
     def _watched_candidate(self, plan, weights):
         name = plan.route.site
         func = weights.layer_funcs.get(name)
-        if func is None or verdict(weights.other.get(name), weights.layer_calls[name]):
+        calls, parts = weights.layer_calls.get(name, 0), weights.parts.get(name, ())
+        why = verdict(weights.other.get(name), calls, weights.mixed.get(name), parts)
+        if func is None or why:
             self.auto[name] = None
-            return plan
+            if func is None and not parts:  # no weight
+                return plan
+            if parts:  # its slices are weight sites: their draws are recorded from now on
+                self.parents.add(name)
+            self.dropped[name] = why
+            return plan.decided(layers=f"not a layer estimator: {why}")
         chosen = "local_reparam" if LAYERS[func] == 0 else "flipout"  # exact / unbiased
         self.auto[name] = (
             chosen,

@@ -56,10 +56,13 @@ class PlateNestingNeeded(RuntimeError):
 @dataclass(frozen=True)
 class KLDecision:
     """Whether ``-KL(q || p)`` replaces a pathwise site's ``log p - log q``: ``applies``,
-    and what (the KL's name) or why not."""
+    and what (the KL's name) or why not; ``through``: the site (a guide ``Delta`` and its
+    model site, of another name) that passes the draw on to the model, whose terms the KL
+    replaces too (``None``: the model site has the guide site's name)."""
 
     applies: bool
     reason: str
+    through: Optional[str] = None
 
     def __str__(self) -> str:
         return f"analytic {self.reason}" if self.applies else f"no analytic KL: {self.reason}"

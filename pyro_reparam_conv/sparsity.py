@@ -206,11 +206,16 @@ class Analysis(TorchFunctionMode):
     def reusable(self) -> bool:
         return not self.value_dependent
 
-    def add_source(self, name: str, value: torch.Tensor) -> None:
-        """Start following the elements of latent map ``name`` (its value as the code sees it)."""
-        self.ndim[name] = value.dim()
+    def add_source(self, name: str, value: torch.Tensor, dims: Optional[int] = None) -> None:
+        """Start following the elements of latent map ``name`` (its value as the code sees
+        it); with ``dims``, only the indices of its leading ``dims`` dims (the boxes then
+        have ``2 * dims`` rows, every element of an index sharing its box)."""
+        dims = value.dim() if dims is None else dims
+        self.ndim[name] = dims
         with torch._C.DisableTorchFunction():  # the box is no part of the model's run
-            self.boxes[value] = {name: source_box(value.shape, value.device)}
+            box = source_box(value.shape[:dims], value.device)
+            box = box.reshape(box.shape + (1,) * (value.dim() - dims))
+            self._set(value, name, box.expand((2 * dims, *value.shape)))
         self._register(value)
 
     def box(self, t: Any, name: str) -> Optional[torch.Tensor]:
@@ -478,6 +483,13 @@ def _pointwise(call: Call):
     inputs = [call.box(t) for t in _tensors((call.args, call.kwargs))]
     inputs = [b for b in inputs if b is not None]
     return [union(inputs, t.shape, call.k, t.device) for t in outs]
+
+
+def _broadcast_tensors(call: Call):
+    """Each output is its own input expanded: its box only, broadcast."""
+    inputs = _tensors((call.args, call.kwargs))
+    return [None if call.box(x) is None else broadcast_box(call.box(x), t.shape)
+            for x, t in zip(inputs, _tensors(call.result))]  # fmt: skip
 
 
 def _fresh(call: Call):
@@ -950,12 +962,13 @@ POINTWISE = frozenset({
     "feature_alpha_dropout", "bernoulli", "normal", "poisson", "to", "type", "type_as", "float",
     "double", "half", "bfloat16", "int", "long", "bool", "byte", "short", "char", "cpu",
     "cuda", "contiguous", "clone", "detach", "get:data", "get:real", "expand", "expand_as",
-    "broadcast_to", "broadcast_tensors", "requires_grad", "as_subclass", "new_tensor_",
+    "broadcast_to", "requires_grad", "as_subclass", "new_tensor_",
     "atleast_1d", "atleast_2d", "atleast_3d", "sigmoid_", "copy", "fill", "masked_scatter_",
     "exp_", "log_", "true_divide_", "positive_", "sqrt_", "absolute_", "nan_to_num_",
 })  # fmt: skip
 
 RULES: dict[str, Callable[[Call], Any]] = {name: _pointwise for name in POINTWISE}
+RULES["broadcast_tensors"] = _broadcast_tensors
 RULES.update({n: _fresh for n in ("zeros_like", "ones_like", "empty_like", "full_like",
                                   "rand_like", "randn_like", "randint_like", "new_zeros",
                                   "new_ones", "new_empty", "new_full")})  # fmt: skip

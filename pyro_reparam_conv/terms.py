@@ -34,6 +34,7 @@ from pyro.infer.util import MultiFrameTensor
 from pyro.ops.provenance import ProvenanceTensor, extract_provenance
 from pyro.poutine import Trace
 
+from .analytic_kl import kl_sites
 from .dependencies import SiteKey, ordered_dependencies
 from .baselines import BaselineSpec
 from .distributions import partially_reparameterized
@@ -332,10 +333,11 @@ def particle_terms(
     """
     evaluations = evaluations_of(guide_trace, plans)
     sample = [(n, s) for n, s in model_trace.nodes.items() if s["type"] == "sample"]
-    rows = [_model_row(site, evaluations) for name, site in sample if name not in kl]
+    in_model, in_guide = kl_sites(kl, plans)
+    rows = [_model_row(site, evaluations) for name, site in sample if name not in in_model]
     guide = []
     for name, site in guide_trace.nodes.items():
-        if site["type"] == "sample" and name not in kl:
+        if site["type"] == "sample" and name not in in_guide:
             plan = plans.get(name)
             parts = plan.estimator.score_parts(site) if plan else site["score_parts"]
             guide.append((site, plan, parts))

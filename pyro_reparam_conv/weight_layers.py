@@ -25,17 +25,23 @@ from those uses (:func:`verdict`) whether later steps may rewrite its layer.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Mapping, Optional
+from typing import Callable, Collection, Mapping, Optional
 
 import torch
 from pyro.poutine.messenger import Messenger
+from torch.distributions import Normal
 from torch.overrides import TorchFunctionMode
 
+from .distributions import expands, slice_offset, unwrap_independent
+from .estimators import base as estimators
 from .estimators.flipout import LAYERS, batched_layer
+from .per_example import ExampleBoxes
 from .routing import SitePlan, is_latent
 from .sparsity import NO_VALUES, op_name
 
-__all__ = ["NOT_A_WEIGHT", "WeightLayers", "WeightUse", "rewrites_layers", "verdict"]
+__all__ = [
+    "BatchedLayers", "NOT_A_WEIGHT", "WeightLayers", "WeightUse", "rewrites_layers", "verdict",
+]
 
 #: what :meth:`WeightLayers.layer` returns where the value is not the call's weight
 NOT_A_WEIGHT = object()
@@ -53,25 +59,33 @@ class WeightUse(Exception):
     """A weight site routed to a layer estimator was used otherwise in the model (not a
     ``RuntimeError``: Pyro's trace re-raises those as a new exception of the same type)."""
 
-    def __init__(self, site: str, how: str) -> None:
+    def __init__(self, site: str, how: str, reason: Optional[str] = None) -> None:
         self.site, self.how = site, how
-        super().__init__(f"site {site!r}: its value is used {how}")
-
-    @property
-    def reason(self) -> str:
-        return f"plain weight draw: its value is used {self.how}"
+        self.reason = reason or f"plain weight draw: its value is used {how}"
+        super().__init__(f"site {site!r}: {self.reason}")
 
 
 def rewrites_layers(plan: SitePlan) -> bool:
     return hasattr(plan.estimator, "layer")
 
 
-def verdict(other: Optional[str], calls: int) -> Optional[str]:
-    """Why a watched site must stay a plain draw (``None``: its layer may be rewritten)."""
+def verdict(
+    other: Optional[str], calls: int, mixed: Optional[str] = None, parts: tuple = ()
+) -> Optional[str]:
+    """Why a watched site must stay a plain draw (``None``: its layer may be rewritten):
+    ``other`` a use besides one layer's weight, ``calls`` its layer calls, ``mixed`` why its
+    layer's examples are not shown to reach the terms separately (:mod:`.per_example`),
+    ``parts`` the guide sites that pass slices of its value on."""
     if other is not None:
         return f"plain weight draw: its value is used {other}"
+    if calls == 0 and parts:
+        return (f"its value reaches the model in slices ({', '.join(parts)}), each a weight site"
+                " of its own: their routes say how")  # fmt: skip
     if calls == 0:
         return "plain weight draw: its value is used as no layer's weight"
+    if mixed is not None:
+        return ("plain weight draw: its layer's examples are not shown to reach the model's "
+                f"terms separately ({mixed})")  # fmt: skip
     return None
 
 
@@ -133,6 +147,24 @@ class _Mode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class BatchedLayers(TorchFunctionMode):
+    """Applies a layer of :data:`~.estimators.flipout.LAYERS` whose weight has leading dims
+    (vectorized particles, a plate of weights) per index of those dims
+    (:func:`~.estimators.flipout.batched_layer`), where torch would raise: the plain weight
+    draws of a vectorized model, which plain Pyro cannot run."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        spatial = LAYERS.get(func)
+        weight = None if spatial is None else (args[1] if len(args) > 1 else kwargs.get("weight"))
+        if not isinstance(weight, torch.Tensor) or weight.dim() <= spatial + 2:
+            return func(*args, **kwargs)
+        rest = dict(kwargs)
+        x = args[0] if args else rest.pop("input")
+        rest.pop("weight", None)
+        return batched_layer(func, spatial, x, weight, *args[2:], **rest)
+
+
 def _mixes_batch(args, kwargs) -> bool:
     """Whether an ``F.batch_norm`` call normalizes with the batch's own statistics."""
     running = args[1] if len(args) > 1 else kwargs.get("running_mean")
@@ -150,8 +182,18 @@ class WeightLayers(Messenger):
     def __init__(
         self, plans: Callable[[], Mapping[str, SitePlan]], check: Callable[[str], bool],
         skip: Mapping[str, str], candidate: Callable[[str, object, SitePlan], bool] = None,
+        batched: bool = False, units: Mapping[str, str] = {}, parents: Collection[str] = (),
+        verify: Callable[[str], bool] = lambda name: False,
     ) -> None:  # fmt: skip
         super().__init__()
+        #: rewritten sites whose layer's examples are followed again on this step (new
+        #: arguments): where they mix, :meth:`prove_examples` raises :class:`WeightUse`
+        self.verify, self.verifying = verify, set()
+        #: per slice site (see :meth:`guide`) checked to be a layer's weight: its estimator;
+        #: the sites whose draws are sliced so (their draws recorded on every step)
+        self.units, self.parents = units, parents
+        self.unit_parent: dict[str, str] = {}  # a slice site -> the site it slices
+        self.batched = BatchedLayers() if batched else None  # any weight with leading dims
         self.plans, self.check, self.skip = plans, check, skip
         self.candidate = candidate or (lambda name, fn, plan: False)
         self.candidates: set[str] = set()
@@ -159,13 +201,18 @@ class WeightLayers(Messenger):
         self.outputs: dict[int, frozenset] = {}  # id of a tensor computed from weights -> sites
         self.fns: dict[str, object] = {}  # the guide's distribution per routed site
         self.alias: dict[str, str] = {}  # a guide Delta site -> the routed site it passes on
-        self._draws: dict[int, str] = {}  # id of a routed site's value in the guide -> site
+        self.parts: dict[str, list] = {}  # a routed site -> the Delta sites passing slices
+        self._draws: list = []  # (a routed site's value in the guide, the site, its fn)
         self.values: dict[int, str] = {}  # id of the value the model got -> site
         self._alive: list = []  # keeps those values (and their ids) alive for the run
         self.watched: set[str] = set()
         self.other: dict[str, str] = {}  # site -> its first use that is no layer's weight
         self.layer_calls: dict[str, int] = {}
         self.rewritten: dict[str, str] = {}  # site -> the layer rewritten
+        #: the example indices of watched sites' layer outputs (:mod:`.per_example`), and
+        #: per watched site why its examples are not shown to reach the terms separately
+        self.examples: Optional[ExampleBoxes] = None
+        self.mixed: dict[str, str] = {}
         self._mode = _Mode(self)
 
     # --------------------------------------------------------------- the guide
@@ -173,7 +220,10 @@ class WeightLayers(Messenger):
         """A messenger for the guide that records the distribution of each such site, and
         the sites that only pass such a site's value on: a ``Delta`` whose value is that
         very tensor (Pyro's ``AutoNormal`` samples ``name + "_unconstrained"`` and then
-        ``name`` as a ``Delta`` at its value, through the identity for a real support)."""
+        ``name`` as a ``Delta`` at its value, through the identity for a real support), or a
+        reshaped slice of its last dim (Pyro's ``AutoDiagonalNormal``: one latent vector, a
+        slice per site). A slice site is a weight site of its own (a *unit*): its law is the
+        matching slice of the factorized Normal, independent of the other slices."""
         owner = self
 
         class _Record(Messenger):
@@ -186,20 +236,47 @@ class WeightLayers(Messenger):
                     if not routed:
                         owner.candidates.add(name)
                     owner.fns[name] = msg["fn"]
-                    owner._draws[id(msg["value"])] = name
+                if name in owner.fns or name in owner.parents:
+                    owner._draws.append((msg["value"], name, msg["fn"]))
                     owner._alive.append(msg["value"])
                     return
                 base = msg["fn"]
                 while hasattr(base, "base_dist"):
                     base = base.base_dist
-                if id(getattr(base, "v", None)) in owner._draws:
-                    owner.alias[name] = owner._draws[id(base.v)]
+                passed = getattr(base, "v", None)
+                for drawn, site, fn in owner._draws:
+                    if expands(passed, drawn):
+                        owner.alias[name] = site
+                    elif slice_offset(passed, drawn) is not None:
+                        owner._unit(name, site, fn, drawn, passed)
 
         return _Record()
 
+    def _unit(self, name: str, parent: str, fn, drawn, value) -> None:
+        """Guide site ``name`` passes ``value``, a reshaped slice of ``parent``'s draw: a
+        weight site with that slice of ``parent``'s factorized Normal (when it is one)."""
+        self.parts.setdefault(parent, []).append(name)
+        base, _ = unwrap_independent(fn)
+        if not isinstance(base, Normal):
+            return
+        start, size = slice_offset(value, drawn), value[(0,) * (drawn.dim() - 1)].numel()
+
+        def part(t):
+            return t.expand(drawn.shape)[..., start : start + size].reshape(value.shape)
+
+        self.fns[name] = Normal(part(base.loc), part(base.scale), validate_args=False)
+        self.unit_parent[name] = parent
+
     # --------------------------------------------------------------- the model
     def __enter__(self):  # the model starts: the guide has run
-        self._active = bool(self.fns.keys() - self.skip.keys())
+        sites = self.fns.keys() - self.skip.keys()
+        self._active = bool(sites)
+        if any(name in self.candidates or self.check(name) or self.verify(name)
+               for name in sites):  # fmt: skip
+            self.examples = ExampleBoxes()  # below the mode: it sees the layers' outputs
+            self.examples.__enter__()
+        if self.batched is not None:  # between: the analysis sees what it computes
+            self.batched.__enter__()
         if self._active:  # no mode (no cost per operator) when no site rewrites layers
             self._mode.__enter__()
         return super().__enter__()
@@ -210,6 +287,18 @@ class WeightLayers(Messenger):
         finally:
             if self._active:
                 self._mode.__exit__(*exc)
+            if self.batched is not None:
+                self.batched.__exit__(*exc)
+            if self.examples is not None:
+                self.examples.__exit__(*exc)
+
+    def prove_examples(self, model_trace) -> None:
+        """After the run: why each watched site's layer examples are not shown to reach the
+        model's terms separately (:attr:`mixed`; :mod:`.per_example`)."""
+        if self.examples is not None:
+            self.mixed = self.examples.mixing(model_trace)
+        for site in sorted(self.verifying & self.mixed.keys()):
+            raise WeightUse(site, "", verdict(None, 1, self.mixed[site]))
 
     def _pyro_post_sample(self, msg: dict) -> None:
         name = self.alias.get(msg["name"], msg["name"])
@@ -217,6 +306,8 @@ class WeightLayers(Messenger):
             return
         if name in self.candidates or self.check(name):
             self.watched.add(name)
+        elif self.verify(name):
+            self.verifying.add(name)
         self.values[id(msg["value"])] = name
         self._alive.append(msg["value"])
         self.layer_calls[name] = 0
@@ -253,9 +344,18 @@ class WeightLayers(Messenger):
         if weight.dim() > spatial + 2:
             apply = functools.partial(batched_layer, func, spatial)
         if site in self.watched or self.layer_calls[site] > 1:
-            return apply(x, weight, *args[2:], **rest)
+            out = apply(x, weight, *args[2:], **rest)
+            if site in self.watched and self.examples is not None:
+                self.examples.add_layer(site, name, out, spatial)
+            return out
         loc = base.loc.expand(weight.shape)
         scale = base.scale.expand(weight.shape)
-        estimator = self.plans()[site].estimator
+        estimator = (
+            estimators.get(self.units[site]) if site in self.unit_parent
+            else self.plans()[site].estimator
+        )  # fmt: skip
         self.rewritten[site] = f"{estimator.name} in {name}"
-        return estimator.layer(apply, spatial, x, weight, loc, scale, tuple(args[2:]), rest)
+        out = estimator.layer(apply, spatial, x, weight, loc, scale, tuple(args[2:]), rest)
+        if site in self.verifying and self.examples is not None:
+            self.examples.add_layer(site, name, out, spatial)
+        return out

@@ -11,10 +11,12 @@ import torch
 from pyro.infer import ELBO, SVI, Trace_ELBO
 from pyro.infer.autoguide import (
     AutoHierarchicalNormalMessenger,
+    AutoNormal,
     AutoNormalMessenger,
     AutoRegressiveMessenger,
 )
 from pyro.ops.provenance import ProvenanceTensor
+from torch.distributions import kl_divergence
 from pyro.optim import Adam
 from pyro.poutine.guide import GuideMessenger
 
@@ -175,3 +177,51 @@ def test_jit_options_change_nothing():
 def test_routing_options_are_keyword_only():
     with pytest.raises(TypeError):
         RoutedELBO(1, float("inf"), None, False, True, False, None, None, -1.0, "auto")
+
+
+
+def _prior_only(positive=True):
+    pyro.sample("w", dist.Normal(torch.zeros(3), 2.0).to_event(1))  # real support
+    if positive:  # AutoNormal: an exp transform
+        pyro.sample("s", dist.HalfNormal(torch.ones(2)).to_event(1))
+
+
+def test_autonormal_real_sites_get_the_exact_analytic_kl():
+    """AutoNormal passes "w_unconstrained" on as the Delta "w" through the identity: the
+    analytic KL(q(w_u) || p(w)) replaces log p(w) - log q(w_u) and is exact (a prior-only
+    model's loss is the KL itself, the same on every draw, and so is its gradient); a
+    positive site's Delta carries the log-Jacobian of exp and keeps its Monte Carlo terms."""
+    pyro.clear_param_store()
+    guide = AutoNormal(_prior_only, init_scale=0.3)
+    elbo = RoutedELBO()
+    elbo.loss(_prior_only, guide, False)  # the params
+    q = dist.Normal(guide.locs.w, guide.scales.w)
+    exact = kl_divergence(q, dist.Normal(torch.zeros(3), 2.0)).sum()
+    loc_grad = torch.autograd.grad(exact, guide.locs.w)[0]
+    for _ in range(3):
+        guide.locs.w.grad = None
+        assert abs(elbo.loss_and_grads(_prior_only, guide, False) - exact.item()) < 1e-5
+        assert torch.allclose(guide.locs.w.grad, loc_grad, atol=1e-6)
+    route = elbo.routes["w_unconstrained"]
+    assert route.analytic_kl and route.kl.through == "w"
+    assert "analytic KL of 'w_unconstrained'" in str(elbo.routes["w"].kl)
+    assert RoutedELBO(fast_path=False).loss(_prior_only, guide, False) != exact.item()
+    elbo.loss(_prior_only, AutoNormal(_prior_only))
+    assert not elbo.routes["s_unconstrained"].analytic_kl
+
+
+def test_a_delta_with_a_log_density_of_its_own_keeps_the_monte_carlo_terms():
+    def model(log_density):
+        pyro.sample("w", dist.Normal(torch.zeros(3), 2.0).to_event(1))
+
+    def guide(log_density):
+        u = pyro.sample(
+            "u", dist.Normal(torch.zeros(3), 1.0).to_event(1), infer={"is_auxiliary": True}
+        )
+        pyro.sample("w", dist.Delta(u, log_density=log_density, event_dim=1))
+
+    elbo = RoutedELBO()
+    elbo.loss(model, guide, 0.0)
+    assert elbo.routes["u"].analytic_kl and elbo.routes["u"].kl.through == "w"
+    elbo.loss(model, guide, torch.tensor(0.5))
+    assert str(elbo.routes["u"].kl) == "no analytic KL: no model site"

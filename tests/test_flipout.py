@@ -6,6 +6,7 @@ error where the route does not apply; an AutoNormal guide on a PyroModule CNN.""
 
 import copy
 import math
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from exact import draw_gradients, param
 from pyro.infer import SVI
-from pyro.infer.autoguide import AutoNormal
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 from pyro.nn import PyroModule, PyroSample
 
 from pyro_reparam_conv import RoutedELBO, force_estimator
@@ -109,15 +110,33 @@ def test_unbiased_against_the_plain_weight_draw(model, site, shape, estimator):
 
 @pytest.mark.parametrize(
     "model,site,shape,estimator",
-    [(conv_model, "w", CONV, "flipout"), (linear_model, "v", LINEAR, "local_reparam")],
+    [(conv_model, "w", CONV, "flipout"), (linear_model, "v", LINEAR, "local_reparam"),
+     (conv_model, "w", CONV, "pathwise")],  # fmt: skip
 )
 def test_vectorized_particles_batched_layers_unbiased(model, site, shape, estimator):
     """With ``vectorize_particles=True`` the weight has a particle dim: each particle's
-    weight is applied to the batch (a grouped convolution), where plain Pyro fails."""
+    weight is applied to the batch (a grouped convolution), where plain Pyro fails; plain
+    weight draws too (``BatchedLayers``)."""
     vectorized = {"num_particles": 4, "vectorize_particles": True, "max_plate_nesting": 1}
     draws = _gradients(model, site, shape, estimator, 300, seed=1, **vectorized)
     plain = _gradients(model, site, shape, "pathwise", 1000, seed=2)
     _assert_same_mean(draws, plain)
+
+
+@pytest.mark.parametrize("func,shape", [
+    (F.conv2d, (2, 1, 3, 3)), (F.conv_transpose2d, (1, 2, 2, 2)), (F.linear, (2, 25)),
+])  # fmt: skip
+def test_batched_layers_apply_each_particles_weight_to_the_batch(func, shape):
+    from pyro_reparam_conv.weight_layers import BatchedLayers
+
+    x, _ = _data()
+    x = x.flatten(1) if func is F.linear else x
+    weight = torch.randn((4, 1) + shape)  # particles, then a broadcast batch dim
+    with BatchedLayers():
+        got = func(x, weight, torch.ones(shape[1] if func is F.conv_transpose2d else shape[0]))
+    for p in range(4):
+        bias = torch.ones(shape[1] if func is F.conv_transpose2d else shape[0])
+        assert torch.allclose(got[p], func(x, weight[p, 0], bias), atol=1e-5)
 
 
 def coupled_model(x, y, seen=None):
@@ -262,7 +281,7 @@ def test_batch_norm_in_training_mode_after_the_layer_keeps_the_plain_draw(traini
         elbo.loss(_conv_model_then(then), _unrouted_guide, x, y)
     route = elbo.routes["w"]
     if training:
-        assert route.estimator == "pathwise" and route.layers is None
+        assert route.estimator == "pathwise" and "batch_norm" in route.layers
     else:  # running statistics: each example normalized alone
         assert route.estimator == "flipout"
 
@@ -328,6 +347,61 @@ def test_autonormal_on_a_pyro_module_cnn():
     assert routes["fc.weight_unconstrained"].layers == "local_reparam in linear"
 
 
+@pytest.mark.parametrize("vectorize", [False, True])
+@pytest.mark.parametrize("autoguide", [AutoNormal, AutoDiagonalNormal])
+def test_autoguide_weights_are_routed_with_and_without_vectorized_particles(autoguide, vectorize):
+    """AutoNormal's Delta passes the draw on (expanded by the particle plate when
+    vectorized); AutoDiagonalNormal's slices of its flat latent are weight sites of their
+    own. The slow tests below check the gradients."""
+    torch.manual_seed(0)
+    x, _ = _data()
+    model = BayesianCNN()
+    options = {"num_particles": 2, "vectorize_particles": True, "max_plate_nesting": 1}
+    elbo = RoutedELBO(**(options if vectorize else {}))
+    guide = autoguide(model)
+    for _ in range(2):
+        assert math.isfinite(elbo.loss(model, guide, x, torch.randint(0, 3, (6,))))
+    suffix = "_unconstrained" if autoguide is AutoNormal else ""
+    routes = elbo.routes
+    assert routes[f"conv.weight{suffix}"].layers == "flipout in conv2d"
+    assert routes[f"fc.weight{suffix}"].layers == "local_reparam in linear"
+    if autoguide is AutoDiagonalNormal:
+        latent = routes["_AutoDiagonalNormal_latent"].layers
+        assert "slices (conv.weight, fc.weight, fc.bias)" in latent
+        assert routes["fc.bias"].layers.startswith("plain weight draw: its value is used by")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "autoguide,vectorize", [(AutoNormal, True), (AutoDiagonalNormal, False),
+                            (AutoDiagonalNormal, True)],
+)  # fmt: skip
+def test_autoguide_layer_estimators_unbiased_against_plain_weight_draws(autoguide, vectorize):
+    """The gradients of the routes above match plain weight draws one particle at a time:
+    AutoNormal's weights applied per particle (a grouped convolution, where plain Pyro
+    fails); AutoDiagonalNormal's slices, each a factorized Normal independent of the
+    others, each a weight site of its own (the bias slice, used as a bias, stays plain)."""
+    torch.manual_seed(0)
+    pyro.clear_param_store()
+    x, _ = _data()
+    y = torch.randint(0, 3, (6,))
+    model = BayesianCNN()
+    guide = autoguide(model, init_scale=0.5)
+    options = {"num_particles": 4, "vectorize_particles": True, "max_plate_nesting": 1}
+    elbo = RoutedELBO(**(options if vectorize else {}))
+    elbo.loss(model, guide, x, y)
+    store = pyro.get_param_store()
+    names = (["AutoNormal.locs.conv.weight", "AutoNormal.locs.fc.weight"]
+             if autoguide is AutoNormal else ["AutoDiagonalNormal.loc", "AutoDiagonalNormal.scale"])
+    params = {k: store[k].unconstrained() for k in names}
+    draws = draw_gradients(elbo, model, guide, params, 250 if vectorize else 1000, x, y)
+    assert sum(r.layers in ("flipout in conv2d", "local_reparam in linear")
+               for r in elbo.routes.values()) == 2  # fmt: skip
+    plain = draw_gradients(RoutedELBO(layer_estimators="requested"), model, guide, params, 1000,
+                           x, y)  # fmt: skip
+    _assert_same_mean(draws, plain)
+
+
 def _auto_guide(x, y, seen=None):
     for site, shape in (("w", CONV), ("v", LINEAR)):
         loc = param(f"{site}_loc", torch.zeros(shape))
@@ -343,9 +417,9 @@ def _both(x, y, seen=None):
         pyro.sample("y", dist.Normal(out, 0.5).to_event(1), obs=y)
 
 
-def test_plain_weight_draws_unless_layer_estimators_are_requested_or_auto():
+def test_plain_weight_draws_unless_requested_with_layer_estimators_requested():
     x, y = _data()
-    elbo = RoutedELBO()
+    elbo = RoutedELBO(layer_estimators="requested")
     for _ in range(3):
         elbo.loss(_both, _auto_guide, x, y)
     assert {n: r.estimator for n, r in elbo.routes.items()} == {"w": "pathwise", "v": "pathwise"}
@@ -355,7 +429,7 @@ def test_plain_weight_draws_unless_layer_estimators_are_requested_or_auto():
 
 def test_auto_routes_weights_of_conv_to_flipout_and_of_linear_to_local_reparam():
     x, y = _data()
-    elbo = RoutedELBO(layer_estimators="auto")
+    elbo = RoutedELBO()  # layer_estimators="auto" is the default
     elbo.loss(_both, _auto_guide, x, y)
     assert {n: r.estimator for n, r in elbo.routes.items()} == {"w": "pathwise", "v": "pathwise"}
     assert "so flipout from the next step" in elbo.routes["w"].reason
@@ -417,9 +491,151 @@ def test_autonormal_weights_are_routed_with_auto_layer_estimators():
     assert elbo.routes["fc.bias_unconstrained"].estimator == "pathwise"  # the call's bias
 
 
+def _attention(h):
+    flat = h.flatten(1)
+    return (torch.softmax(flat @ flat.T, -1) @ flat).reshape(h.shape)
+
+
+@pytest.mark.parametrize(
+    "mix,why",
+    [
+        (lambda h: h.mean(0, keepdim=True) + h * 0, "depends on 6 examples"),
+        (lambda h: h - h.mean(0), "depends on 6 examples"),
+        (lambda h: F.batch_norm(h, None, None, training=True), "batch_norm"),
+        (lambda h: h.cumsum(0), "depends on 6 examples"),
+        (lambda h: h.sort(0).values, "depends on 6 examples"),
+        (_attention, "depends on 6 examples"),
+        (lambda h: F.softmax(h, dim=0), "depends on 6 examples"),
+        (lambda h: h.roll(1, 0) + h, "depends on 6 examples"),
+        (lambda h: h * float(h.sum()), "leaves the tensor graph"),
+        (lambda h: h[h[:, 0, 0, 0].argsort()], "an index computed from the map"),
+        (lambda h: torch.einsum("nchw->nchw", h), "not on the allowlist"),
+    ],
+    ids=["mean", "centre", "batch_norm", "cumsum", "sort", "attention",
+         "softmax_dim0", "roll", "item", "index", "unknown_op"],  # fmt: skip
+)
+def test_a_layer_whose_examples_mix_before_the_likelihood_keeps_the_plain_draw(mix, why):
+    """A weight drawn per example is unbiased only where each example reaches the terms
+    alone; whatever mixes examples (or cannot be followed) keeps the plain draw, and says so
+    in the route, by default and on request alike."""
+    x, y = _data()
+    model = _conv_model_then(lambda w, h: mix(h.reshape(6, 2, 1, 1)).reshape(6, 2))
+    for guide in (_unrouted_guide, guide_for("w", CONV, "flipout")):
+        pyro.clear_param_store()
+        elbo = RoutedELBO()
+        for _ in range(3):
+            elbo.loss(model, guide, x, y)
+        route = elbo.routes["w"]
+        assert route.layers is not None and "plain weight draw" in route.layers, route.layers
+        assert why in route.layers, route.layers
+    assert route.estimator == "flipout"  # requested, but its layer kept plain
+
+
+def test_arguments_of_a_new_fingerprint_check_the_examples_again():
+    """The proof holds for the code path it ran: a step with new arguments follows the
+    examples of the rewritten layer again, and recomputes the step with the plain draw
+    where they mix."""
+    x, y = _data()
+    calls = []
+
+    def then(w, h):
+        calls.append(None)
+        return h - h.mean(0) if mix[0] else h
+
+    model, guide, mix = _conv_model_then(then), _unrouted_guide, [False]
+    elbo = RoutedELBO()
+    for _ in range(2):
+        elbo.loss(model, guide, x, y)
+    assert elbo.routes["w"].layers == "flipout in conv2d"
+    elbo.loss(model, guide, x[:5], y[:5])  # new shapes, same code path: still flipout
+    assert elbo.routes["w"].layers == "flipout in conv2d" and len(calls) == 3
+    mix[0] = True
+    elbo.loss(model, guide, x[:4], y[:4])  # new shapes, examples mixed: recomputed plain
+    route = elbo.routes["w"]
+    assert len(calls) == 5 and route.estimator == "pathwise"
+    assert "depends on 4 examples" in route.layers
+
+
+@pytest.mark.parametrize("tracking", ["cached", "order"])
+def test_a_weight_another_guide_site_depends_on_keeps_the_plain_draw(tracking):
+    """A guide site computed from the weight's draw sees the shared draw, the model's layer
+    per-example ones: their joint law would not be the guide's."""
+    x, y = _data()
+
+    def model(x, y):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand(CONV).to_event(4))
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        h = torch.tanh(F.conv2d(x, w, padding=1)).mean((-1, -2)) + z
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(h, 0.5).to_event(1), obs=y)
+
+    def guide(x, y, coupled):
+        w = pyro.sample("w", dist.Normal(param("m", torch.zeros(CONV)), 0.5).to_event(4))
+        pyro.sample("z", dist.Normal(w.sum() if coupled else 0.0, 1.0))
+
+    for coupled in (True, False):
+        elbo = RoutedELBO(dependency_tracking=tracking)
+        for _ in range(3):
+            elbo.loss(lambda x, y, _: model(x, y), guide, x, y, coupled)
+        route = elbo.routes["w"]
+        if coupled or tracking == "order":  # "order": the guide's dependents are unknown
+            assert route.estimator == "pathwise" and "in the guide" in route.layers or (
+                "by guide site 'z'" in route.layers), route.layers
+        else:
+            assert route.layers == "flipout in conv2d"
+
+
+def test_examples_that_stay_apart_get_the_layer_estimators_by_default():
+    """A permutation of the batch and per-example reductions keep each term on one example;
+    ``pyro.deterministic`` (a masked Delta) adds no term."""
+    x, y = _data()
+    model = _conv_model_then(
+        lambda w, h: pyro.deterministic("h", h).flip(0).flip(0) * h.softmax(-1)
+        + F.layer_norm(h, h.shape[1:])
+    )
+    elbo = RoutedELBO()
+    for _ in range(2):
+        elbo.loss(model, _unrouted_guide, x, y)
+    assert elbo.routes["w"].layers == "flipout in conv2d"
+
+
+class _PixelCNN(PyroModule):
+    """A CNN whose likelihood is a Normal per example and pixel (an image-to-image map)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = PyroModule[torch.nn.Conv2d](1, 2, 3, padding=1)
+        self.conv.weight = PyroSample(dist.Normal(0.0, 1.0).expand([2, 1, 3, 3]).to_event(4))
+        self.out = PyroModule[torch.nn.Conv2d](2, 1, 1)
+        self.out.weight = PyroSample(dist.Normal(0.0, 1.0).expand([1, 2, 1, 1]).to_event(4))
+
+    def forward(self, x, y=None):
+        mean = self.out(torch.relu(self.conv(x)))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Normal(mean, 0.1).to_event(3), obs=y)
+
+
+@pytest.mark.parametrize("net", ["classifier", "pixels"])
+def test_a_cnn_gets_flipout_and_local_reparam_by_default(net):
+    torch.manual_seed(0)
+    x, _ = _data()
+    model, y = (BayesianCNN(), torch.randint(0, 3, (6,))) if net == "classifier" else (
+        _PixelCNN(), torch.randn(6, 1, 5, 5))  # fmt: skip
+    elbo = RoutedELBO()
+    svi = SVI(model, AutoNormal(model), pyro.optim.Adam({"lr": 0.01}), elbo)
+    for _ in range(3):
+        assert math.isfinite(svi.step(x, y))
+    found = {n: r.layers for n, r in elbo.routes.items() if r.layers}
+    if net == "classifier":
+        assert found == {"conv.weight_unconstrained": "flipout in conv2d",
+                         "fc.weight_unconstrained": "local_reparam in linear"}  # fmt: skip
+    else:
+        assert found == {"conv.weight_unconstrained": "flipout in conv2d",
+                         "out.weight_unconstrained": "flipout in conv2d"}  # fmt: skip
+
+
 def test_the_bayesian_cnn_example_runs(capsys):
     import runpy
-    from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "examples" / "bayesian_cnn.py"
     found = runpy.run_path(str(path))["main"](steps=3, num_samples=4)
@@ -427,6 +643,19 @@ def test_the_bayesian_cnn_example_runs(capsys):
     assert found["routes"]["fc.weight_unconstrained"].estimator == "local_reparam"
     assert 0 <= found["ece"] <= 1 and "posterior_predictive" in found["data"].groups()
     assert "expected calibration error" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="no fashion-mnist package"
+)
+def test_the_bayesian_cnn_example_runs_on_fashion_mnist(capsys):
+    import runpy
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "bayesian_cnn.py"
+    found = runpy.run_path(str(path))["main"](steps=2, num_samples=2, fashion_mnist=True)
+    assert found["routes"]["conv1.weight_unconstrained"].estimator == "flipout"
+    assert found["data"].posterior["conv1.weight"].sizes["draw"] == 2
+    assert "1000 images" in capsys.readouterr().out
 
 
 def _on_device(device: str, estimator: str) -> None:

@@ -24,11 +24,14 @@ computed so that every example of the batch sees its own weight draw:
   correlated under ``q``: the marginals are right, the joint is not, so **it changes the
   objective** for any likelihood that couples pixels; it is opt-in, and its route says so.
 
-Neither is chosen by routing on its own (``automatic = False``): a site asks for one with
-``infer={"estimator": "flipout"}`` (or :func:`~pyro_reparam_conv.force_estimator`). The ELBO
-checks, on the first step of a site, that its value is used only as the weight of one layer
-call (that step is a plain draw), and falls back to the plain draw, saying why in the route,
-wherever any other use shows up.
+Neither is chosen by the routing table (``automatic = False``): a site asks for one with
+``infer={"estimator": "flipout"}`` (or :func:`~pyro_reparam_conv.force_estimator`), or the
+ELBO routes a factorized Normal there itself (``RoutedELBO(layer_estimators="auto")``, the
+default; :class:`~pyro_reparam_conv.learned.Learned`). Either way the ELBO checks, on the
+first step of a site (a plain draw), that its value is used only as the weight of one layer
+call and that the layer's examples reach the model's terms through terms of their own
+(:mod:`pyro_reparam_conv.per_example`), and keeps the plain draw, saying why in the route,
+wherever either fails (and, later, wherever any other use shows up).
 """
 
 from __future__ import annotations
