@@ -400,9 +400,10 @@ class RoutedELBO(ELBO):
         layers = learned.layers
         skip = {name: why for name, why in layers.items() if why is not None}
         proven = learned.proven  # a site is checked again under arguments of a new fingerprint
+        always = learned.dependencies.mode == "always"  # or on every step, as dependencies are
         weights = WeightLayers(
             lambda: router.plans, lambda name: name not in layers, skip, learned.candidate,
-            verify=lambda name: arguments not in proven.get(name, ()),
+            verify=lambda name: always or arguments not in proven.get(name, ()),
             batched=self.vectorize_particles, units=learned.units, parents=learned.parents,
         )
         traced_model, traced_guide = weights(model), weights.guide()(router(guide))
@@ -440,7 +441,9 @@ class RoutedELBO(ELBO):
             learned.guide_uses(weights, known.terms if known else None, router.plans)
         for name in weights.watched | weights.verifying:
             if name in layers and layers[name] is None:  # shown for these arguments
-                proven.setdefault(name, []).append(arguments)
+                shown = proven.setdefault(name, [])
+                if arguments not in shown:  # the last DependencyCache.SIZE, as the cache keeps
+                    shown[:] = [*shown, arguments][-learned.dependencies.SIZE:]
         if found is not None:
             self.last_footprints = dict(found.footprints)
             learned.dependencies.store(key, found if analysis.reusable else None)

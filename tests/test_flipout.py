@@ -556,6 +556,23 @@ def test_arguments_of_a_new_fingerprint_check_the_examples_again():
     assert "depends on 4 examples" in route.layers
 
 
+def test_dependency_tracking_always_checks_the_examples_on_every_step():
+    """Python state the arguments do not show (a global switch) can make the examples mix
+    on a later step with the same arguments: ``dependency_tracking="always"`` checks them
+    on every step, as it finds dependencies on every step."""
+    x, y = _data()
+    mix = [False]
+    model = _conv_model_then(lambda w, h: h - h.mean(0) if mix[0] else h)
+    elbo = RoutedELBO(dependency_tracking="always")
+    for _ in range(2):
+        elbo.loss(model, _unrouted_guide, x, y)
+    assert elbo.routes["w"].layers == "flipout in conv2d"
+    mix[0] = True
+    elbo.loss(model, _unrouted_guide, x, y)  # same arguments, examples mixed: plain
+    route = elbo.routes["w"]
+    assert route.estimator == "pathwise" and "depends on 6 examples" in route.layers
+
+
 @pytest.mark.parametrize("tracking", ["cached", "order"])
 def test_a_weight_another_guide_site_depends_on_keeps_the_plain_draw(tracking):
     """A guide site computed from the weight's draw sees the shared draw, the model's layer
