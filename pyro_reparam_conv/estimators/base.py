@@ -129,6 +129,9 @@ class Estimator:
     #: whether its gradient differentiates the cost through the draw: biased where the cost
     #: is not differentiable in the site (what ``audit_gradients(check_bias=True)`` tests)
     through_the_cost: ClassVar[bool] = False
+    #: whether :meth:`surrogate` gets the site's cost with its graph (to differentiate it in
+    #: the site's value, which its layout draws as a leaf that requires grad)
+    cost_graph: ClassVar[bool] = False
     #: what an error adds when the estimator is requested for a site it does not apply to
     hint_when_refused: ClassVar[str] = ""
 
@@ -154,8 +157,9 @@ class Estimator:
         return True
 
     def surrogate(self, site: dict, cost: Any, dim: Optional[int]) -> Any:
-        """A surrogate term of the estimator's own, from the site's cost (detached, the site's
-        batch shape, one entry per evaluation along ``dim``), to be maximized; default none."""
+        """A surrogate term of the estimator's own, from the site's cost (detached unless
+        :attr:`cost_graph`, the site's batch shape, one entry per evaluation along ``dim``),
+        to be maximized; default none."""
         return 0.0
 
     @property
