@@ -95,12 +95,15 @@ class RoutingOptions:
     default). ``avoid``: per site, estimators found not to work for it (the model does not
     compute values side by side independently), with the reason. ``layers``: per site whose
     value a step found used only as one layer call's weight, the layer estimator routing
-    picks for it and why (:mod:`pyro_reparam_conv.weight_layers`).
+    picks for it and why (:mod:`pyro_reparam_conv.weight_layers`). ``evaluations``: how many
+    values the site being routed may evaluate side by side (its ``infer["evaluations"]``,
+    set per site by routing; ``None``: the estimators' defaults).
     """
 
     max_enumerate: int = 16
     avoid: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     layers: Mapping[str, tuple] = field(default_factory=dict)
+    evaluations: Optional[int] = None
 
 
 class Estimator:
@@ -140,7 +143,9 @@ class Estimator:
         return None
 
     def auto_why_not(self, fn, options: RoutingOptions) -> Optional[str]:
-        """Why routing should not choose it by itself for ``fn`` (default: :meth:`why_not`)."""
+        """Why routing should not choose it by itself for ``fn`` (default: :meth:`why_not`);
+        an empty reason skips it without saying why in the route (another estimator's
+        reason already covers it)."""
         return self.why_not(fn)
 
     def because(self, fn) -> str:

@@ -33,7 +33,7 @@ from pyro.distributions import Bernoulli
 from pyro.distributions.score_parts import ScoreParts
 
 from ..distributions import distribution_name, unwrap_independent
-from .base import Estimator, Layout, register
+from .base import Estimator, Layout, RoutingOptions, register
 
 __all__ = ["DisarmEstimator", "bernoulli_logits", "evaluations_requested", "lay_out"]
 
@@ -93,6 +93,12 @@ class DisarmEstimator(Estimator):
         if _bernoulli(fn) is None:
             return f"{distribution_name(fn)} is not a Bernoulli"
         return None
+
+    def auto_why_not(self, fn, options: RoutingOptions) -> Optional[str]:
+        why_not = self.why_not(fn)
+        if why_not is None and options.evaluations not in (None, 2):
+            return f"infer['evaluations']={options.evaluations!r}, not DisARM's 2"
+        return why_not
 
     def because(self, fn) -> str:
         return "Bernoulli: an antithetic pair"

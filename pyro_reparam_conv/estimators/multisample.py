@@ -31,19 +31,20 @@ per element of the site's plates.
   Control Variates for Gradient Estimation in Discrete Latent Variable Models", AISTATS),
   Bernoulli. With ``G_k = d f / d b`` at ``b_k`` (the cost differentiated in the site's
   value, the model taking real inputs), ``Gbar_{-k}`` the mean of the others' and ``Gbar``
-  the mean of all, the second control variate of draw ``k`` is the first-order Taylor
-  term ``h_k = c sum_i (b_{k,i} - p_i) Gbar_{-k,i}`` and
+  the mean of all, draw ``k``'s second control variate is its first-order Taylor term
+  ``t_k = sum_i (b_{k,i} - p_i) Gbar_{-k,i}`` (``f(b_k) ~ f(b) + (b_k - b)^T G``), and
 
-      g = 1/K sum_k (F_k - 1/(K-1) sum_{j != k} F_j)(b_k - p) - c p (1 - p) Gbar,
-      F_k = f_k + h_k.
+      g = 1/K sum_k (F_k - 1/(K-1) sum_{j != k} F_j)(b_k - p) + c p (1 - p) Gbar,
+      F_k = f_k - c t_k.
 
-  ``h_j`` (``j != k``) has mean zero in ``b_j`` whatever ``b_k`` is, and
-  ``E[h_k (b_k - p)] = c p (1 - p) Gbar_{-k}``, which the last term subtracts: ``g`` is
+  ``t_j`` (``j != k``) has mean zero in ``b_j`` whatever ``b_k`` is, and
+  ``E[t_k (b_k - p)] = p (1 - p) Gbar_{-k}``, which the last term adds back: ``g`` is
   unbiased for any ``c`` independent of the draws. ``c`` is the param
-  ``"<site>$double_cv"`` (initialized at 1, the Taylor coefficient), trained by the
-  surrogate's term ``-||g||^2 / 2`` in which only ``c`` is live (``g`` is linear in ``c``; its
-  mean does not depend on ``c``, so this minimizes the variance, as the paper does).
-  Where the cost has no gradient in the value (``torch.no_grad``), ``G = 0``: plain
+  ``"<site>$double_cv"`` (initialized at 0, plain leave-one-out, as in the paper's code),
+  trained by the surrogate's term ``-||g||^2 / 2`` in which only ``c`` is live (``g`` is
+  linear in ``c`` and its mean does not depend on ``c``, so this step lowers the variance).
+  The gradient in the value costs one more backward pass through the model's terms of the
+  site. Where the cost has no gradient in the value (``torch.no_grad``), ``G = 0``: plain
   leave-one-out.
 """
 
@@ -56,7 +57,7 @@ import torch
 from pyro.distributions.score_parts import ScoreParts
 
 from ..distributions import distribution_name
-from .base import Estimator, Layout, register
+from .base import Estimator, Layout, RoutingOptions, register
 from .disarm import _bernoulli, bernoulli_logits, evaluations_requested, lay_out
 
 __all__ = ["ArmsEstimator", "DoubleCVEstimator", "LeaveOneOutEstimator", "dirichlet_copula"]
@@ -144,9 +145,17 @@ class LeaveOneOutEstimator(_MultiSample):
     name = "loo"
     layout = Independent()
     family = "independent draws, leave-one-out baselines"
+    automatic = True
+    priority = 90  # before the score function, where the site may use several evaluations
 
     def why_not(self, fn) -> Optional[str]:
         return None
+
+    def auto_why_not(self, fn, options: RoutingOptions) -> Optional[str]:
+        return "" if options.evaluations is None else None  # silent: one draw by default
+
+    def because(self, fn) -> str:
+        return "the site may use several evaluations: leave-one-out baselines"
 
     def surrogate(self, site: dict, cost, dim: Optional[int]):
         k = cost.shape[dim]
@@ -160,6 +169,19 @@ class ArmsEstimator(_MultiSample):
     name = "arms"
     layout = Copula()
     family = "Dirichlet-copula draws, ARMS"
+    automatic = True
+    priority = 25  # after DisARM, which it is with 2 evaluations
+
+    def auto_why_not(self, fn, options: RoutingOptions) -> Optional[str]:
+        if self.why_not(fn) is not None or options.evaluations in (None, 2):
+            return ""  # silent: DisARM's reason covers it (ARMS with 2 draws is DisARM)
+        return None
+
+    def because(self, fn) -> str:
+        return (
+            "Bernoulli with several evaluations: ARMS (the lowest encoder-gradient variance "
+            "at 4 evaluations in benchmarks/bernoulli_vae.py)"
+        )
 
     def surrogate(self, site: dict, cost, dim: Optional[int]):
         value, cost, d, event = self._parts(site, cost, dim)
@@ -195,12 +217,12 @@ class DoubleCVEstimator(_MultiSample):
         logits = bernoulli_logits(site["fn"])
         p = torch.sigmoid(logits.detach())
         others = (grad.sum(d, keepdim=True) - grad) / (k - 1)  # Gbar_{-k}
-        h = _event_sum((value - p) * others, event)  # the Taylor term, c = 1
-        h = h.reshape(h.shape + (1,) * event)
-        a = (_leave_one_out(cost, d) * (value - p)).mean(d, keepdim=True)
-        b = (_leave_one_out(h, d) * (value - p)).mean(d, keepdim=True)
-        b = b - p * (1 - p) * grad.mean(d, keepdim=True)
-        c = pyro.param(f"{site['name']}$double_cv", lambda: torch.ones((), dtype=p.dtype))
+        t = _event_sum((value - p) * others, event)  # the Taylor terms t_k
+        t = t.reshape(t.shape + (1,) * event)
+        a = (_leave_one_out(cost, d) * (value - p)).mean(d, keepdim=True)  # leave-one-out
+        b = p * (1 - p) * grad.mean(d, keepdim=True)
+        b = b - (_leave_one_out(t, d) * (value - p)).mean(d, keepdim=True)  # g = a + c b
+        c = pyro.param(f"{site['name']}$double_cv", lambda: torch.zeros((), dtype=p.dtype))
         g = a + c.detach() * b
         fit = -0.5 * (a + c * b) ** 2  # only c is live: its variance-minimizing step
         return _event_sum(g * logits + fit, event)

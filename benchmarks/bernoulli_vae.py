@@ -1,0 +1,283 @@
+"""Bernoulli VAEs on dynamically binarized Fashion-MNIST: the discrete-estimator yardstick.
+
+The protocol of DisARM (Dong, Mnih & Tucker, NeurIPS 2020), reused by ARMS (Dimitriev &
+Zhou 2021), double control variates (Titsias & Shi 2022) and RODEO (Shi et al. 2022): a VAE
+with 200 Bernoulli latents (:class:`~pyro_reparam_conv.models.BernoulliVAE`, linear
+784-200-784 or nonlinear with two hidden layers of 200 LeakyReLU(0.3) units), batches of
+50 dynamically binarized images, Adam at 1e-4, every estimator at an equal number of model
+evaluations per step (``--evaluations``, 2 and 4). Rows, each trained from the same
+initialization on the same batches:
+
+- ``auto``: :class:`~pyro_reparam_conv.RoutedELBO`'s own choice (``infer={"evaluations": K}``
+  only says how many evaluations the site may use);
+- ``disarm`` (K/2 antithetic pairs), ``arms``, ``double_cv``, ``loo`` (leave-one-out
+  REINFORCE): the site's ``infer={"estimator": name, "evaluations": K}`` (``arms`` with
+  K = 2 is DisARM, so it is run at K >= 3 only);
+- ``gumbel_st``: straight-through Gumbel-softmax, K vectorized particles (BIASED);
+- ``pyro TraceGraph_ELBO``: Pyro's own, K vectorized particles, its decaying-average baseline.
+
+Reported per architecture and K: the training ELBO (10 draws per image on a fixed set of
+training images, fixed binarization) at every ``--eval-every`` steps, the 100-sample
+importance-weighted test bound (fixed binarization), the variance of the encoder's gradient
+(sum over its parameters of the per-element variance of ``--var-draws`` estimates on one
+fixed batch, after ``var_draws / 2`` draws that warm up the decaying-average baselines) at
+fixed parameters (those the ``auto`` row reached at the end, the same for every row), and
+the median seconds per step (ratios to DisARM's at the same K, in this run). storchastic
+does not install here (no wheel in this machine's package index); it has no ARMS or double
+control variates, so its rows would be DisARM and score-function ones.
+
+Fashion-MNIST comes from Debian's package: ``apt-get install dataset-fashion-mnist``.
+Usage (one torch thread)::
+
+    OMP_NUM_THREADS=1 python benchmarks/bernoulli_vae.py --steps 100 --eval-every 50 \\
+        --train-eval 200 --test-size 200 --var-draws 10 --out /tmp/smoke   # ~2 minutes
+    OMP_NUM_THREADS=1 python benchmarks/bernoulli_vae.py --steps 2000 --eval-every 500 \\
+        --out benchmarks/results/bernoulli_vae
+
+writes ``OUT.md`` (the table), ``OUT.png`` (the curves) and ``OUT.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyro
+import pyro.optim
+import torch
+from pyro.infer import SVI, TraceGraph_ELBO
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pyro_reparam_conv import RoutedELBO  # noqa: E402
+from pyro_reparam_conv.data import binarize, load_fashion_mnist  # noqa: E402
+from pyro_reparam_conv.models import BernoulliVAE  # noqa: E402
+
+ESTIMATORS = ("auto", "disarm", "arms", "double_cv", "loo", "gumbel_st", "tracegraph")
+BIASED = {"gumbel_st"}
+
+
+@dataclass
+class Run:
+    """One row: an estimator at K evaluations on one architecture."""
+
+    arch: str
+    estimator: str
+    evaluations: int
+    steps: list = field(default_factory=list)
+    train_elbo: list = field(default_factory=list)
+    test_bound: float = float("nan")
+    grad_variance: float = float("nan")
+    seconds_per_step: float = float("nan")
+    route: str = ""
+
+    @property
+    def label(self) -> str:
+        names = {"tracegraph": "pyro TraceGraph_ELBO", "gumbel_st": "gumbel_st (BIASED)"}
+        return names.get(self.estimator, self.estimator)
+
+
+def make_elbo(estimator: str, k: int):
+    """``(elbo, b_infer)`` for one row."""
+    if estimator == "tracegraph":
+        elbo = TraceGraph_ELBO(num_particles=k, vectorize_particles=True, max_plate_nesting=1)
+        return elbo, {"baseline": {"use_decaying_avg_baseline": True}}
+    if estimator == "gumbel_st":
+        elbo = RoutedELBO(num_particles=k, vectorize_particles=True, max_plate_nesting=1)
+        return elbo, {"estimator": "gumbel_st"}
+    infer = {"evaluations": k}
+    if estimator != "auto":
+        infer["estimator"] = estimator
+    return RoutedELBO(max_plate_nesting=1), infer
+
+
+def learning_rate(name: str, param) -> dict:
+    # double_cv's control-variate coefficient moves faster than the networks
+    return {"lr": 1e-2 if name.endswith("$double_cv") else 1e-4}
+
+
+def encoder_gradients(vae, elbo, x) -> torch.Tensor:
+    params = list(vae.encoder.parameters())
+    for p in params:
+        p.grad = None
+    elbo.loss_and_grads(vae.model, vae.guide, x)
+    return torch.cat([p.grad.reshape(-1) for p in params]).clone()
+
+
+def train(run: Run, args, data, init_state) -> dict:
+    """Train one row; returns the final param-store state."""
+    train_x, mean, fixed_train, test_x = data
+    pyro.clear_param_store()
+    elbo, infer = make_elbo(run.estimator, run.evaluations)
+    vae = BernoulliVAE(run.arch, mean, b_infer=infer)
+    vae.load_state_dict(init_state)
+    svi = SVI(vae.model, vae.guide, pyro.optim.Adam(learning_rate), elbo)
+    batches = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed + 1)
+    seconds = []
+    for step in range(1, args.steps + 1):
+        index = torch.randint(len(train_x), (args.batch,), generator=batches)
+        x = binarize(train_x[index], batches)
+        start = time.perf_counter()
+        svi.step(x)
+        seconds.append(time.perf_counter() - start)
+        if step == 1 and hasattr(elbo, "routes"):
+            run.route = str(elbo.routes["b"])
+        if step % args.eval_every == 0 or step == args.steps:
+            run.steps.append(step)
+            run.train_elbo.append(float(vae.log_weights(fixed_train, 10).mean()))
+    run.seconds_per_step = float(torch.tensor(seconds).median())  # robust to a shared CPU
+    run.test_bound = float(torch.cat([vae.bound(t, 100) for t in test_x.split(500)]).mean())
+    print(f"{run.arch:9s} K={run.evaluations} {run.label:22s} train ELBO {run.train_elbo[-1]:9.2f}"
+          f"  test bound {run.test_bound:9.2f}  {1e3 * run.seconds_per_step:6.1f} ms/step",
+          flush=True)  # fmt: skip
+    own = {k: v.detach().clone() for k, v in pyro.get_param_store().items() if "$" in k}
+    return {k: v.detach().clone() for k, v in vae.state_dict().items()}, own
+
+
+def variance_at(run: Run, args, state, own, x) -> None:
+    """The encoder's gradient variance at the parameters ``state`` (the estimator's own
+    params, double_cv's coefficient, as its run left them); the first ``var_draws // 2``
+    draws only warm up decaying-average baselines."""
+    pyro.clear_param_store()
+    for name, value in own.items():
+        pyro.param(name, value.clone())
+    elbo, infer = make_elbo(run.estimator, run.evaluations)
+    vae = BernoulliVAE(run.arch, b_infer=infer)
+    vae.load_state_dict(state)
+    torch.manual_seed(args.seed + 2)
+    for _ in range(args.var_draws // 2):
+        encoder_gradients(vae, elbo, x)
+    grads = torch.stack([encoder_gradients(vae, elbo, x) for _ in range(args.var_draws)])
+    run.grad_variance = float(grads.var(0).sum())
+
+
+def load(args):
+    train_x, _ = load_fashion_mnist("train", args.data)
+    test_x, _ = load_fashion_mnist("test", args.data)
+    g = torch.Generator().manual_seed(args.seed + 3)
+    fixed_train = binarize(train_x[torch.randperm(len(train_x), generator=g)[: args.train_eval]], g)
+    test = binarize(test_x[: args.test_size], g)
+    return train_x, train_x.mean(0), fixed_train, test
+
+
+def rows(args) -> list[Run]:
+    found = []
+    for arch in args.arch:
+        for k in args.evaluations:
+            for estimator in args.estimators:
+                if estimator == "arms" and k == 2:
+                    continue  # ARMS with 2 draws is DisARM
+                if estimator == "disarm" and k % 2:
+                    continue
+                found.append(Run(arch, estimator, k))
+    return found
+
+
+def markdown(runs: list[Run], args) -> str:
+    lines = [
+        f"Bernoulli VAE (200 latents), dynamically binarized Fashion-MNIST, batch {args.batch}, "
+        f"Adam 1e-4, {args.steps} steps, seed {args.seed}; training ELBO on {args.train_eval} "
+        f"fixed training images (10 draws each), test bound: 100-sample IWAE on "
+        f"{args.test_size} test images; encoder gradient variance: {args.var_draws} draws on "
+        "one fixed batch at the auto row's final parameters; time per step relative to "
+        "DisARM at the same K (same run).",
+        "",
+    ]
+    steps = runs[0].steps
+    head = ["arch", "K", "estimator", *[f"ELBO @{s}" for s in steps], "test bound",
+            "enc. grad var", "var / disarm", "time / disarm"]  # fmt: skip
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in runs:
+        ref = next((r for r in runs if r.arch == run.arch and r.evaluations == run.evaluations
+                    and r.estimator == "disarm"), None)  # fmt: skip
+        cells = [run.arch, str(run.evaluations), run.label]
+        cells += [f"{v:.2f}" for v in run.train_elbo]
+        cells += [f"{run.test_bound:.2f}", f"{run.grad_variance:.4g}"]
+        cells += [f"{run.grad_variance / ref.grad_variance:.2f}" if ref else "-",
+                  f"{run.seconds_per_step / ref.seconds_per_step:.2f}" if ref else "-"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[Run], args, path: Path) -> None:
+    """Top row: the training ELBO per panel (architecture, K); bottom row: the same less
+    DisARM's at the same K, where the estimators' differences show."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r.arch, r.evaluations) for r in runs})
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.6 * len(panels), 7.5), squeeze=False)
+    colors = {e: f"C{i}" for i, e in enumerate(ESTIMATORS)}
+    for col, (arch, k) in enumerate(panels):
+        mine = [r for r in runs if (r.arch, r.evaluations) == (arch, k)]
+        ref = next((r for r in mine if r.estimator == "disarm"), None)
+        for run in mine:
+            style = ":" if run.estimator in BIASED else "-"
+            kw = dict(color=colors[run.estimator], lw=2.6 if run.estimator == "auto" else 1.3,
+                      ls=style, marker="o", ms=3, label=run.label)  # fmt: skip
+            axes[0, col].plot(run.steps, run.train_elbo, **kw)
+            if ref is not None:
+                diff = [a - b for a, b in zip(run.train_elbo, ref.train_elbo)]
+                axes[1, col].plot(run.steps, diff, **kw)
+        axes[0, col].set_title(f"{arch}, {k} evaluations per step")
+        axes[0, col].set_ylabel("training ELBO (nats)")
+        axes[1, col].set_ylabel("training ELBO - DisARM's (nats)")
+        axes[1, col].axhline(0.0, color="k", lw=0.6)
+        for ax in axes[:, col]:
+            ax.set_xlabel("training step")
+            ax.grid(alpha=0.3)
+    for ax in axes[0]:
+        ax.legend(fontsize=7)
+    fig.suptitle("Bernoulli VAE (200 latents) on dynamically binarized Fashion-MNIST "
+                 "(gumbel_st dotted: biased)")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--arch", nargs="+", default=["linear", "nonlinear"])
+    parser.add_argument("--evaluations", nargs="+", type=int, default=[2, 4])
+    parser.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=ESTIMATORS)
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--train-eval", type=int, default=1000)
+    parser.add_argument("--test-size", type=int, default=2000)
+    parser.add_argument("--var-draws", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", default=None, help="folder of the idx files (default: Debian's)")
+    parser.add_argument("--out", default="benchmarks/results/bernoulli_vae")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    data = load(args)
+    runs = rows(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    var_x = binarize(data[0][: args.batch], torch.Generator().manual_seed(args.seed + 4))
+    for arch in args.arch:
+        torch.manual_seed(args.seed)
+        init = {k: v.clone() for k, v in BernoulliVAE(arch, data[1]).state_dict().items()}
+        mine = [r for r in runs if r.arch == arch]
+        finals = {(run.estimator, run.evaluations): train(run, args, data, init) for run in mine}
+        auto = [state for (e, _), (state, _) in finals.items() if e == "auto"]
+        reference = (auto or [state for state, _ in finals.values()])[0]
+        for run in mine:
+            own = finals[(run.estimator, run.evaluations)][1]
+            variance_at(run, args, reference, own, var_x)
+        out.with_suffix(".json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
+    table = markdown(runs, args)
+    out.with_suffix(".md").write_text(table)
+    plot(runs, args, out.with_suffix(".png"))
+    print(table)
+    print(f"command: {' '.join(sys.argv)}")
+
+
+if __name__ == "__main__":
+    main()
