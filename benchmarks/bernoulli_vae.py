@@ -135,6 +135,9 @@ def train(run: Run, args, data, init_state) -> dict:
           f"  test bound {run.test_bound:9.2f}  {1e3 * run.seconds_per_step:6.1f} ms/step",
           flush=True)  # fmt: skip
     own = {k: v.detach().clone() for k, v in pyro.get_param_store().items() if "$" in k}
+    if own:
+        print("   the estimator's own params at the end:",
+              {k: round(float(v), 4) for k, v in own.items()})  # fmt: skip
     return {k: v.detach().clone() for k, v in vae.state_dict().items()}, own
 
 
