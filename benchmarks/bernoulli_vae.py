@@ -134,7 +134,8 @@ def train(run: Run, args, data, init_state) -> dict:
     print(f"{run.arch:9s} K={run.evaluations} {run.label:22s} train ELBO {run.train_elbo[-1]:9.2f}"
           f"  test bound {run.test_bound:9.2f}  {1e3 * run.seconds_per_step:6.1f} ms/step",
           flush=True)  # fmt: skip
-    own = {k: v.detach().clone() for k, v in pyro.get_param_store().items() if "$" in k}
+    store = pyro.get_param_store()
+    own = {k: v.detach().clone() for k, v in store.items() if k.endswith("$double_cv")}
     if own:
         print("   the estimator's own params at the end:",
               {k: round(float(v), 4) for k, v in own.items()})  # fmt: skip
