@@ -207,7 +207,8 @@ def read_idx(path: PathLike) -> np.ndarray:
     path = Path(path)
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
-    raw = (gzip.open if gzipped else open)(path, "rb").read()
+    with (gzip.open if gzipped else open)(path, "rb") as f:
+        raw = f.read()
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_TYPES:
         raise ValueError(f"{path}: not an idx file (it does not begin with 0, 0, a type code)")
     ndim = raw[3]
