@@ -22,7 +22,9 @@ importance-weighted test bound (fixed binarization), the variance of the encoder
 (sum over its parameters of the per-element variance of ``--var-draws`` estimates on one
 fixed batch, after ``var_draws / 2`` draws that warm up the decaying-average baselines) at
 fixed parameters (those the ``auto`` row reached at the end, the same for every row), and
-the median seconds per step (ratios to DisARM's at the same K, in this run). storchastic
+the median seconds per step measured round-robin after training (``--timing-rounds``
+rounds of 10 steps of every row, so that a shared machine's load falls on all rows alike;
+ratios to DisARM's at the same K). storchastic
 does not install here (no wheel in this machine's package index); it has no ARMS or double
 control variates, so its rows would be DisARM and score-function ones.
 
@@ -159,6 +161,36 @@ def variance_at(run: Run, args, state, own, x) -> None:
     run.grad_variance = float(grads.var(0).sum())
 
 
+def interleaved_timing(mine: list[Run], args, data, init) -> None:
+    """Seconds per step of each row, measured round-robin (``--timing-rounds`` rounds of 10
+    steps of every row of one K, in rotated order, the first round discarded) so that the
+    load of a machine
+    falls on every row alike; each row's median replaces its training-time median. One
+    model serves every row (its ``b_infer`` set per row): only the cost is measured."""
+    train_x = data[0]
+    pyro.clear_param_store()
+    vae = BernoulliVAE(mine[0].arch, data[1])
+    vae.load_state_dict(init)
+    setups = []
+    for run in mine:
+        elbo, infer = make_elbo(run.estimator, run.evaluations)
+        setups.append((run, infer, SVI(vae.model, vae.guide, pyro.optim.Adam(learning_rate), elbo)))
+    g = torch.Generator().manual_seed(args.seed + 5)
+    times: dict = {id(run): [] for run in mine}
+    for round_ in range(args.timing_rounds + 1):
+        turn = round_ % len(setups)  # rotated: no row always follows the same one
+        for run, infer, svi in setups[turn:] + setups[:turn]:
+            vae.b_infer = infer
+            for _ in range(10):
+                x = binarize(train_x[torch.randint(len(train_x), (args.batch,), generator=g)], g)
+                start = time.perf_counter()
+                svi.step(x)
+                if round_:
+                    times[id(run)].append(time.perf_counter() - start)
+    for run in mine:
+        run.seconds_per_step = float(torch.tensor(times[id(run)]).median())
+
+
 def load(args):
     train_x, _ = load_fashion_mnist("train", args.data)
     test_x, _ = load_fashion_mnist("test", args.data)
@@ -204,6 +236,19 @@ def markdown(runs: list[Run], args) -> str:
         cells += [f"{run.grad_variance / ref.grad_variance:.2f}" if ref else "-",
                   f"{run.seconds_per_step / ref.seconds_per_step:.2f}" if ref else "-"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def timing_markdown(runs: list[Run], args) -> str:
+    lines = [f"Median seconds per step, {args.timing_rounds} interleaved rounds of 10 steps "
+             "(one torch thread), and the ratio to DisARM's at the same K:", "",
+             "| arch | K | estimator | ms / step | time / disarm |", "|---|---|---|---|---|"]
+    for run in runs:
+        ref = next((r for r in runs if r.arch == run.arch and r.evaluations == run.evaluations
+                    and r.estimator == "disarm"), run)  # fmt: skip
+        lines.append(f"| {run.arch} | {run.evaluations} | {run.label} | "
+                     f"{1e3 * run.seconds_per_step:.2f} | "
+                     f"{run.seconds_per_step / ref.seconds_per_step:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -256,6 +301,10 @@ def main(argv=None) -> None:
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--var-draws", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timing-rounds", type=int, default=20,
+                        help="rounds of interleaved timing (0: time the training steps)")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only the interleaved timing (no training): the time column")
     parser.add_argument("--data", default=None, help="folder of the idx files (default: Debian's)")
     parser.add_argument("--out", default="benchmarks/results/bernoulli_vae")
     args = parser.parse_args(argv)
@@ -269,13 +318,25 @@ def main(argv=None) -> None:
         torch.manual_seed(args.seed)
         init = {k: v.clone() for k, v in BernoulliVAE(arch, data[1]).state_dict().items()}
         mine = [r for r in runs if r.arch == arch]
+        if args.timing_only:
+            for k in args.evaluations:  # Pyro's baseline averages have the particles' shape
+                interleaved_timing([r for r in mine if r.evaluations == k], args, data, init)
+            continue
         finals = {(run.estimator, run.evaluations): train(run, args, data, init) for run in mine}
         auto = [state for (e, _), (state, _) in finals.items() if e == "auto"]
         reference = (auto or [state for state, _ in finals.values()])[0]
         for run in mine:
             own = finals[(run.estimator, run.evaluations)][1]
             variance_at(run, args, reference, own, var_x)
+        for k in args.evaluations if args.timing_rounds else ():
+            interleaved_timing([r for r in mine if r.evaluations == k], args, data, init)
         out.with_suffix(".json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
+    if args.timing_only:
+        table = timing_markdown(runs, args)
+        out.with_suffix(".md").write_text(table)
+        out.with_suffix(".json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
+        print(table)
+        return
     table = markdown(runs, args)
     out.with_suffix(".md").write_text(table)
     plot(runs, args, out.with_suffix(".png"))
