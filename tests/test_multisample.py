@@ -215,3 +215,18 @@ def test_the_automatic_choice_for_a_bernoulli_vector_follows_the_evaluations(
     route = elbo.routes["b"]
     assert route.estimator == estimator and reason in route.reason, route
     assert not route.forced
+
+
+def test_compare_estimators_at_equal_evaluations():
+    """'name@K' forces the estimator with infer['evaluations'] = K; each is unbiased, so each
+    agrees with the pooled others."""
+    from pyro_reparam_conv import compare_estimators
+
+    data = torch.tensor(0.7)
+    names = ["disarm@4", "arms@4", "loo@4", "double_cv@4"]
+    df = compare_estimators(vector_model, vector_guide, data, estimators=names, num_draws=300)
+    assert list(df["estimator"]) == names
+    assert bool(df["agrees"].all()), df[["estimator", "z_vs_unbiased"]]
+    assert all("b:" + n.split("@")[0] in r for n, r in zip(names, df["routes"]))
+    with pytest.raises(ValueError, match="unknown estimator"):
+        compare_estimators(vector_model, vector_guide, data, estimators=["magic@4"])
