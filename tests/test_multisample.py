@@ -70,8 +70,8 @@ def assert_mean_close(samples, exact, z_max=4.5):
     return z
 
 
-CASES = [("disarm", 4), ("arms", 2), ("arms", 3), ("arms", 4), ("loo", 2), ("loo", 4),
-         ("double_cv", 2), ("double_cv", 4)]  # fmt: skip
+CASES = [("auto", 2), ("auto", 4), ("disarm", 4), ("arms", 2), ("arms", 3), ("arms", 4),
+         ("loo", 2), ("loo", 4), ("double_cv", 2), ("double_cv", 4)]  # fmt: skip
 
 
 @pytest.mark.parametrize("estimator, k", CASES)
@@ -79,9 +79,12 @@ def test_unbiased_on_a_bernoulli_vector(estimator, k):
     data = torch.tensor(0.7)
     exact = exact_gradient(vector_model, vector_guide, data, (4,), "b")
     pyro.set_rng_seed(11)
-    infer = {"estimator": estimator, "evaluations": k}
+    infer = {"evaluations": k}
+    if estimator != "auto":  # else the automatic route given k evaluations
+        infer["estimator"] = estimator
     samples, elbo = draws(vector_model, vector_guide, data, infer, 700)
-    assert elbo.routes["b"].estimator == estimator
+    expected = {"auto": "disarm" if k == 2 else "arms"}.get(estimator, estimator)
+    assert elbo.routes["b"].estimator == expected
     assert f"{k} evaluations" in elbo.routes["b"].reason
     assert_mean_close(samples, exact)
 
