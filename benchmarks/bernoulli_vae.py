@@ -236,7 +236,32 @@ def markdown(runs: list[Run], args) -> str:
         cells += [f"{run.grad_variance / ref.grad_variance:.2f}" if ref else "-",
                   f"{run.seconds_per_step / ref.seconds_per_step:.2f}" if ref else "-"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + "\n".join(goal_check(runs)) + "\n"
+
+
+def goal_check(runs: list[Run]) -> list[str]:
+    """Per (architecture, K): the automatic route's smallest margin over the steps against
+    the best unbiased single estimator and against DisARM (training ELBO; >= 0 meets the
+    goal), and its time per step over DisARM's (<= 1.2 meets it)."""
+    lines = []
+    for arch, k in sorted({(r.arch, r.evaluations) for r in runs}):
+        mine = {r.estimator: r for r in runs if (r.arch, r.evaluations) == (arch, k)}
+        auto, disarm = mine.get("auto"), mine.get("disarm")
+        others = [r for e, r in mine.items() if e not in BIASED | {"auto"}]
+        if auto is None or not others:
+            continue
+        best = [max(r.train_elbo[i] for r in others) for i in range(len(auto.steps))]
+        who = [max(others, key=lambda r: r.train_elbo[i]).estimator for i in range(len(best))]
+        margin = min(a - b for a, b in zip(auto.train_elbo, best))
+        text = (f"- {arch}, K={k}: auto is {auto.route.split(' (')[0].split(': ')[-1]}; "
+                f"smallest margin of auto over the best unbiased row at a reported step "
+                f"{margin:+.2f} nats (best rows by step: {', '.join(who)})")  # fmt: skip
+        if disarm is not None:
+            vs = min(a - b for a, b in zip(auto.train_elbo, disarm.train_elbo))
+            ratio = auto.seconds_per_step / disarm.seconds_per_step
+            text += f"; over DisARM {vs:+.2f} nats; time per step {ratio:.2f}x DisARM's"
+        lines.append(text)
+    return lines
 
 
 def timing_markdown(runs: list[Run], args) -> str:
@@ -307,7 +332,18 @@ def main(argv=None) -> None:
                         help="only the interleaved timing (no training): the time column")
     parser.add_argument("--data", default=None, help="folder of the idx files (default: Debian's)")
     parser.add_argument("--out", default="benchmarks/results/bernoulli_vae")
+    parser.add_argument("--render", default=None,
+                        help="only render OUT.md and OUT.png from this JSON of a run "
+                             "(with the run's own options, for the table's header)")
     args = parser.parse_args(argv)
+    if args.render:
+        runs = [Run(**r) for r in json.loads(Path(args.render).read_text())]
+        args.steps = runs[0].steps[-1]  # the other options: pass the run's own
+        out = Path(args.out)
+        out.with_suffix(".md").write_text(markdown(runs, args))
+        plot(runs, args, out.with_suffix(".png"))
+        print(markdown(runs, args))
+        return
     torch.set_num_threads(1)
     data = load(args)
     runs = rows(args)
