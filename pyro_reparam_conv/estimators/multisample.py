@@ -44,8 +44,8 @@ per element of the site's plates.
   trained by the surrogate's term ``-||g||^2 / 2`` in which only ``c`` is live (``g`` is
   linear in ``c`` and its mean does not depend on ``c``, so this step lowers the variance).
   The gradient in the value costs one more backward pass through the model's terms of the
-  site. Where the cost has no gradient in the value (``torch.no_grad``), ``G = 0``: plain
-  leave-one-out.
+  site. Where the cost has no gradient in the value (``torch.no_grad``, or a model that
+  uses the value as an index), ``G = 0``: plain leave-one-out, still unbiased.
 """
 
 from __future__ import annotations
@@ -209,9 +209,10 @@ class DoubleCVEstimator(_MultiSample):
     def surrogate(self, site: dict, cost, dim: Optional[int]):
         value, cost, d, event = self._parts(site, cost, dim)
         k = value.shape[d]
+        grad = None
         if cost.requires_grad and value.requires_grad:
-            (grad,) = torch.autograd.grad(cost.sum(), value, retain_graph=True)
-        else:
+            (grad,) = torch.autograd.grad(cost.sum(), value, retain_graph=True, allow_unused=True)
+        if grad is None:  # the cost is not differentiable in the value: leave-one-out alone
             grad = torch.zeros_like(value)
         value, cost = value.detach(), cost.detach()
         logits = bernoulli_logits(site["fn"])
