@@ -249,3 +249,19 @@ def test_double_cv_is_unbiased_with_a_model_not_differentiable_in_the_value():
     pyro.set_rng_seed(17)
     samples, _ = draws(model, vector_guide, data, {"estimator": "double_cv", "evaluations": 3}, 700)
     assert_mean_close(samples, exact)
+
+
+@pytest.mark.parametrize("estimator", ["arms", "double_cv", "disarm"])
+def test_finite_at_extreme_logits(estimator):
+    def guide(data):
+        logits = param("logits", [-120.0, -30.0, 0.0, 30.0])
+        infer = {"estimator": estimator, "evaluations": 4}
+        pyro.sample("b", dist.Bernoulli(logits=logits).to_event(1), infer=infer)
+
+    data = torch.tensor(0.7)
+    guide(data)
+    theta = pyro.param("logits").unconstrained()
+    for _ in range(20):
+        loss = RoutedELBO().differentiable_loss(vector_model, guide, data)
+        (grad,) = torch.autograd.grad(loss, theta)
+        assert bool(torch.isfinite(grad).all()), grad
