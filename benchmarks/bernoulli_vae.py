@@ -222,7 +222,8 @@ def markdown(runs: list[Run], args) -> str:
         f"fixed training images (10 draws each), test bound: 100-sample IWAE on "
         f"{args.test_size} test images; encoder gradient variance: {args.var_draws} draws on "
         "one fixed batch at the auto row's final parameters; time per step relative to "
-        "DisARM at the same K (same run).",
+        f"DisARM at the same K, median and 10th percentile of {args.timing_rounds} "
+        "interleaved rounds of one step of each row.",
         "",
     ]
     steps = runs[0].steps

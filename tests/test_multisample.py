@@ -203,9 +203,9 @@ def test_double_cv_coefficient_is_trained_to_lower_the_variance():
 @pytest.mark.parametrize(
     "infer, estimator, reason",
     [
-        ({}, "disarm", "an antithetic pair"),
+        ({}, "disarm", "an antithetic pair (the lowest encoder-gradient variance at 2"),
         ({"evaluations": 2}, "disarm", "an antithetic pair"),
-        ({"evaluations": 4}, "arms", "ARMS (the lowest encoder-gradient variance at 4 evaluations"),
+        ({"evaluations": 4}, "arms", "ARMS (at 4 evaluations the best test bound on both"),
         ({"evaluations": 3}, "arms", "infer['evaluations']=3, not DisARM's 2"),
     ],
 )
