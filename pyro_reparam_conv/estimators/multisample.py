@@ -46,6 +46,12 @@ per element of the site's plates.
   The gradient in the value costs one more backward pass through the model's terms of the
   site. Where the cost has no gradient in the value (``torch.no_grad``, or a model that
   uses the value as an index), ``G = 0``: plain leave-one-out, still unbiased.
+
+Routing: a Bernoulli site given ``infer={"evaluations": K}`` with ``K > 2`` gets ``"arms"``
+by itself, any other site given it (without ``rsample`` or a small support) ``"loo"``;
+``"double_cv"`` is opt-in (it differentiates the model and costs a backward pass more).
+``benchmarks/bernoulli_vae.py`` measured the choice (README, "Bernoulli VAEs"). The discrete
+Stein control variates (RODEO, Shi et al. 2022) are not implemented.
 """
 
 from __future__ import annotations
@@ -115,8 +121,9 @@ def _leave_one_out(f: torch.Tensor, d: int) -> torch.Tensor:
 
 
 class _MultiSample(Estimator):
-    """What the multi-sample estimators share: ``infer["evaluations"]`` values, opt-in,
-    unbiased, all of the gradient in the surrogate term."""
+    """What the multi-sample estimators share: ``infer["evaluations"]`` values, unbiased, all
+    of the gradient in the surrogate term; opt-in unless a subclass says otherwise (``loo``
+    and ``arms`` are chosen automatically for sites given ``infer["evaluations"]``)."""
 
     automatic = False
     priority = 30
