@@ -24,9 +24,10 @@ fixed batch, after ``var_draws / 2`` draws that warm up the decaying-average bas
 fixed parameters (those the ``auto`` row reached at the end, the same for every row), and
 the median seconds per step measured round-robin after training (``--timing-rounds``
 rounds of one step of every row of one K, so that a shared machine's load falls on all rows
-alike; ratios to DisARM's at the same K). storchastic
-does not install here (no wheel in this machine's package index); it has no ARMS or double
-control variates, so its rows would be DisARM and score-function ones.
+alike; ratios to DisARM's at the same K). storchastic has no rows yet (it imports in a
+venv of its own, ``pip install --no-deps storchastic entmax`` over the project's torch, but
+its script is not written); it has no ARMS or double control variates, so its rows would
+be DisARM and score-function ones.
 
 Fashion-MNIST comes from Debian's package: ``apt-get install dataset-fashion-mnist``.
 Usage (one torch thread)::
