@@ -34,8 +34,7 @@ Usage (one torch thread)::
 
     OMP_NUM_THREADS=1 python benchmarks/bernoulli_vae.py --steps 100 --eval-every 50 \\
         --train-eval 200 --test-size 200 --var-draws 10 --out /tmp/smoke   # ~2 minutes
-    OMP_NUM_THREADS=1 python benchmarks/bernoulli_vae.py --steps 2000 --eval-every 500 \\
-        --out benchmarks/results/bernoulli_vae
+    OMP_NUM_THREADS=1 python benchmarks/bernoulli_vae.py   # 8000 steps: about 50 minutes
 
 writes ``OUT.md`` (the table), ``OUT.png`` (the curves) and ``OUT.json``.
 """
@@ -237,9 +236,9 @@ def markdown(runs: list[Run], args) -> str:
         cells = [run.arch, str(run.evaluations), run.label]
         cells += [f"{v:.2f}" for v in run.train_elbo]
         cells += [f"{run.test_bound:.2f}", f"{run.grad_variance:.4g}"]
-        cells += [f"{run.grad_variance / ref.grad_variance:.2f}" if ref else "-",
-                  f"{run.seconds_per_step / ref.seconds_per_step:.2f}" if ref else "-",
-                  f"{run.seconds_fast / ref.seconds_fast:.2f}" if ref else "-"]  # fmt: skip
+        ratios = [(run.grad_variance, "grad_variance"), (run.seconds_per_step,
+                  "seconds_per_step"), (run.seconds_fast, "seconds_fast")]  # fmt: skip
+        cells += [f"{v / getattr(ref, k):.2f}" if ref and v == v else "-" for v, k in ratios]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + "\n".join(goal_check(runs)) + "\n"
 
@@ -295,7 +294,8 @@ def plot(runs: list[Run], args, path: Path) -> None:
 
     panels = sorted({(r.arch, r.evaluations) for r in runs})
     fig, axes = plt.subplots(2, len(panels), figsize=(4.6 * len(panels), 7.5), squeeze=False)
-    colors = {e: f"C{i}" for i, e in enumerate(ESTIMATORS)}
+    peers = sorted({r.estimator for r in runs} - set(ESTIMATORS))  # storchastic's rows
+    colors = {e: f"C{i}" for i, e in enumerate(ESTIMATORS + tuple(peers))}
     for col, (arch, k) in enumerate(panels):
         mine = [r for r in runs if (r.arch, r.evaluations) == (arch, k)]
         ref = next((r for r in mine if r.estimator == "disarm"), None)
@@ -331,8 +331,8 @@ def plot(runs: list[Run], args, path: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=8000)
+    parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--arch", nargs="+", default=["linear", "nonlinear"])
     parser.add_argument("--evaluations", nargs="+", type=int, default=[2, 4])
     parser.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=ESTIMATORS)
@@ -350,6 +350,8 @@ def main(argv=None) -> None:
     parser.add_argument("--render", default=None,
                         help="only render OUT.md and OUT.png from this JSON of a run "
                              "(with the run's own options, for the table's header)")
+    parser.add_argument("--peers", nargs="*", default=None,
+                        help="with --render: rows of _storchastic_vae.py to add")
     parser.add_argument("--timing-from", default=None,
                         help="with --render: the time columns from a --timing-only run's JSON")
     args = parser.parse_args(argv)
@@ -360,8 +362,15 @@ def main(argv=None) -> None:
             timed = {(r["arch"], r["evaluations"], r["estimator"]): r
                      for r in json.loads(Path(args.timing_from).read_text())}  # fmt: skip
             for run in runs:
-                t = timed[(run.arch, run.evaluations, run.estimator)]
-                run.seconds_per_step, run.seconds_fast = t["seconds_per_step"], t["seconds_fast"]
+                t = timed.get((run.arch, run.evaluations, run.estimator))
+                if t is not None:
+                    run.seconds_per_step = t["seconds_per_step"]
+                    run.seconds_fast = t["seconds_fast"]
+        for path in args.peers or ():  # storchastic's rows (_storchastic_vae.py), timed apart
+            peers = [Run(**r) for r in json.loads(Path(path).read_text())]
+            for run in peers:
+                run.seconds_per_step = run.seconds_fast = float("nan")  # another process
+            runs += [r for r in peers if r.steps == runs[0].steps]
         out = Path(args.out)
         out.with_suffix(".md").write_text(markdown(runs, args))
         plot(runs, args, out.with_suffix(".png"))
