@@ -26,7 +26,7 @@ import torch
 from torch.distributions import Bernoulli
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pyro_reparam_conv.data import binarize, load_fashion_mnist  # noqa: E402  (numpy, torch)
+from pyro_reparam_conv.data import binarize, binarized_batches, load_fashion_mnist  # noqa: E402  (numpy, torch)
 
 import storch  # noqa: E402
 from storch.method import DisARM, ScoreFunction  # noqa: E402
@@ -80,12 +80,10 @@ def run(name: str, arch: str, args, data, rows: list, out: Path) -> None:
                test_bound=float("nan"), grad_variance=float("nan"),
                seconds_per_step=float("nan"), seconds_fast=float("nan"), route="storchastic")
     rows.append(row)
-    batches = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed + 1)
     seconds = []
-    for step in range(1, args.steps + 1):
-        index = torch.randint(len(train_x), (args.batch,), generator=batches)
-        x = binarize(train_x[index], batches)
+    batches = binarized_batches(train_x, args.batch, args.seed, args.steps)
+    for step, x in enumerate(batches, 1):
         start = time.perf_counter()
         optimizer.zero_grad()
         storch.reset()

@@ -55,7 +55,7 @@ from pyro.infer import SVI, TraceGraph_ELBO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pyro_reparam_conv import RoutedELBO  # noqa: E402
-from pyro_reparam_conv.data import binarize, load_fashion_mnist  # noqa: E402
+from pyro_reparam_conv.data import binarize, binarized_batches, load_fashion_mnist  # noqa: E402
 from pyro_reparam_conv.models import BernoulliVAE  # noqa: E402
 
 ESTIMATORS = ("auto", "disarm", "arms", "double_cv", "loo", "gumbel_st", "tracegraph")
@@ -118,12 +118,10 @@ def train(run: Run, args, data, init_state) -> dict:
     vae = BernoulliVAE(run.arch, mean, b_infer=infer)
     vae.load_state_dict(init_state)
     svi = SVI(vae.model, vae.guide, pyro.optim.Adam(learning_rate), elbo)
-    batches = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed + 1)
     seconds = []
-    for step in range(1, args.steps + 1):
-        index = torch.randint(len(train_x), (args.batch,), generator=batches)
-        x = binarize(train_x[index], batches)
+    batches = binarized_batches(train_x, args.batch, args.seed, args.steps)
+    for step, x in enumerate(batches, 1):
         start = time.perf_counter()
         svi.step(x)
         seconds.append(time.perf_counter() - start)

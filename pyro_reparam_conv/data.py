@@ -42,6 +42,7 @@ __all__ = [
     "FASHION_MNIST_DIR",
     "as_image_tensor",
     "binarize",
+    "binarized_batches",
     "load_default_images",
     "load_fashion_mnist",
     "load_images",
@@ -257,3 +258,13 @@ def load_fashion_mnist(
 def binarize(images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Dynamic binarization: ``x ~ Bernoulli(images)``, a fresh draw at every call."""
     return torch.bernoulli(images, generator=generator)
+
+
+def binarized_batches(images: torch.Tensor, batch_size: int, seed: int, steps: int):
+    """``steps`` batches of ``batch_size`` images drawn with replacement and dynamically
+    binarized, from one generator seeded with ``seed``: the same sequence for every
+    estimator compared (``benchmarks/bernoulli_vae.py`` and its storchastic rows)."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        index = torch.randint(len(images), (batch_size,), generator=generator)
+        yield binarize(images[index], generator)

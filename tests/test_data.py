@@ -225,3 +225,16 @@ def test_dynamic_binarization_draws_afresh_with_the_pixel_as_probability():
     assert set(a.unique().tolist()) <= {0.0, 1.0} and not torch.equal(a, b)
     assert abs(a.mean().item() - 0.3) < 0.02
     assert torch.equal(binarize(torch.tensor([0.0, 1.0])), torch.tensor([0.0, 1.0]))
+
+
+def test_binarized_batches_are_one_seeded_sequence():
+    from pyro_reparam_conv.data import binarized_batches
+
+    images = torch.rand(30, 4)
+    a = list(binarized_batches(images, 5, seed=3, steps=4))
+    b = list(binarized_batches(images, 5, seed=3, steps=4))
+    assert len(a) == 4 and all(x.shape == (5, 4) for x in a)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    g = torch.Generator().manual_seed(3)  # what it is: index, then binarize, one generator
+    index = torch.randint(30, (5,), generator=g)
+    assert torch.equal(a[0], torch.bernoulli(images[index], generator=g))
