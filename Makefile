@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch>=2.4,<2.14
 
-.PHONY: demo test test-all bench bench-routing clean
+.PHONY: demo test test-all bench bench-routing bench-bernoulli-vae clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ bench: $(STAMP)
 
 bench-routing: $(STAMP)
 	$(PY) benchmarks/routing_overhead.py $(ARGS)
+
+# needs Fashion-MNIST: apt-get install dataset-fashion-mnist (or ARGS="--data FOLDER")
+bench-bernoulli-vae: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bernoulli_vae.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -12,6 +12,13 @@ User data (:func:`load_images`): a ``.npy`` array or one array of a ``.npz`` arc
 - ``(N, H, W)``: single-channel images, or
 - ``(N, C, H, W)``: channels first (PyTorch's layout), ``C`` anything.
 
+Fashion-MNIST (:func:`load_fashion_mnist`): the four idx files of Xiao, Rasul & Vollgraf
+2017 ("Fashion-MNIST: a Novel Image Dataset for Benchmarking Machine Learning Algorithms",
+MIT licence), as Debian's ``dataset-fashion-mnist`` package installs them under
+``/usr/share/datasets/fashion-mnist`` (gzipped or not), or from a folder the caller gives.
+:func:`binarize` is the dynamic binarization of the discrete-latent VAE protocol (a fresh
+``x ~ Bernoulli(pixel)`` every time a batch is used; Dong, Mnih & Tucker 2020).
+
 Channels-last ``(N, H, W, C)`` is *not* guessed (an 8x8 image with 3 channels and a 3x8
 image with 8 channels look alike); transpose it yourself with ``np.moveaxis(a, -1, 1)``.
 Integer and boolean arrays are divided by their dtype's maximum (uint8: 255) unless
@@ -30,7 +37,17 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-__all__ = ["DEFAULT_DATA", "load_default_images", "load_images", "as_image_tensor"]
+__all__ = [
+    "DEFAULT_DATA",
+    "FASHION_MNIST_DIR",
+    "as_image_tensor",
+    "binarize",
+    "binarized_batches",
+    "load_default_images",
+    "load_fashion_mnist",
+    "load_images",
+    "read_idx",
+]
 
 DEFAULT_DATA = "digits.npz"
 DIGITS_MAX = 16  # pixel values of the UCI digits are integers 0..16
@@ -176,3 +193,78 @@ def load_images(
     else:
         raise ValueError(f"{path}: unsupported file type {suffix!r}; use .npy or .npz")
     return as_image_tensor(array, where, scale)
+
+
+#: where Debian's ``dataset-fashion-mnist`` package installs the idx files
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: PathLike) -> np.ndarray:
+    """The array of an idx file (LeCun's MNIST format: two zero bytes, a type code, the number
+    of dims, the big-endian sizes, the data), gzipped or not."""
+    import gzip
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    with (gzip.open if gzipped else open)(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_TYPES:
+        raise ValueError(f"{path}: not an idx file (it does not begin with 0, 0, a type code)")
+    ndim = raw[3]
+    sizes = tuple(int(v) for v in np.frombuffer(raw, ">u4", ndim, offset=4))
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    count = int(np.prod(sizes))
+    if len(raw) != 4 + 4 * ndim + count * dtype.itemsize:
+        raise ValueError(f"{path}: {len(raw)} bytes do not hold an idx array of shape {sizes}")
+    return np.frombuffer(raw, dtype, count, offset=4 + 4 * ndim).reshape(sizes)
+
+
+def _idx_file(folder: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (folder / name).exists():
+            return folder / name
+    raise FileNotFoundError(
+        f"Fashion-MNIST: no {stem}(.gz) in {folder}; install Debian's package with "
+        "`apt-get install dataset-fashion-mnist` (it puts the four idx files in "
+        f"{FASHION_MNIST_DIR}), or pass path=FOLDER holding train-images-idx3-ubyte(.gz), "
+        "train-labels-idx1-ubyte(.gz), t10k-images-idx3-ubyte(.gz), t10k-labels-idx1-ubyte(.gz)"
+    )
+
+
+def load_fashion_mnist(
+    split: str = "train", path: Optional[PathLike] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST's ``split`` (``"train"``: 60000 images, ``"test"``: 10000) as
+    ``(images, labels)``: float32 ``(N, 784)`` grey levels in ``[0, 1]`` (byte / 255) and
+    int64 ``(N,)``. ``path``: the folder of the idx files (default
+    :data:`FASHION_MNIST_DIR`); a missing file says how to install them."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    folder = Path(path) if path is not None else FASHION_MNIST_DIR
+    prefix = "train" if split == "train" else "t10k"
+    images = read_idx(_idx_file(folder, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_idx_file(folder, f"{prefix}-labels-idx1-ubyte"))
+    if images.ndim != 3 or labels.shape != images.shape[:1]:
+        raise ValueError(
+            f"Fashion-MNIST in {folder}: images of shape {images.shape} and labels of shape "
+            f"{labels.shape} do not match (expected (N, 28, 28) and (N,))"
+        )
+    x = torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def binarize(images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Dynamic binarization: ``x ~ Bernoulli(images)``, a fresh draw at every call."""
+    return torch.bernoulli(images, generator=generator)
+
+
+def binarized_batches(images: torch.Tensor, batch_size: int, seed: int, steps: int):
+    """``steps`` batches of ``batch_size`` images drawn with replacement and dynamically
+    binarized, from one generator seeded with ``seed``: the same sequence for every
+    estimator compared (``benchmarks/bernoulli_vae.py`` and its storchastic rows)."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        index = torch.randint(len(images), (batch_size,), generator=generator)
+        yield binarize(images[index], generator)

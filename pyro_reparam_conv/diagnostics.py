@@ -59,7 +59,8 @@ COMPARE_ESTIMATORS: tuple[str, ...] = (
 #: differentiable in the site; straight-through Gumbel-softmax is biased): the references
 #: of the bias check and of :func:`compare_estimators`' ``agrees`` column.
 UNBIASED_ESTIMATORS: tuple[str, ...] = (
-    "score", "score+avg", "score+loo", "measure_valued", "enumerate", "disarm",
+    "score", "score+avg", "score+loo", "measure_valued", "enumerate", "disarm", "loo", "arms",
+    "double_cv",
 )  # fmt: skip
 
 
@@ -600,12 +601,25 @@ def _has_fast_path() -> bool:
     return "fast_path" in inspect.signature(RoutedELBO.__init__).parameters
 
 
+def _split_evaluations(name: str) -> tuple[str, Optional[int]]:
+    """``"arms@4"`` -> ``("arms", 4)``: an estimator forced with ``infer["evaluations"]``."""
+    base, at, count = name.partition("@")
+    if at and count.isdigit():
+        return base, int(count)
+    return name, None
+
+
 def _estimator_setup(name, elbo_kwargs: dict):
     """``(RoutedELBO, [ForceEstimatorMessenger, ...])`` for one estimator name, or for a
     per-site configuration ``{site: name}`` (measured with the training ELBO's options)."""
     kwargs = dict(elbo_kwargs)
     if isinstance(name, Mapping):
         return RoutedELBO(**kwargs), [ForceEstimatorMessenger(e, [s]) for s, e in name.items()]
+    name, count = _split_evaluations(name)
+    if count is not None:  # a registered estimator at count evaluations
+        forcer = ForceEstimatorMessenger(name, None, skip_invalid=True)
+        forcer.extra = {"evaluations": count}
+        return RoutedELBO(**kwargs), [forcer]
     if name == "auto":
         return RoutedELBO(**kwargs), []
     if _has_fast_path():  # the forced estimators are measured as Monte Carlo estimators
@@ -634,7 +648,8 @@ def _configurations(estimators) -> list[tuple[str, Any]]:
         spec
         for _, spec in items
         if (isinstance(spec, Mapping) and any(e not in ESTIMATORS for e in spec.values()))
-        or (not isinstance(spec, Mapping) and spec not in valid)
+        or (not isinstance(spec, Mapping) and spec not in valid
+            and _split_evaluations(spec)[0] not in ESTIMATORS)
     ]
     if bad:
         raise ValueError(
@@ -679,9 +694,13 @@ def compare_estimators(
       draw and averages two samples -- compare ``variance * seconds_per_draw``;
     - the score variants run with ``fast_path=False`` too (it only concerns pathwise sites);
     - any other name in ``routing.ESTIMATORS`` (``"enumerate"``, ``"disarm"``,
-      ``"gumbel_st"``, ``"measure_valued"``, ``"implicit"``, registered plug-ins): forced like
-      ``"pathwise"``, on the sites it applies to (``"measure_valued"`` is refused on a site
-      of more than its ``max_evaluations``: that is an error, not a skip).
+      ``"gumbel_st"``, ``"measure_valued"``, ``"implicit"``, ``"arms"``, ``"double_cv"``,
+      ``"loo"``, registered plug-ins): forced like ``"pathwise"``, on the sites it applies
+      to (``"measure_valued"`` is refused on a site of more than its ``max_evaluations``:
+      that is an error, not a skip);
+    - ``"name@K"`` (``"arms@4"``, ``"disarm@4"``): that estimator with
+      ``infer["evaluations"] = K`` on the sites it applies to, to compare the multi-sample
+      estimators at equal evaluations.
 
     ``estimators`` may also map labels to names or to per-site configurations, e.g.
     ``{"default": {}, "y by score": {"y": "score"}}``: each site named is forced onto its
@@ -701,7 +720,8 @@ def compare_estimators(
       the standard error of the mean (``sqrt(variance / num_draws)``, elementwise) and
       ``m_ref``, ``se_ref`` the inverse-variance pooled mean of the *other* estimators in the
       table that are unbiased for any cost (:data:`UNBIASED_ESTIMATORS`: the score-function
-      variants, ``measure_valued``, ``enumerate``, ``disarm``; not the pathwise gradient,
+      variants, ``measure_valued``, ``enumerate``, ``disarm``, ``loo``, ``arms``,
+      ``double_cv``, with any ``@K``; not the pathwise gradient,
       which needs a cost differentiable in the site, nor ``implicit`` (likewise), nor
       ``gumbel_st``); the largest over
       the parameter's elements. ``nan`` when no other such estimator is in the table;
@@ -782,7 +802,9 @@ def compare_estimators(
                         "variance": var.reshape(p.tensor.shape).tolist(),
                     }
     unbiased = [
-        n for n, spec in configurations if isinstance(spec, str) and spec in UNBIASED_ESTIMATORS
+        n
+        for n, spec in configurations
+        if isinstance(spec, str) and _split_evaluations(spec)[0] in UNBIASED_ESTIMATORS
     ]
     for row in rows:
         row["z_vs_unbiased"], row["agrees"] = _agreement(

@@ -11,8 +11,11 @@ A latent guide site's estimator is, in order of precedence:
 3. otherwise the most preferred registered estimator that applies and may be chosen
    automatically (``docs/architecture.md`` has the table): the pathwise
    (reparameterization) gradient when the distribution has ``rsample`` (Kingma & Welling
-   2014; Rezende et al. 2014), the exact sum over a small finite support, DisARM for
-   Bernoulli sites, the score function otherwise (Williams 1992).
+   2014; Rezende et al. 2014), the exact sum over a small finite support, for Bernoulli
+   sites DisARM (2 evaluations) or ARMS (a site's ``infer={"evaluations": K}``, K > 2: the
+   lower variance at 4 evaluations in ``benchmarks/bernoulli_vae.py``), leave-one-out
+   REINFORCE for other sites given ``infer["evaluations"]``, the score function otherwise
+   (Williams 1992).
 
 The choice is a :class:`Route` with the reason; :class:`RouteMessenger` records the routes
 of a guide run, gives each site whose estimator evaluates several values an evaluation dim
@@ -176,6 +179,8 @@ def choose_estimator(
 
 def _choose(name: str, fn, infer: dict, options: RoutingOptions) -> tuple[base.Estimator, str]:
     requested = infer.get("estimator")
+    if infer.get("evaluations") is not None:  # what the site may spend: part of the choice
+        options = _copy(options, evaluations=infer["evaluations"])
     chosen = options.layers.get(name) if requested is None else None
     if chosen is not None and base.get(chosen[0]).why_not(fn) is None:  # a weight, found so
         return base.get(chosen[0]), chosen[1]

@@ -206,10 +206,11 @@ def _sum_to_site(cost: MultiFrameTensor, stack, eval_dims=frozenset()) -> Any:
     return total.sum(dims, keepdim=True) if dims else total
 
 
-def _fit_to(cost: Any, like: torch.Tensor) -> torch.Tensor:
-    """``cost`` detached, without leading singleton dims beyond ``like``'s rank, broadcast
-    to ``like``'s shape."""
-    cost = torch.as_tensor(cost, dtype=like.dtype, device=like.device).detach()
+def _fit_to(cost: Any, like: torch.Tensor, detach: bool = True) -> torch.Tensor:
+    """``cost`` detached (unless not ``detach``), without leading singleton dims beyond
+    ``like``'s rank, broadcast to ``like``'s shape."""
+    cost = torch.as_tensor(cost, dtype=like.dtype, device=like.device)
+    cost = cost.detach() if detach else cost
     while cost.dim() > like.dim() and cost.shape[0] == 1:
         cost = cost[0]
     return cost.expand(like.shape)
@@ -300,12 +301,14 @@ def _guide_row(site, plan, parts, cost, evaluations, footprint, model_trace) -> 
         if has_score:
             score = parts.score_function
             score_weight = _score_weight(score, evaluations, f"{name!r} (guide)")
-        cost = _fit_to(cost, site["log_prob"] if score is None else score)
+        like = site["log_prob"] if score is None else score
         if plan is not None:
-            own = plan.estimator.surrogate(site, cost, plan.dim)
+            live = _fit_to(cost, like, detach=not plan.estimator.cost_graph)
+            own = plan.estimator.surrogate(site, live, plan.dim)
             if isinstance(own, torch.Tensor):
                 own = expectation(own, evaluations, f"{name!r}", {name}, detach=True)
                 surrogate = surrogate + own.sum()
+        cost = _fit_to(cost, like)
     return SiteTerm(
         name, "guide", plan.estimator.name if plan else None, elbo, surrogate, score,
         cost if score is not None else None, plan.baseline if plan else None, score_weight,

@@ -158,3 +158,83 @@ def test_integer_pixels_in_range_after_scale_load(tmp_path):
     path = tmp_path / "ok.npy"
     np.save(path, np.array([[[0, 255], [3, 7]]], dtype=np.uint8))
     assert load_images(path, scale=255).max() == 1.0 and load_images(path).min() == 0.0
+
+
+# ------------------------------------------------------------------ Fashion-MNIST
+def write_idx(path, array, gz=True):
+    """An idx file as LeCun's format has it (uint8 data, big-endian sizes)."""
+    import gzip
+
+    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    raw = header + np.ascontiguousarray(array, np.uint8).tobytes()
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(raw)
+
+
+def fake_fashion_mnist(folder, n_train=5, n_test=3):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, gz=False)  # either form
+        arrays[prefix] = images, labels
+    return arrays
+
+
+def test_fashion_mnist_from_idx_files(tmp_path):
+    from pyro_reparam_conv.data import load_fashion_mnist
+
+    arrays = fake_fashion_mnist(tmp_path)
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        x, y = load_fashion_mnist(split, path=tmp_path)
+        images, labels = arrays[prefix]
+        assert x.shape == (len(images), 784) and x.dtype == torch.float32
+        assert torch.equal(x * 255, torch.from_numpy(images.reshape(len(images), -1)).float())
+        assert torch.equal(y, torch.from_numpy(labels.astype(np.int64)))
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+        load_fashion_mnist("valid", path=tmp_path)
+
+
+def test_fashion_mnist_missing_files_say_how_to_install(tmp_path):
+    from pyro_reparam_conv.data import load_fashion_mnist
+
+    with pytest.raises(FileNotFoundError, match=r"apt-get install dataset-fashion-mnist.*path="):
+        load_fashion_mnist("train", path=tmp_path)
+
+
+def test_a_truncated_or_foreign_idx_file_is_an_error(tmp_path):
+    from pyro_reparam_conv.data import read_idx
+
+    write_idx(tmp_path / "ok", np.zeros((2, 3), np.uint8), gz=False)
+    raw = (tmp_path / "ok").read_bytes()
+    (tmp_path / "short").write_bytes(raw[:-1])
+    with pytest.raises(ValueError, match=r"short: 17 bytes do not hold an idx array of shape"):
+        read_idx(tmp_path / "short")
+    (tmp_path / "npy").write_bytes(b"\x93NUMPY...")
+    with pytest.raises(ValueError, match="not an idx file"):
+        read_idx(tmp_path / "npy")
+
+
+def test_dynamic_binarization_draws_afresh_with_the_pixel_as_probability():
+    from pyro_reparam_conv.data import binarize
+
+    x = torch.full((2000, 4), 0.3)
+    a, b = binarize(x), binarize(x)
+    assert set(a.unique().tolist()) <= {0.0, 1.0} and not torch.equal(a, b)
+    assert abs(a.mean().item() - 0.3) < 0.02
+    assert torch.equal(binarize(torch.tensor([0.0, 1.0])), torch.tensor([0.0, 1.0]))
+
+
+def test_binarized_batches_are_one_seeded_sequence():
+    from pyro_reparam_conv.data import binarized_batches
+
+    images = torch.rand(30, 4)
+    a = list(binarized_batches(images, 5, seed=3, steps=4))
+    b = list(binarized_batches(images, 5, seed=3, steps=4))
+    assert len(a) == 4 and all(x.shape == (5, 4) for x in a)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    g = torch.Generator().manual_seed(3)  # what it is: index, then binarize, one generator
+    index = torch.randint(30, (5,), generator=g)
+    assert torch.equal(a[0], torch.bernoulli(images[index], generator=g))

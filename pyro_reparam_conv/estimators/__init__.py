@@ -4,6 +4,8 @@
 - :mod:`.pathwise`: reparameterized draws, differentiated through ``rsample``.
 - :mod:`.enumerate`: the exact sum over a finite support, per plate element.
 - :mod:`.disarm`: an antithetic pair for Bernoulli sites (DisARM).
+- :mod:`.multisample`: K values side by side for Bernoulli sites: ARMS, double control
+  variates on leave-one-out, and leave-one-out REINFORCE for any site (opt-in).
 - :mod:`.gumbel`: straight-through Gumbel-softmax (biased; opt-in only).
 - :mod:`.score`: score-function (REINFORCE) terms.
 - :mod:`.measure_valued`: Weibull / double-sided Maxwell differences for Normal sites
@@ -32,6 +34,9 @@ from . import flipout, measure_valued  # noqa: F401
 
 # isort: split
 from . import implicit  # noqa: F401
+
+# isort: split
+from . import multisample  # noqa: F401
 from .base import ESTIMATORS, Estimator, get, register, unregister
 
 __all__ = ["ESTIMATORS", "Estimator", "get", "register", "unregister"]

@@ -103,12 +103,15 @@ class RoutingOptions:
     default). ``avoid``: per site, estimators found not to work for it (the model does not
     compute values side by side independently), with the reason. ``layers``: per site whose
     value a step found used only as one layer call's weight, the layer estimator routing
-    picks for it and why (:mod:`pyro_reparam_conv.weight_layers`).
+    picks for it and why (:mod:`pyro_reparam_conv.weight_layers`). ``evaluations``: how many
+    values the site being routed may evaluate side by side (its ``infer["evaluations"]``,
+    set per site by routing; ``None``: the estimators' defaults).
     """
 
     max_enumerate: int = 16
     avoid: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     layers: Mapping[str, tuple] = field(default_factory=dict)
+    evaluations: Optional[int] = None
 
 
 class Estimator:
@@ -137,6 +140,9 @@ class Estimator:
     #: whether its gradient differentiates the cost through the draw: biased where the cost
     #: is not differentiable in the site (what ``audit_gradients(check_bias=True)`` tests)
     through_the_cost: ClassVar[bool] = False
+    #: whether :meth:`surrogate` gets the site's cost with its graph (to differentiate it in
+    #: the site's value, which its layout draws as a leaf that requires grad)
+    cost_graph: ClassVar[bool] = False
     #: what an error adds when the estimator is requested for a site it does not apply to
     hint_when_refused: ClassVar[str] = ""
 
@@ -145,7 +151,9 @@ class Estimator:
         return None
 
     def auto_why_not(self, fn, options: RoutingOptions) -> Optional[str]:
-        """Why routing should not choose it by itself for ``fn`` (default: :meth:`why_not`)."""
+        """Why routing should not choose it by itself for ``fn`` (default: :meth:`why_not`);
+        an empty reason skips it without saying why in the route (another estimator's
+        reason already covers it)."""
         return self.why_not(fn)
 
     def because(self, fn) -> str:
@@ -169,8 +177,9 @@ class Estimator:
         return True
 
     def surrogate(self, site: dict, cost: Any, dim: Optional[int]) -> Any:
-        """A surrogate term of the estimator's own, from the site's cost (detached, the site's
-        batch shape, one entry per evaluation along ``dim``), to be maximized; default none."""
+        """A surrogate term of the estimator's own, from the site's cost (detached unless
+        :attr:`cost_graph`, the site's batch shape, one entry per evaluation along ``dim``),
+        to be maximized; default none."""
         return 0.0
 
     @property
