@@ -1,0 +1,371 @@
+"""Enumerated sites summed by variable elimination, as ``TraceEnum_ELBO`` sums them.
+
+**Model side.** A model site marked for parallel enumeration (``infer={"enumerate":
+"parallel"}``, e.g. by :func:`~pyro.infer.enum.config_enumerate`) that the guide does not
+sample is marginalized: the model runs under Pyro's
+:class:`~pyro.poutine.enum_messenger.EnumMessenger` (its dims left of the guide's, ``pyro.markov``
+reusing them), and the log-factors of the enumerated sites and of every model site whose
+log-density carries their dims are replaced by their contraction
+
+    log sum_{z_enum} prod_f exp(f(z_enum, ...))
+
+by Pyro's own variable elimination with plates (Obermeyer et al. 2019, "Tensor Variable
+Elimination for Plated Factor Graphs": :func:`pyro.ops.contract.contract_tensor_tree` on the
+factors that ``pyro.infer.traceenum_elbo._compute_model_factors`` collects): time and memory
+linear in a ``pyro.markov`` chain's length, ``-inf`` factors (zero-probability values) summed
+in log space without NaN. Each contracted factor becomes a ``pyro.factor``-like model site
+(:class:`~pyro.distributions.Unit`) named ``"<first site> .. <last site> (summed)"``, whose
+dependencies are the union of those of the sites it sums (every site at its plates or inside
+them: the contraction of an ordinal absorbs only factors at that ordinal or deeper), so every
+route of the guide (pathwise, score function with Rao-Blackwellization and baselines,
+DisARM) composes with it unchanged: no model enumeration dim is left. The sum is exact and
+differentiable, so the gradient in the model's parameters and in pathwise guide values is
+``TraceEnum_ELBO``'s.
+
+**Guide side.** A guide site routed to ``"enumerate"`` is laid out by Pyro's enumeration
+too, and each term ``t`` of the ELBO that carries enumerated values ``z_S`` is averaged with
+their marginal probability under the guide, ``E_q[t] = sum_{z_S} P(z_S) t(z_S)``
+(:class:`GuideMarginals`, Pyro's :func:`~pyro.ops.contract.contract_to_tensor` on the
+enumerated sites' ``log q``, as Pyro's ``Dice`` weighs costs), differentiable: the product rule
+gives the exact gradient of the expectation. A score-function site drawn per enumerated value
+gets the conditional expectation ``E_q[t | z_K]`` of its costs (``K``: the values its own
+density carries). A chain of ``T`` enumerated guide sites costs ``T`` contractions of
+``O(T K^2)``, not ``K^T``.
+
+``compute_marginals`` and ``sample_posterior`` go through Pyro's own code paths
+(``_compute_marginals``, ``BackwardSampleMessenger``) on the enumerated traces.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Mapping, Optional
+
+import torch
+from opt_einsum import shared_intermediates
+from pyro.distributions import Unit
+import pyro.poutine as poutine
+from pyro.infer.traceenum_elbo import (
+    BackwardSampleMessenger,
+    _compute_marginals,
+    _compute_model_factors,
+)
+from pyro.ops import packed
+from pyro.ops.contract import contract_tensor_tree, contract_to_tensor
+from pyro.ops.rings import LogRing
+from pyro.poutine import Trace
+from pyro.poutine.enum_messenger import EnumMessenger
+from pyro.poutine.messenger import Messenger
+
+from .distributions import distribution_name
+from .routing import PlateNestingNeeded, Route, Summation
+
+__all__ = [
+    "EnumerateModel",
+    "GuideMarginals",
+    "enumerated_in_model",
+    "marginals",
+    "model_route",
+    "posterior_sample",
+    "symbolize",
+    "sum_out_model_sites",
+    "summations",
+]
+
+
+class _NestingFirst(Messenger):
+    """Before ``max_plate_nesting`` is known: a model site marked for parallel enumeration
+    asks for it (the ELBO guesses it and retries)."""
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if not msg["done"] and not msg["is_observed"] and (
+            msg["infer"].get("enumerate") == "parallel"
+        ):
+            raise PlateNestingNeeded(msg["name"])
+
+
+class EnumerateModel:
+    """Wraps the model (inside its replay on the guide trace): Pyro's ``EnumMessenger``
+    continuing after the guide's dims (``known=True``), or, while ``max_plate_nesting`` is
+    unknown, a handler that raises :class:`~.routing.PlateNestingNeeded` at a model site
+    marked for enumeration (the ELBO then guesses it)."""
+
+    def __init__(self, known: bool) -> None:
+        self.known = known
+
+    def __call__(self, model):
+        return EnumMessenger()(model) if self.known else _NestingFirst()(model)
+
+
+def enumerated_in_model(model_trace: Trace, guide_trace: Trace) -> list[str]:
+    """The model sites summed out: enumerated in the model, not sampled by the guide."""
+    return [
+        name for name, site in model_trace.nodes.items()
+        if site["type"] == "sample" and name not in guide_trace
+        and site["infer"].get("_enumerate_dim") is not None
+    ]  # fmt: skip
+
+
+def _packed(model_trace: Trace, guide_trace: Trace) -> None:
+    """Pyro's packed tensors (``site["packed"]``: dims named by symbols) of both traces."""
+    guide_trace.pack_tensors()
+    model_trace.pack_tensors(guide_trace.plate_to_symbol)
+
+
+def _absorbed(model_trace: Trace, guide_trace: Trace, sum_dims: set) -> list[str]:
+    """The model sites whose factor enters the contraction: the enumerated ones and those
+    whose packed log-density has a summed dim (``_compute_model_factors``' rule)."""
+    names = set(enumerated_in_model(model_trace, guide_trace))
+    return [
+        name for name, site in model_trace.nodes.items()
+        if site["type"] == "sample" and "packed" in site and (
+            name in names or not sum_dims.isdisjoint(site["packed"]["log_prob"]._pyro_dims))
+    ]  # fmt: skip
+
+
+def _frames(model_trace: Trace, names) -> dict[str, object]:
+    """Plate symbol -> plate frame, over the sites ``names``."""
+    found = {}
+    for name in names:
+        for frame in model_trace.nodes[name]["cond_indep_stack"]:
+            if frame.vectorized:
+                found[model_trace.plate_to_symbol[frame.name]] = frame
+    return found
+
+
+def _factor_site(name: str, log_factor: torch.Tensor, stack: tuple, to_symbol: dict) -> dict:
+    """A ``pyro.factor``-like model site holding a contracted log-factor (scaled, masked;
+    ``to_symbol``: the symbols of its dims, those of the guide's enumerated values)."""
+    return {
+        "type": "sample", "name": name, "fn": Unit(log_factor), "is_observed": True,
+        "args": (), "kwargs": {}, "value": log_factor.new_empty(log_factor.shape + (0,)),
+        "infer": {"_dim_to_symbol": to_symbol}, "scale": 1.0, "mask": None,
+        "cond_indep_stack": stack,
+        "done": True, "stop": False, "continuation": None, "log_prob": log_factor,
+        "unscaled_log_prob": log_factor, "log_prob_sum": log_factor.sum(),
+    }  # fmt: skip
+
+
+def summations(factors: Mapping[str, torch.Tensor], sum_dims, side: str, report) -> dict:
+    """Per site in ``report``: its :class:`~.routing.Summation`, from the packed ``factors``
+    (per site) that share summed symbols (``sum_dims``) with it, directly or through others."""
+    by_symbol: dict = {}
+    for name, factor in factors.items():
+        for symbol in set(factor._pyro_dims) & sum_dims:
+            by_symbol.setdefault(symbol, []).append(name)
+    found: dict = {}
+    for start in report:
+        if start in found:
+            continue
+        group, todo = {start}, [start]
+        while todo:  # the connected component of ``start``
+            for symbol in set(factors[todo.pop()]._pyro_dims) & sum_dims:
+                new = set(by_symbol[symbol]) - group
+                group |= new
+                todo += new
+        largest = max(factors[n].numel() for n in group)
+        members = [n for n in report if n in group]
+        for name in members:
+            others = tuple(n for n in members if n != name)
+            found[name] = Summation(side, others, largest)
+    return found
+
+
+def model_route(name: str, fn, summed: Summation) -> Route:
+    """The route of a site enumerated in the model (it has no guide site)."""
+    return Route(
+        site=name, estimator="enumerate", distribution=distribution_name(fn), forced=True,
+        because="infer['enumerate']='parallel' in the model and no guide site: summed out of "
+        "the likelihood, as TraceEnum_ELBO does", summed=summed,
+    )  # fmt: skip
+
+
+def sum_out_model_sites(
+    model_trace: Trace,
+    guide_trace: Trace,
+    dependencies: Optional[Mapping[tuple, frozenset]],
+) -> tuple[Optional[Mapping[tuple, frozenset]], dict[str, tuple]]:
+    """Replace, in ``model_trace`` (in place), the enumerated model sites and the sites whose
+    log-density depends on them by their contracted log-factors (see the module docstring).
+    Returns the dependencies with each new factor site's entry (``None`` stays ``None``) and
+    each enumerated site's :class:`~.routing.Summation`. Nothing changes without enumerated
+    model sites."""
+    enumerated = enumerated_in_model(model_trace, guide_trace)
+    if not enumerated:
+        return dependencies, {}
+    _packed(model_trace, guide_trace)
+    _, log_factors, _, sum_dims, scale = _compute_model_factors(model_trace, guide_trace)
+    absorbed = _absorbed(model_trace, guide_trace, sum_dims)
+    factors = {n: model_trace.nodes[n]["packed"]["unscaled_log_prob"] for n in absorbed}
+    summed = summations(factors, sum_dims, "model", enumerated)
+    ordinal = {n: frozenset(f.dim for f in model_trace.nodes[n]["cond_indep_stack"]
+                            if f.vectorized) for n in absorbed}  # fmt: skip
+    frames = _frames(model_trace, absorbed)
+    with shared_intermediates():
+        contracted = contract_tensor_tree(log_factors, sum_dims)
+    found = None if dependencies is None else dict(dependencies)
+    new_sites = []
+    for t, terms in contracted.items():
+        stack = tuple(frames[s] for s in sorted(t, key=lambda s: frames[s].dim))
+        dims = frozenset(f.dim for f in stack)
+        names = tuple(n for n in absorbed if dims <= ordinal[n])
+        for i, term in enumerate(terms):
+            term = packed.scale_and_mask(term, scale=scale)
+            to_symbol = {model_trace.symbol_to_dim[s]: s for s in term._pyro_dims}
+            factor = packed.unpack(term, model_trace.symbol_to_dim)
+            label = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
+            name = f"{label} (summed{'' if i == 0 else f' {i + 1}'})"
+            new_sites.append(_factor_site(name, factor, stack, to_symbol))
+            if found is not None:
+                found[("model", name)] = frozenset().union(
+                    *(found.get(("model", n), frozenset()) for n in names)
+                )
+    for name in absorbed:
+        model_trace.remove_node(name)
+    for site in new_sites:
+        model_trace.add_node(site["name"], **site)
+    return found, summed
+
+
+def _no_guide_enumeration(guide_trace: Trace, dims, what: str) -> None:
+    if dims or any(site["type"] == "sample" and "_enumerate_dim" in site["infer"]
+                   for site in guide_trace.nodes.values()):  # fmt: skip
+        raise NotImplementedError(
+            f"RoutedELBO.{what}() is not compatible with guide enumeration (as "
+            f"TraceEnum_ELBO.{what}()): the guide evaluates {sorted(dims)} side by side"
+        )
+
+
+def marginals(model_trace: Trace, guide_trace: Trace, dims) -> OrderedDict:
+    """The marginal distribution of each enumerated model site given the guide's draws
+    (log-densities computed; ``dims``: the guide's evaluated sites, which must be none), by
+    Pyro's own ``TraceEnum_ELBO.compute_marginals`` code path."""
+    _no_guide_enumeration(guide_trace, dims, "compute_marginals")
+    _packed(model_trace, guide_trace)
+    return _compute_marginals(model_trace, guide_trace)
+
+
+def posterior_sample(model, args, kwargs, model_trace: Trace, guide_trace: Trace, dims):
+    """The model run once with its enumerated sites drawn jointly from their posterior given
+    the guide's draws (forward filtering, backward sampling: Pyro's
+    ``BackwardSampleMessenger``, as ``TraceEnum_ELBO.sample_posterior``)."""
+    _no_guide_enumeration(guide_trace, dims, "sample_posterior")
+    _packed(model_trace, guide_trace)
+    with BackwardSampleMessenger(model_trace, guide_trace):
+        return poutine.replay(model, trace=guide_trace)(*args, **kwargs)
+
+
+def symbolize(model_trace: Trace, guide_trace: Trace) -> None:
+    """Name every plate and enumeration dim of both traces by a symbol (Pyro's
+    ``Trace.symbolize_dims``: ``site["infer"]["_dim_to_symbol"]``; a dim that
+    ``pyro.markov`` reuses has one symbol per site that allocated it)."""
+    guide_trace.symbolize_dims()
+    model_trace.symbolize_dims(guide_trace.plate_to_symbol)
+
+
+class GuideMarginals:
+    """The marginal probability, under the guide, of the values of its enumerated sites that
+    a term carries: ``P(z_S) = sum_{z not in S} prod_i q(z_i | pa_i)``, by Pyro's variable
+    elimination with plates (:func:`pyro.ops.contract.contract_to_tensor`, Dice's factors
+    of enumerated sites: ``log q`` unscaled), differentiable (its gradient is the exact
+    gradient of the expectation), computed once per set of values and plates.
+
+    A term ``t`` with those values is averaged as ``E_q[t] = sum_{z_S} P(z_S) t(z_S)``: only
+    the values ``t`` itself carries, so a chain of ``T`` enumerated sites costs ``T``
+    contractions of ``O(T K^2)`` each, not ``K^T``. ``sites``: the enumerated guide sites
+    (their traces symbolized, :func:`symbolize`, log-densities computed)."""
+
+    def __init__(self, model_trace: Trace, guide_trace: Trace, sites) -> None:
+        self.plate_to_symbol = model_trace.plate_to_symbol
+        self.symbol_to_dim = {**guide_trace.symbol_to_dim, **model_trace.symbol_to_dim}
+        self.sum_dims: set = set()
+        self.factors: OrderedDict = OrderedDict()
+        by_site = {}
+        self.owner: dict = {}  # symbol -> (its site, the site's ordinal)
+        for name in sites:
+            site = guide_trace.nodes[name]
+            self.sum_dims.add(site["infer"]["_enumerate_symbol"])
+            self.owner[site["infer"]["_enumerate_symbol"]] = (name, self.ordinal(site))
+            log_q = packed.pack(site["score_parts"].score_function,
+                                site["infer"]["_dim_to_symbol"])  # fmt: skip
+            self.factors.setdefault(self.ordinal(site), []).append(log_q)
+            by_site[name] = log_q
+        #: per enumerated site, how it is summed (:class:`~.routing.Summation`)
+        self.summations = summations(by_site, self.sum_dims, "guide", list(sites))
+        #: symbol -> size, for the plates a marginal is broadcast to
+        self.sizes = {self.plate_to_symbol[f.name]: f.size
+                      for trace in (model_trace, guide_trace) for site in trace.nodes.values()
+                      if site["type"] == "sample"
+                      for f in site["cond_indep_stack"] if f.vectorized}  # fmt: skip
+        self._found: dict = {}
+        self._shared: dict = {}
+
+    def ordinal(self, site: dict) -> frozenset:
+        return frozenset(self.plate_to_symbol[f.name] for f in site["cond_indep_stack"]
+                         if f.vectorized)  # fmt: skip
+
+    def symbols(self, t, site: dict) -> frozenset:
+        """The enumerated values tensor ``t`` of ``site`` carries (its symbols)."""
+        if not isinstance(t, torch.Tensor):
+            return frozenset()
+        to_symbol = site["infer"].get("_dim_to_symbol", {})
+        return frozenset(
+            to_symbol[d] for d in range(-t.dim(), 0)
+            if t.shape[d] > 1 and to_symbol.get(d) in self.sum_dims
+        )  # fmt: skip
+
+    def _log_marginal(self, symbols: frozenset, ordinal: frozenset) -> torch.Tensor:
+        key = (symbols, ordinal)
+        if key not in self._found:
+            tree = OrderedDict((t, f) for t, f in self.factors.items() if t <= ordinal)
+            ring = LogRing(cache=self._shared, dim_to_size=self.sizes)
+            self._found[key] = contract_to_tensor(
+                tree, self.sum_dims, ordinal, set(symbols), ring=ring
+            )
+        return self._found[key]
+
+    def _check_local(self, symbols, ordinal: frozenset, label: str) -> None:
+        """A term outside an enumerated site's plates that depends on it: per-element values
+        side by side cannot be summed there (Pyro's plate restriction)."""
+        for symbol in symbols:
+            name, inside = self.owner[symbol]
+            if not inside <= ordinal:
+                raise ValueError(
+                    f"site {name!r} is evaluated per element of its plates, but the term of "
+                    f"{label} depends on it outside its plate; route {name!r} to 'disarm' "
+                    "(Bernoulli) or 'score' instead"
+                )
+
+    def weight(self, t, site: dict, given=frozenset(), detach: bool = False, label: str = ""):
+        """``P(z_S | z_given)`` for the values ``S`` that ``t`` carries (``given``: values
+        kept, a cost per value of a site), unpacked to broadcast with ``t``; ``1.0`` when
+        ``t`` carries none but ``given``. Its gradient flows unless ``detach``. ``label``
+        names the term in errors."""
+        symbols = self.symbols(t, site) | given
+        if not symbols - given:
+            return 1.0
+        ordinal = self.ordinal(site)
+        self._check_local(symbols, ordinal, label or repr(site["name"]))
+        log_p = self._log_marginal(symbols, ordinal)
+        if given:
+            log_given = self._log_marginal(given, ordinal)
+            log_p, log_given = packed.broadcast_all(log_p, log_given)
+            dims = log_p._pyro_dims
+            log_p = torch.where(log_given > -math.inf, log_p - log_given, log_given)
+            log_p._pyro_dims = dims
+        weight = log_p.exp()
+        weight._pyro_dims = log_p._pyro_dims
+        weight = packed.unpack(weight, self.symbol_to_dim)
+        return weight.detach() if detach else weight
+
+    def expect(self, t, site: dict, given=frozenset(), detach: bool = True, label: str = ""):
+        """``E_q[t | z_given]``: ``t`` times :meth:`weight`, summed over the values it
+        carries but ``given`` (keepdim)."""
+        weight = self.weight(t, site, given, detach, label)
+        if isinstance(weight, float):
+            return t
+        dims = [d for d in range(-t.dim(), 0) if t.shape[d] > 1 and
+                site["infer"]["_dim_to_symbol"].get(d) in self.symbols(t, site) - given]
+        t = torch.where(weight == 0, t.new_zeros(()), t)  # impossible values: nothing
+        return (t * weight).sum(dims, keepdim=True) if dims else t * weight
