@@ -245,6 +245,8 @@ def _particle_terms(
                      for n, p in plans.items()}  # fmt: skip
         fns = {n: model_trace.nodes[n]["fn"] for n in enumerated_in_model(model_trace, guide_trace)}
         terms, in_model = sum_out_model_sites(model_trace, guide_trace, terms)
+        if marginals is not None:
+            marginals.prepare(model_trace, guide_trace)
         footprints = {}  # the expectations span elements: site-level costs
     escapes = (found or cached).escapes if (found or cached) else ()
     plans = _decided(plans, footprints, escapes)
@@ -521,8 +523,9 @@ class RoutedELBO(ELBO):
     # ------------------------------------------------------- enumerated sites
     def _enumerated_traces(self, model, guide, args, kwargs, what: str):
         """One particle's traces with the model's enumerated sites side by side (not summed),
-        log-densities computed, and the guide's evaluated sites (``TraceEnum_ELBO``'s
-        ``compute_marginals`` and ``sample_posterior`` start from these)."""
+        log-densities computed (``TraceEnum_ELBO``'s ``compute_marginals`` and
+        ``sample_posterior`` start from these): the guide drawn as Pyro draws it, only its
+        sites with Pyro's markup enumerated (which these methods refuse, as Pyro's)."""
         if self.num_particles != 1:
             raise NotImplementedError(
                 f"RoutedELBO.{what}() is not compatible with multiple particles (as "
@@ -530,15 +533,12 @@ class RoutedELBO(ELBO):
             )
         if self.max_plate_nesting == float("inf"):
             self._guess_plate_nesting(model, guide, args, kwargs)
-        first_dim = -1 - int(self.max_plate_nesting)
-        options = self._learned.routing_options(self.options.max_enumerate)
-        router = RouteMessenger(self.default_baseline, options, first_dim)
-        guide = EnumMessenger(first_dim)(router(guide))
+        guide = EnumMessenger(-1 - int(self.max_plate_nesting))(guide)
         model_trace, guide_trace, _ = _traces(
             model, guide, args, kwargs, self.max_plate_nesting, EnumerateModel(True)
         )
         REFERENCE.log_densities(model_trace, guide_trace, frozenset(), self.max_plate_nesting)
-        return model_trace, guide_trace, router.dims
+        return model_trace, guide_trace
 
     def compute_marginals(self, model, guide, *args, **kwargs):
         """The marginal posterior distribution of each enumerated model site, given one draw

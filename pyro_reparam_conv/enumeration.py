@@ -45,7 +45,9 @@ from typing import Mapping, Optional
 import torch
 from opt_einsum import shared_intermediates
 from pyro.distributions import Unit
+from pyro.distributions.score_parts import ScoreParts
 import pyro.poutine as poutine
+from pyro.infer.util import compute_site_dice_factor
 from pyro.infer.traceenum_elbo import (
     BackwardSampleMessenger,
     _compute_marginals,
@@ -53,7 +55,8 @@ from pyro.infer.traceenum_elbo import (
 )
 from pyro.ops import packed
 from pyro.ops.contract import contract_tensor_tree, contract_to_tensor
-from pyro.ops.rings import LogRing
+from pyro.ops.einsum.adjoint import require_backward
+from pyro.ops.rings import LogRing, MarginalRing
 from pyro.poutine import Trace
 from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.messenger import Messenger
@@ -205,17 +208,21 @@ def sum_out_model_sites(
     with shared_intermediates():
         contracted = contract_tensor_tree(log_factors, sum_dims)
     found = None if dependencies is None else dict(dependencies)
-    new_sites = []
+    new_sites, taken = [], set(model_trace.nodes)
     for t, terms in contracted.items():
         stack = tuple(frames[s] for s in sorted(t, key=lambda s: frames[s].dim))
         dims = frozenset(f.dim for f in stack)
         names = tuple(n for n in absorbed if dims <= ordinal[n])
-        for i, term in enumerate(terms):
+        for term in terms:
             term = packed.scale_and_mask(term, scale=scale)
             to_symbol = {model_trace.symbol_to_dim[s]: s for s in term._pyro_dims}
             factor = packed.unpack(term, model_trace.symbol_to_dim)
             label = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
-            name = f"{label} (summed{'' if i == 0 else f' {i + 1}'})"
+            name, count = f"{label} (summed)", 1
+            while name in taken:  # another plate's factor over the same sites
+                count += 1
+                name = f"{label} (summed {count})"
+            taken.add(name)
             new_sites.append(_factor_site(name, factor, stack, to_symbol))
             if found is not None:
                 found[("model", name)] = frozenset().union(
@@ -228,29 +235,30 @@ def sum_out_model_sites(
     return found, summed
 
 
-def _no_guide_enumeration(guide_trace: Trace, dims, what: str) -> None:
-    if dims or any(site["type"] == "sample" and "_enumerate_dim" in site["infer"]
-                   for site in guide_trace.nodes.values()):  # fmt: skip
+def _no_guide_enumeration(guide_trace: Trace, what: str) -> None:
+    names = [name for name, site in guide_trace.nodes.items()
+             if site["type"] == "sample" and "_enumerate_dim" in site["infer"]]  # fmt: skip
+    if names:
         raise NotImplementedError(
             f"RoutedELBO.{what}() is not compatible with guide enumeration (as "
-            f"TraceEnum_ELBO.{what}()): the guide evaluates {sorted(dims)} side by side"
+            f"TraceEnum_ELBO.{what}()): the guide enumerates {names}"
         )
 
 
-def marginals(model_trace: Trace, guide_trace: Trace, dims) -> OrderedDict:
+def marginals(model_trace: Trace, guide_trace: Trace) -> OrderedDict:
     """The marginal distribution of each enumerated model site given the guide's draws
-    (log-densities computed; ``dims``: the guide's evaluated sites, which must be none), by
-    Pyro's own ``TraceEnum_ELBO.compute_marginals`` code path."""
-    _no_guide_enumeration(guide_trace, dims, "compute_marginals")
+    (log-densities computed; the guide enumerating nothing), by Pyro's own
+    ``TraceEnum_ELBO.compute_marginals`` code path."""
+    _no_guide_enumeration(guide_trace, "compute_marginals")
     _packed(model_trace, guide_trace)
     return _compute_marginals(model_trace, guide_trace)
 
 
-def posterior_sample(model, args, kwargs, model_trace: Trace, guide_trace: Trace, dims):
+def posterior_sample(model, args, kwargs, model_trace: Trace, guide_trace: Trace):
     """The model run once with its enumerated sites drawn jointly from their posterior given
     the guide's draws (forward filtering, backward sampling: Pyro's
     ``BackwardSampleMessenger``, as ``TraceEnum_ELBO.sample_posterior``)."""
-    _no_guide_enumeration(guide_trace, dims, "sample_posterior")
+    _no_guide_enumeration(guide_trace, "sample_posterior")
     _packed(model_trace, guide_trace)
     with BackwardSampleMessenger(model_trace, guide_trace):
         return poutine.replay(model, trace=guide_trace)(*args, **kwargs)
@@ -262,6 +270,20 @@ def symbolize(model_trace: Trace, guide_trace: Trace) -> None:
     ``pyro.markov`` reuses has one symbol per site that allocated it)."""
     guide_trace.symbolize_dims()
     model_trace.symbolize_dims(guide_trace.plate_to_symbol)
+
+
+def _dice_factor(site: dict) -> torch.Tensor:
+    """The packed factor of an enumerated guide site: ``log q`` (unscaled), or, for a site
+    drawn ``num_samples`` times side by side (Pyro's multiple sampling), Pyro's Dice factor
+    ``log q - stop(log q) - log num_samples`` (each draw weighs ``1 / num_samples``; its
+    gradient is the score function's)."""
+    to_symbol = site["infer"]["_dim_to_symbol"]
+    log_q = packed.pack(site["score_parts"].score_function, to_symbol)
+    if site["infer"].get("num_samples") is None:
+        return log_q
+    view = {"infer": site["infer"], "value": site["value"], "packed": {
+        "score_parts": ScoreParts(log_q, log_q, log_q), "log_prob": log_q}}  # fmt: skip
+    return compute_site_dice_factor(view)[0]
 
 
 class GuideMarginals:
@@ -283,12 +305,14 @@ class GuideMarginals:
         self.factors: OrderedDict = OrderedDict()
         by_site = {}
         self.owner: dict = {}  # symbol -> (its site, the site's ordinal)
+        self.enum_sizes: dict = {}  # symbol -> number of values
         for name in sites:
             site = guide_trace.nodes[name]
             self.sum_dims.add(site["infer"]["_enumerate_symbol"])
             self.owner[site["infer"]["_enumerate_symbol"]] = (name, self.ordinal(site))
-            log_q = packed.pack(site["score_parts"].score_function,
-                                site["infer"]["_dim_to_symbol"])  # fmt: skip
+            log_q = _dice_factor(site)
+            symbol = site["infer"]["_enumerate_symbol"]
+            self.enum_sizes[symbol] = log_q.shape[log_q._pyro_dims.index(symbol)]
             self.factors.setdefault(self.ordinal(site), []).append(log_q)
             by_site[name] = log_q
         #: per enumerated site, how it is summed (:class:`~.routing.Summation`)
@@ -314,6 +338,46 @@ class GuideMarginals:
             to_symbol[d] for d in range(-t.dim(), 0)
             if t.shape[d] > 1 and to_symbol.get(d) in self.sum_dims
         )  # fmt: skip
+
+    def prepare(self, *traces: Trace) -> None:
+        """Compute at once the marginals of the values every sample site's log-density in
+        ``traces`` carries: per plate context one sum-product with every such query and one
+        backward pass (Pyro's ``MarginalRing``, as its ``Dice`` computes expectations), so a
+        ``pyro.markov`` chain costs ``O(T K^2)``, not a contraction per term."""
+        wanted: dict = {}
+        for trace in traces:
+            for site in trace.nodes.values():
+                if site["type"] == "sample" and isinstance(site.get("log_prob"), torch.Tensor):
+                    symbols = self.symbols(site["log_prob"], site)
+                    if symbols:
+                        key = (symbols, self.ordinal(site))
+                        wanted.setdefault(key[1], set()).add(key[0])
+        for ordinal, queries in wanted.items():  # (a term outside a site's plates: an error
+            local = [q for q in queries  # when it is weighed, :meth:`_check_local`)
+                     if (q, ordinal) not in self._found
+                     and all(self.owner[s][1] <= ordinal for s in q)]  # fmt: skip
+            self._marginals_at(ordinal, local)
+
+    def _marginals_at(self, ordinal: frozenset, queries) -> None:
+        if not queries:
+            return
+        factors = [f for t, fs in self.factors.items() if t <= ordinal for f in fs]
+        adjoints = {}
+        for symbols in queries:  # a zero log-factor over the query's values and plates
+            dims = "".join(sorted(symbols | (ordinal & set(self.sizes))))
+            query = factors[0].new_zeros(tuple(self.sizes.get(d) or self.enum_sizes[d]
+                                               for d in dims))  # fmt: skip
+            query._pyro_dims = dims
+            require_backward(query)
+            adjoints[symbols] = query
+        ring = MarginalRing(cache=self._shared)
+        sum_dims = set().union(*(f._pyro_dims for f in factors)) - ordinal
+        root = ring.sumproduct([*factors, *adjoints.values()], sum_dims)
+        root._pyro_backward()
+        for symbols, query in adjoints.items():
+            result = query._pyro_backward_result
+            result._pyro_dims = query._pyro_dims
+            self._found[(symbols, ordinal)] = result
 
     def _log_marginal(self, symbols: frozenset, ordinal: frozenset) -> torch.Tensor:
         key = (symbols, ordinal)

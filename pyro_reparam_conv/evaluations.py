@@ -292,14 +292,17 @@ def avoid_after_failure(plans, error: Exception):
     routes = {name: plans[name].route for name in dims}
     sites = [name for name in dims if not routes[name].forced]
     if not sites:
-        if isinstance(error, SideBySideError):
-            name = next(iter(dims))
+        if isinstance(error, SideBySideError) or any(routes[n].markup for n in dims):
+            named = ", ".join(
+                f"site {n!r}: infer['enumerate']={routes[n].markup!r}" if routes[n].markup
+                else f"site {n!r}: infer['estimator']={routes[n].estimator!r}" for n in dims
+            )  # fmt: skip
+            verb = "evaluates its values" if len(dims) == 1 else "evaluate their values"
             raise ValueError(
-                f"site {name!r}: infer['estimator']={routes[name].estimator!r} evaluates its "
-                f"values side by side, but {problem}; write the model and guide to broadcast "
-                "over extra leading dims (as Pyro's parallel enumeration needs) or route the "
-                "site to 'score'"
-            ) from None
+                f"{named} {verb} side by side, but {problem}; write the model and guide to "
+                "broadcast over extra leading dims (as Pyro's parallel enumeration needs) or "
+                "route the site to 'score'"
+            ) from error
         return None
     return {
         name: {routes[name].estimator: f"{routes[name].estimator} needs values side by side, "

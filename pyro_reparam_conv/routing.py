@@ -117,6 +117,7 @@ class Route:
     distribution: str
     baseline: Optional[str] = None
     forced: bool = False  # set by infer={"estimator": ...}, not chosen automatically
+    markup: Optional[str] = None  # Pyro's enumeration markup that asked for it, if any
     kl: Optional[KLDecision] = None
     costs: Optional[CostLevel] = None
     escaped: Optional[str] = None
@@ -198,12 +199,11 @@ def choose_estimator(
 
 def _markup(infer: dict) -> Optional[str]:
     """The estimator Pyro's enumeration markup asks for: ``"enumerate"`` for
-    ``infer={"enumerate": "parallel"}`` and for ``"sequential"`` (``TraceEnum_ELBO`` sums
-    both exactly; here the values are side by side, checked one at a time on tracked steps,
-    and a model that does not broadcast over them is an error naming the site)."""
-    how = infer.get("enumerate")
-    return "enumerate" if how in ("parallel", "sequential") and not infer.get("num_samples") \
-        else None  # fmt: skip
+    ``infer={"enumerate": "parallel"}`` (with ``num_samples``: that many draws side by side,
+    as Pyro's multiple sampling) and for ``"sequential"`` (``TraceEnum_ELBO`` sums both
+    exactly; here the values are side by side, checked one at a time on tracked steps, and
+    a model that does not broadcast over them is an error naming the site)."""
+    return "enumerate" if infer.get("enumerate") in ("parallel", "sequential") else None
 
 
 def _choose(name: str, fn, infer: dict, options: RoutingOptions) -> tuple[base.Estimator, str]:
@@ -211,8 +211,10 @@ def _choose(name: str, fn, infer: dict, options: RoutingOptions) -> tuple[base.E
     if requested is None and _markup(infer) is not None:
         estimator = base.get("enumerate")
         if estimator.why_not(fn) is None:
-            how = infer["enumerate"]
-            return estimator, f"infer['enumerate']={how!r} (Pyro's markup) set on the site"
+            how = f"infer['enumerate']={infer['enumerate']!r}"
+            if infer.get("num_samples") is not None:
+                how += f", num_samples={infer['num_samples']} (Monte Carlo, 1/n each)"
+            return estimator, f"{how} (Pyro's markup) set on the site"
     chosen = options.layers.get(name) if requested is None else None
     if chosen is not None and base.get(chosen[0]).why_not(fn) is None:  # a weight, found so
         return base.get(chosen[0]), chosen[1]
@@ -287,6 +289,9 @@ class RouteMessenger(Messenger):
             return
         name, fn = msg["name"], msg["fn"]
         estimator, reason = choose_estimator(name, fn, msg["infer"], self.options)
+        markup = None  # the enumeration Pyro's markup asked for and got
+        if msg["infer"].get("estimator") is None and _markup(msg["infer"]) == estimator.name:
+            markup = msg["infer"]["enumerate"]
         spec = None
         if estimator.uses_baseline:
             spec = parse_baseline(name, msg["infer"], self.default_baseline)
@@ -296,7 +301,8 @@ class RouteMessenger(Messenger):
             because=reason,
             distribution=distribution_name(fn),
             baseline=spec.describe() if spec is not None else None,
-            forced=msg["infer"].get("estimator") is not None,
+            forced=msg["infer"].get("estimator") is not None or markup is not None,
+            markup=markup,
         )
         dim = None
         layout = estimator.layout

@@ -212,6 +212,17 @@ def test_sequential_markup():
     assert loss == pytest.approx(
         TraceEnum_ELBO(max_plate_nesting=1).loss(global_and_local, cluster_guide, DATA), rel=1e-6
     )
+
+    def one_at_a_time(d):  # code for one value at a time: a clear error, not the score route
+        global_and_local(d)
+        float(pyro.sample("b", dist.Bernoulli(0.5)))
+
+    def sequential_guide(d):
+        cluster_guide(d, "sequential")
+        pyro.sample("b", dist.Bernoulli(0.5), infer={"enumerate": "sequential"})
+
+    with pytest.raises(ValueError, match="site 'b': infer\\['enumerate'\\]='sequential'"):
+        RoutedELBO(max_plate_nesting=1).loss(one_at_a_time, sequential_guide, DATA)
     model = config_enumerate(mixture.__wrapped__, "sequential")
     pyro.clear_param_store()
     with pytest.raises(NotImplementedError, match="'a'.*sequential"):
