@@ -9,7 +9,8 @@ Run (a few minutes on a 2-core CPU)::
    time per ``loss_and_grads`` step (medians of interleaved rounds, after a warm-up that
    includes ``RoutedELBO``'s first, provenance-tracked step, reported apart).
 2. A ``pyro.markov`` chain enumerated in the *guide*, ``T = 30`` and ``50``, ``K = 2``
-   (Pyro's ``test_elbo_hmm_in_guide``): time per step and peak resident memory of a
+   (as Pyro's ``test_elbo_hmm_in_guide``; the chain of ``tests/test_enumeration_ve.py``,
+   whose guide has transition probabilities of its own): time per step and peak resident memory of a
    process that runs only that ELBO (the chain was killed for memory at ``T = 30`` when
    every enumerated site had a dim of its own).
 3. A Gaussian mixture with its assignments enumerated in the model: the mean of 200
@@ -47,6 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _timing import environment, format_table, median, time_interleaved  # noqa: E402
 
 from pyro_reparam_conv import RoutedELBO  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_enumeration_ve import chain_guide, chain_model  # noqa: E402  (the tested chain)
 
 ELBOS = {"TraceEnum_ELBO": TraceEnum_ELBO, "RoutedELBO": RoutedELBO}
 
@@ -94,28 +98,6 @@ def model_hmm(steps: int, states: int, repeats: int) -> list:
 
 
 # ------------------------------------------------------------- 2. guide-side chain
-def chain_model(data):
-    tp = pyro.param("tp", torch.tensor([[0.75, 0.25], [0.25, 0.75]]),
-                    constraint=dist.constraints.simplex)  # fmt: skip
-    ep = pyro.param("ep", torch.tensor([[0.75, 0.25], [0.25, 0.75]]),
-                    constraint=dist.constraints.simplex)  # fmt: skip
-    x = None
-    for i in pyro.markov(range(len(data))):
-        x = pyro.sample(f"x_{i}", dist.Categorical(torch.tensor([0.5, 0.5]) if x is None
-                                                   else tp[x]))  # fmt: skip
-        pyro.sample(f"y_{i}", dist.Categorical(ep[x]), obs=data[i])
-
-
-@config_enumerate
-def chain_guide(data):
-    tp = pyro.param("tp", torch.tensor([[0.75, 0.25], [0.25, 0.75]]),
-                    constraint=dist.constraints.simplex)  # fmt: skip
-    x = None
-    for i in pyro.markov(range(len(data))):
-        x = pyro.sample(f"x_{i}", dist.Categorical(torch.tensor([0.5, 0.5]) if x is None
-                                                   else tp[x]))  # fmt: skip
-
-
 def chain_in_process(name: str, steps: int, repeats: int) -> dict:
     """One ELBO on the guide chain in this process: seconds per step, peak MB, loss."""
     torch.set_num_threads(1)

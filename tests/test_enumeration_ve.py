@@ -328,3 +328,16 @@ def test_impossible_guide_values_contribute_nothing(markup):
     assert elbo.loss(model, guide) == pytest.approx(0.0, abs=1e-6)
     assert torch.isfinite(elbo.differentiable_loss(model, guide))
     assert elbo.routes["z"].estimator == "enumerate"
+
+
+def test_routes_say_what_is_summed_jointly_and_at_what_cost():
+    elbo = RoutedELBO(max_plate_nesting=0)
+    elbo.loss(chain_model, chain_guide, torch.ones(3))
+    summed = elbo.routes["x_1"].summed
+    assert (summed.side, summed.jointly, summed.largest_factor) == ("guide", ("x_0", "x_2"), 4)
+    elbo = RoutedELBO(max_plate_nesting=1)
+    elbo.loss(mixture, scale_guide, DATA)
+    route = elbo.routes["a"]  # a model-side site has a route too
+    assert route.estimator == "enumerate" and route.summed.side == "model"
+    assert route.summed.jointly == () and route.summed.largest_factor == 10  # 5 points x 2
+    assert "on its own" in route.reason
