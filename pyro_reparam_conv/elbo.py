@@ -247,6 +247,7 @@ def _particle_terms(
         terms, in_model = sum_out_model_sites(model_trace, guide_trace, terms)
         if marginals is not None:
             marginals.prepare(model_trace, guide_trace)
+            terms = marginals.dependencies(terms, model_trace, guide_trace)
         footprints = {}  # the expectations span elements: site-level costs
     escapes = (found or cached).escapes if (found or cached) else ()
     plans = _decided(plans, footprints, escapes)

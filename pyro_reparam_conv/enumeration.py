@@ -358,6 +358,28 @@ class GuideMarginals:
                      and all(self.owner[s][1] <= ordinal for s in q)]  # fmt: skip
             self._marginals_at(ordinal, local)
 
+    def dependencies(self, found, model_trace: Trace, guide_trace: Trace):
+        """``found`` (per ``(role, name)`` term, the latents it depends on; ``None`` stays
+        ``None``) with, for every term that carries enumerated values, what their marginal
+        depends on: the latents that the densities of the enumerated sites in the same
+        group depend on (a sampled site upstream of them, whose score's cost must count
+        the term's expectation)."""
+        if found is None:
+            return None
+        groups = {}
+        for symbol, (name, _) in self.owner.items():
+            members = (name, *self.summations[name].jointly)
+            groups[symbol] = frozenset().union(*(found.get(("guide", m), ()) for m in members))
+        found = dict(found)
+        for role, trace in (("model", model_trace), ("guide", guide_trace)):
+            for name, site in trace.nodes.items():
+                if site["type"] == "sample" and isinstance(site.get("log_prob"), torch.Tensor):
+                    symbols = self.symbols(site["log_prob"], site)
+                    if symbols:
+                        extra = frozenset().union(*(groups[s] for s in symbols))
+                        found[(role, name)] = found.get((role, name), frozenset()) | extra
+        return found
+
     def _marginals_at(self, ordinal: frozenset, queries) -> None:
         if not queries:
             return
