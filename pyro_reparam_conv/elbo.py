@@ -121,6 +121,14 @@ def _traces(
         guide(*args, **kwargs)  # the handlers around it (routing, provenance) apply
         model_trace, guide_trace = messenger.get_traces()
         untag_values(model_trace, guide_trace)
+        marked = [n for n, site in model_trace.nodes.items() if n not in guide_trace
+                  and site["type"] == "sample" and site["infer"].get("enumerate")]  # fmt: skip
+        if marked:
+            raise NotImplementedError(
+                f"model sites {marked} are marked for enumeration, but an effect-based guide "
+                f"({type(messenger).__name__}) runs the model itself: RoutedELBO sums model "
+                "sites out with function guides only (as TraceEnum_ELBO)"
+            )
     else:
         guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
         if enumerate_model is not None:  # inside the replay, as TraceEnum_ELBO has it
