@@ -79,7 +79,13 @@ _IMPLICIT = (
     "22), not the score function the test computes by hand: the same expectation, another "
     "single-particle gradient"
 )
+_SEQUENTIAL = (
+    "sequential enumeration runs the model once per value; RoutedELBO evaluates the values "
+    "side by side (parallel) and its model (float(x)) does not broadcast over them: a "
+    "ValueError naming the site, not a quiet fall-back to the score function"
+)
 EXPECTED = {
+    "test_enum::test_enumerate_sequential_guide": _SEQUENTIAL,
     "test_particle_gradient[Trace_ELBO-reparam]": _ANALYTIC_KL,
     "test_particle_gradient[Trace_ELBO-reparam-True]": _ANALYTIC_KL,
     "test_particle_gradient[Trace_ELBO-reparam-False]": _IMPLICIT,
