@@ -236,8 +236,8 @@ def sum_out_model_sites(
 
 
 def _no_guide_enumeration(guide_trace: Trace, what: str) -> None:
-    names = [name for name, site in guide_trace.nodes.items()
-             if site["type"] == "sample" and "_enumerate_dim" in site["infer"]]  # fmt: skip
+    names = [name for name, site in guide_trace.nodes.items() if site["type"] == "sample"
+             and ("_enumerate_dim" in site["infer"] or site["infer"].get("enumerate"))]  # fmt: skip
     if names:
         raise NotImplementedError(
             f"RoutedELBO.{what}() is not compatible with guide enumeration (as "
