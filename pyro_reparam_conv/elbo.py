@@ -69,6 +69,7 @@ from .baselines import DecayingAverages, normalize_kind, score_surrogate
 from .enumeration import (
     EnumerateModel,
     GuideMarginals,
+    ModelEnumerates,
     model_route,
     enumerated_in_model,
     marginals,
@@ -135,6 +136,8 @@ def _traces(
             model = enumerate_model(model)
         replayed = poutine.replay(model, trace=guide_trace)
         model_trace = poutine.trace(replayed, graph_type="flat").get_trace(*args, **kwargs)
+        if enumerate_model is not None:
+            enumerate_model.check(model_trace, guide_trace)
     if is_validation_enabled():
         check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
         if _marked(model_trace) or _marked(guide_trace):  # Pyro's checks of Pyro's markup
@@ -416,14 +419,23 @@ class RoutedELBO(ELBO):
     def _particle(self, model, guide, args, kwargs) -> ParticleTerms:
         """One particle. A site that evaluates several values before ``max_plate_nesting``
         is known makes the ELBO guess it (as Pyro's ``TraceEnum_ELBO`` does) and retry; a
+        model site marked for enumeration that ran without Pyro's enumeration makes the
+        model run under it from then on, the particle again from the same torch random
+        state (:class:`~.enumeration.ModelEnumerates`); a
         failure that a change of what the ELBO learned can fix
         (:meth:`~.learned.Learned.remedy`: fold convolutions, then avoid side by side) is
         retried, each change at most once; when the retries fail too, the changes are undone
         and the last error raised."""
         tried: dict = {}
         while True:
+            state = torch.get_rng_state()
             try:
                 return self._attempt(model, guide, args, kwargs)
+            except ModelEnumerates:  # run under Pyro's enumeration from now on, same draws
+                if "enumerates" in tried:
+                    raise
+                tried["enumerates"] = self._learned.model_enumerates = True
+                torch.set_rng_state(state)
             except PlateNestingNeeded:  # a site evaluates several values: dims left of plates
                 if "nesting" in tried:
                     raise
@@ -457,6 +469,10 @@ class RoutedELBO(ELBO):
         )
         routed = router(guide) if first_dim is None else EnumMessenger(first_dim)(router(guide))
         traced_model, traced_guide = weights(model), weights.guide()(routed)
+
+        def needs_enum():  # the model under Pyro's enumeration (dims of every model site)
+            return bool(router.dims) or learned.model_enumerates
+
         analysis = Analysis() if track else None
         if track:
 
@@ -470,7 +486,7 @@ class RoutedELBO(ELBO):
             with analysis if track else contextlib.nullcontext(), fold:
                 model_trace, guide_trace, subsamples = _traces(
                     traced_model, traced_guide, args, kwargs, nesting,
-                    EnumerateModel(first_dim is not None),
+                    EnumerateModel(first_dim is not None, needs_enum),
                 )
             key = (signature(model_trace, guide_trace, router.routes), arguments)
             cached = None if track else learned.dependencies.lookup(key)
@@ -482,7 +498,7 @@ class RoutedELBO(ELBO):
                 fast_path=self.fast_path, nesting=nesting, verify=subsamples if verify else None,
                 untracked=learned.dependencies.why_unknown, measured=learned.kl_measured.get(key),
             )  # fmt: skip
-        except PlateNestingNeeded:
+        except (PlateNestingNeeded, ModelEnumerates):
             raise
         except Exception as error:
             raise _AttemptFailed(error, router.plans) from error

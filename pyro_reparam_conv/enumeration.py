@@ -59,7 +59,6 @@ from pyro.ops.einsum.adjoint import require_backward
 from pyro.ops.rings import LogRing, MarginalRing
 from pyro.poutine import Trace
 from pyro.poutine.enum_messenger import EnumMessenger
-from pyro.poutine.messenger import Messenger
 
 from .distributions import distribution_name
 from .routing import PlateNestingNeeded, Route, Summation
@@ -67,6 +66,7 @@ from .routing import PlateNestingNeeded, Route, Summation
 __all__ = [
     "EnumerateModel",
     "GuideMarginals",
+    "ModelEnumerates",
     "enumerated_in_model",
     "marginals",
     "model_route",
@@ -77,28 +77,37 @@ __all__ = [
 ]
 
 
-class _NestingFirst(Messenger):
-    """Before ``max_plate_nesting`` is known: a model site marked for parallel enumeration
-    asks for it (the ELBO guesses it and retries)."""
-
-    def _pyro_sample(self, msg: dict) -> None:
-        if not msg["done"] and not msg["is_observed"] and (
-            msg["infer"].get("enumerate") == "parallel"
-        ):
-            raise PlateNestingNeeded(msg["name"])
+class ModelEnumerates(RuntimeError):
+    """A model site marked for parallel enumeration, not in the guide, ran while the model
+    ran without Pyro's enumeration: the ELBO enumerates the model from now on and runs the
+    particle again from the same random state."""
 
 
 class EnumerateModel:
-    """Wraps the model (inside its replay on the guide trace): Pyro's ``EnumMessenger``
-    continuing after the guide's dims (``known=True``), or, while ``max_plate_nesting`` is
-    unknown, a handler that raises :class:`~.routing.PlateNestingNeeded` at a model site
-    marked for enumeration (the ELBO then guesses it)."""
+    """Wraps the model (inside its replay on the guide trace) in Pyro's ``EnumMessenger``,
+    continuing after the guide's dims, where ``max_plate_nesting`` is known and ``needed()``
+    (the guide evaluates values side by side, or the model was seen to enumerate: every
+    model site's dims must then be known). A model without enumeration runs without its
+    bookkeeping; :meth:`check` raises :class:`ModelEnumerates` if a model site marked for
+    parallel enumeration and not in the guide ran all the same (with the nesting unknown,
+    :class:`~.routing.PlateNestingNeeded`: the ELBO guesses the nesting)."""
 
-    def __init__(self, known: bool) -> None:
-        self.known = known
+    def __init__(self, known: bool, needed=lambda: True) -> None:
+        self.known, self.needed = known, needed
+        self.wrapped = False
 
     def __call__(self, model):
-        return EnumMessenger()(model) if self.known else _NestingFirst()(model)
+        self.wrapped = self.known and self.needed()
+        return EnumMessenger()(model) if self.wrapped else model
+
+    def check(self, model_trace: Trace, guide_trace: Trace) -> None:
+        if self.wrapped:
+            return
+        for name, site in model_trace.nodes.items():
+            if site["type"] == "sample" and site["infer"].get("enumerate") == "parallel" and (
+                not site["is_observed"] and name not in guide_trace
+            ):
+                raise (ModelEnumerates if self.known else PlateNestingNeeded)(name)
 
 
 def enumerated_in_model(model_trace: Trace, guide_trace: Trace) -> list[str]:
