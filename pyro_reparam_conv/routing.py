@@ -309,9 +309,10 @@ class RouteMessenger(Messenger):
         if layout.evaluations(fn) > 1 and self.first_available_dim is None:
             raise PlateNestingNeeded(name)
         self.plans[name] = SitePlan(route, estimator, None, spec)
-        if layout.pyro_enumerates:  # Pyro's EnumMessenger around the guide draws it
-            # the markup Pyro's enumeration draws by, for the draw only
-            self._marked[name] = msg["infer"].get("enumerate")
+        # Pyro's EnumMessenger around the guide enumerates by the markup: for the draw only,
+        # it says "parallel" where routing enumerates and nothing elsewhere
+        self._marked[name] = msg["infer"].pop("enumerate", None)
+        if layout.pyro_enumerates:  # Pyro's enumeration draws it
             msg["infer"]["enumerate"] = "parallel"
             return
         if layout.evaluations(fn) > 1:
@@ -324,21 +325,23 @@ class RouteMessenger(Messenger):
             msg["done"] = True  # drawn here: no other handler (Pyro's enumeration) draws it
 
     def _pyro_post_sample(self, msg: dict) -> None:
-        plan = self.plans.get(msg["name"])
-        if plan is None or not plan.estimator.layout.pyro_enumerates:
+        name = msg["name"]
+        if name not in self._marked:
+            return
+        markup = self._marked.pop(name)  # the trace shows the user's markup
+        msg["infer"].pop("enumerate", None)
+        if markup is not None:
+            msg["infer"]["enumerate"] = markup
+        plan = self.plans[name]
+        if not plan.estimator.layout.pyro_enumerates:
             return
         dim = msg["infer"].get("_enumerate_dim")
         if dim is None:
             raise RuntimeError(
-                f"site {msg['name']!r} is routed to 'enumerate' but was not enumerated: the "
-                "guide must run under pyro.poutine.enum (RoutedELBO does this)"
+                f"site {name!r} is routed to 'enumerate' but was not enumerated: the guide "
+                "must run under pyro.poutine.enum (RoutedELBO does this)"
             )
-        self.plans[msg["name"]] = _copy(plan, dim=dim)
-        markup = self._marked.get(msg["name"])  # the trace shows the user's markup
-        if markup is None:
-            del msg["infer"]["enumerate"]
-        else:
-            msg["infer"]["enumerate"] = markup
+        self.plans[name] = _copy(plan, dim=dim)
 
 
 class ForceEstimatorMessenger(Messenger):
