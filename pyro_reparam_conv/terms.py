@@ -19,6 +19,11 @@ no independence is assumed where none is declared); and baselines (:mod:`.baseli
 are subtracted from it. A score-function part whose dependencies are not tracked (a guide
 factor with ``has_rsample=False``) is charged with every term, as ``Trace_ELBO`` does.
 
+Terms that carry values of the guide's enumerated sites are weighed by the marginal
+probability of those values (:class:`~.enumeration.GuideMarginals`); a score-function
+site drawn per enumerated value gets the conditional expectation of its costs given the
+values its own density carries.
+
 :func:`particle_terms` builds a :class:`ParticleTerms`; the ELBO's loss, its surrogate, the
 non-finite scan and :func:`~.diagnostics.audit_gradients`' per-site attribution all read it.
 """
