@@ -433,8 +433,9 @@ class RoutedELBO(ELBO):
     def _particle(self, model, guide, args, kwargs) -> ParticleTerms:
         """One particle. A site that evaluates several values before ``max_plate_nesting``
         is known makes the ELBO guess it (as Pyro's ``TraceEnum_ELBO`` does) and retry; a
-        model site marked for enumeration that ran without Pyro's enumeration makes the
-        model run under it from then on, the particle again from the same torch random
+        model runs under Pyro's enumeration until a step shows it has no site to sum out
+        (``Learned.model_plain``), and a site marked for enumeration that then runs without
+        it makes the model run under it again, the particle again from the same torch random
         state (:class:`~.enumeration.ModelEnumerates`); a
         failure that a change of what the ELBO learned can fix
         (:meth:`~.learned.Learned.remedy`: fold convolutions, then avoid side by side) is
@@ -449,7 +450,8 @@ class RoutedELBO(ELBO):
                 if "enumerates" in tried:
                     raise
                 _release(retry_error)
-                tried["enumerates"] = self._learned.model_enumerates = True
+                tried["enumerates"] = None
+                self._learned.model_plain = False
                 torch.set_rng_state(state)
             except PlateNestingNeeded as retry_error:  # several values: dims left of plates
                 if "nesting" in tried:
@@ -489,7 +491,7 @@ class RoutedELBO(ELBO):
         traced_model, traced_guide = weights(model), weights.guide()(routed)
 
         def needs_enum():  # the model under Pyro's enumeration (dims of every model site)
-            return bool(router.dims) or learned.model_enumerates
+            return bool(router.dims) or not learned.model_plain
 
         analysis = Analysis() if track else None
         if track:
@@ -502,10 +504,12 @@ class RoutedELBO(ELBO):
         try:
             fold = FoldLeadingDims() if learned.fold else contextlib.nullcontext()
             with analysis if track else contextlib.nullcontext(), fold:
+                enumerate_model = EnumerateModel(first_dim is not None, needs_enum)
                 model_trace, guide_trace, subsamples = _traces(
-                    traced_model, traced_guide, args, kwargs, nesting,
-                    EnumerateModel(first_dim is not None, needs_enum),
+                    traced_model, traced_guide, args, kwargs, nesting, enumerate_model
                 )
+            if enumerate_model.wrapped and not enumerated_in_model(model_trace, guide_trace):
+                learned.model_plain = True  # later steps run it without the enumeration
             key = (signature(model_trace, guide_trace, router.routes), arguments)
             cached = None if track else learned.dependencies.lookup(key)
             verify = bool(router.dims) and (track or key not in learned.verified)

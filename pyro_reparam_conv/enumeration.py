@@ -86,11 +86,12 @@ class ModelEnumerates(RuntimeError):
 class EnumerateModel:
     """Wraps the model (inside its replay on the guide trace) in Pyro's ``EnumMessenger``,
     continuing after the guide's dims, where ``max_plate_nesting`` is known and ``needed()``
-    (the guide evaluates values side by side, or the model was seen to enumerate: every
-    model site's dims must then be known). A model without enumeration runs without its
-    bookkeeping; :meth:`check` raises :class:`ModelEnumerates` if a model site marked for
-    parallel enumeration and not in the guide ran all the same (with the nesting unknown,
-    :class:`~.routing.PlateNestingNeeded`: the ELBO guesses the nesting)."""
+    (the guide evaluates values side by side, or no step has shown the model without
+    sites to sum out yet: the first step runs exactly as ``TraceEnum_ELBO``'s). A model
+    found without them runs without the enumeration's bookkeeping; :meth:`check` raises
+    :class:`ModelEnumerates` if a model site marked for parallel enumeration and not in the
+    guide ran all the same (with the nesting unknown, :class:`~.routing.PlateNestingNeeded`:
+    the ELBO guesses the nesting)."""
 
     def __init__(self, known: bool, needed=lambda: True) -> None:
         self.known, self.needed = known, needed

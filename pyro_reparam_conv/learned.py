@@ -9,7 +9,8 @@
   (:mod:`.folding`);
 - ``kl_measured``: per structure key, the analytic-KL sites measured to give the ELBO more
   variance than their Monte Carlo terms (:func:`~.analytic_kl.measure_kl`);
-- ``model_enumerates``: whether the model has sites to sum out (:mod:`.enumeration`);
+- ``model_plain``: whether a step found the model without sites to sum out
+  (:mod:`.enumeration`): later steps run it without Pyro's enumeration;
 - ``layers``: per weight site routed to flipout or local reparameterization and seen by a
   step, ``None`` when its value was used only as one layer call's weight (its layers are
   rewritten from then on), else why it stays a plain draw (:mod:`.weight_layers`).
@@ -52,9 +53,9 @@ class Learned:
         #: (``RoutedELBO(layer_estimators="auto")``: the user asserts that the examples reach
         #: the likelihood through terms of their own, which a per-example weight needs)
         self.auto_layers = auto_layers
-        #: whether the model has sites marked for enumeration that the guide does not
-        #: sample: it then runs under Pyro's enumeration (found on a step, not saved)
-        self.model_enumerates = False
+        #: whether a step found the model without sites to sum out: later steps run it
+        #: without Pyro's enumeration (a step that then meets one runs again with it)
+        self.model_plain = False
 
     def candidate(self, name: str, fn, plan) -> bool:
         """Whether a plain draw's site is to be watched: a factorized Normal routed to

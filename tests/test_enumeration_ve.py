@@ -367,3 +367,26 @@ def test_score_site_upstream_of_an_enumerated_guide_site():
         pyro.sample("k", dist.Bernoulli(logits=2.0 * z), infer={"enumerate": "parallel"})
 
     assert_score_agrees_with_traceenum(model, guide, ["mu"], 600)
+
+
+def test_a_model_found_plain_that_later_enumerates():
+    """The first step shows no site to sum out (later steps run the model without Pyro's
+    enumeration); a later step that meets one runs again under it, from the same draws."""
+
+    def model(data, enumerated):
+        if enumerated:
+            mixture(data)
+        else:
+            pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+
+    elbo = RoutedELBO(max_plate_nesting=1)
+    elbo.loss(model, scale_guide, DATA, False)
+    assert elbo._learned.model_plain
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    loss = elbo.loss(model, scale_guide, DATA, True)
+    assert not elbo._learned.model_plain
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    expected = TraceEnum_ELBO(max_plate_nesting=1).loss(model, scale_guide, DATA, True)
+    assert loss == pytest.approx(expected, rel=1e-6)
