@@ -325,6 +325,8 @@ class GuideMarginals:
             self.enum_sizes[symbol] = log_q.shape[log_q._pyro_dims.index(symbol)]
             self.factors.setdefault(self.ordinal(site), []).append(log_q)
             by_site[name] = log_q
+        #: the dims of the enumerated values (a cost per value keeps them)
+        self.dims = {self.symbol_to_dim[s] for s in self.sum_dims}
         #: per enumerated site, how it is summed (:class:`~.routing.Summation`)
         self.summations = summations(by_site, self.sum_dims, "guide", list(sites))
         #: symbol -> size, for the plates a marginal is broadcast to

@@ -199,7 +199,7 @@ def _costs(
                     if marginals is not None:
                         value = marginals.expect(value, site, given[target], label=label)
                     costs[target].add((site["cond_indep_stack"], value))
-    eval_dims = {e.dim for e in evaluations}
+    eval_dims = {e.dim for e in evaluations} | (marginals.dims if marginals else set())
     return {
         name: _sum_to_site(costs[name], site["cond_indep_stack"], eval_dims)
         for name, site in targets.items()
