@@ -38,8 +38,11 @@ step, so not saved).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
+import traceback
+import warnings
 from typing import Any, ClassVar, Mapping, Optional
 
 import pyro.poutine as poutine
@@ -49,7 +52,8 @@ from pyro.infer.util import is_validation_enabled, torch_backward, torch_item
 from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
-from pyro.util import check_if_enumerated, check_model_guide_match
+from pyro.poutine.enum_messenger import EnumMessenger
+from pyro.util import check_model_guide_match, check_traceenum_requirements
 
 from .dependencies import (
     Dependencies,
@@ -63,6 +67,17 @@ from .dependencies import (
 )
 from .analytic_kl import MEASURE_PARTICLES, kl_sites, measure_kl, plan_kl
 from .baselines import DecayingAverages, normalize_kind, score_surrogate
+from .enumeration import (
+    EnumerateModel,
+    GuideMarginals,
+    ModelEnumerates,
+    model_route,
+    enumerated_in_model,
+    marginals,
+    posterior_sample,
+    sum_out_model_sites,
+    symbolize,
+)
 from .evaluations import SideBySideError, side_by_side_mismatch
 from .kernels import FAST, REFERENCE, Kernels
 from .folding import FoldLeadingDims
@@ -94,9 +109,12 @@ def effect_guide(guide) -> Optional[Messenger]:
     return unwrapped if isinstance(unwrapped, Messenger) else None
 
 
-def _traces(model, guide, args, kwargs, max_plate_nesting) -> tuple[Trace, Trace, Trace]:
+def _traces(
+    model, guide, args, kwargs, max_plate_nesting, enumerate_model=None
+) -> tuple[Trace, Trace, Trace]:
     """The first half of Pyro's ``get_importance_trace("flat", ...)``: guide and model traces
-    (the guide traced and the model replayed on it, or, for an effect-based guide, the pair
+    (the guide traced and the model replayed on it, under ``enumerate_model``
+    (:class:`~.enumeration.EnumerateModel`) if given, or, for an effect-based guide, the pair
     the guide records, as Pyro takes it), checked against each other, subsample sites pruned
     (no log-densities yet); and the guide's subsample sites alone (the indices its plates
     drew)."""
@@ -105,18 +123,50 @@ def _traces(model, guide, args, kwargs, max_plate_nesting) -> tuple[Trace, Trace
         guide(*args, **kwargs)  # the handlers around it (routing, provenance) apply
         model_trace, guide_trace = messenger.get_traces()
         untag_values(model_trace, guide_trace)
+        marked = [n for n, site in model_trace.nodes.items() if n not in guide_trace
+                  and site["type"] == "sample" and site["infer"].get("enumerate")]  # fmt: skip
+        if marked:
+            raise NotImplementedError(
+                f"model sites {marked} are marked for enumeration, but an effect-based guide "
+                f"({type(messenger).__name__}) runs the model itself: RoutedELBO sums model "
+                "sites out with function guides only (as TraceEnum_ELBO)"
+            )
     else:
         guide_trace = poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs)
+        if enumerate_model is not None:  # inside the replay, as TraceEnum_ELBO has it
+            model = enumerate_model(model)
         replayed = poutine.replay(model, trace=guide_trace)
         model_trace = poutine.trace(replayed, graph_type="flat").get_trace(*args, **kwargs)
+        if enumerate_model is not None:
+            enumerate_model.check(model_trace, guide_trace)
     if is_validation_enabled():
         check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
-        check_if_enumerated(guide_trace)
+        if _marked(model_trace) or _marked(guide_trace):  # Pyro's checks of Pyro's markup
+            check_traceenum_requirements(model_trace, guide_trace)
     pruned = prune_subsample_sites(guide_trace)
     subsamples = guide_trace.copy()
     for name in pruned.nodes:
         subsamples.remove_node(name)
     return prune_subsample_sites(model_trace), pruned, subsamples
+
+
+def _release(error: BaseException) -> None:
+    """Clear the locals of the frames an error handled by a retry holds (and those of its
+    causes): Pyro's trace handler re-raises with the frame's locals referring to the error,
+    a reference cycle that kept the failed attempt's traces (their tensors) alive until the
+    cyclic garbage collector ran (3 GB peak over Pyro's ``test_enum.py``)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if error.__traceback__ is not None:
+            traceback.clear_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__
+
+
+def _marked(trace: Trace) -> bool:
+    """Whether a sample site carries Pyro's enumeration markup (the user's)."""
+    return any(site["type"] == "sample" and site["infer"].get("enumerate")
+               for site in trace.nodes.values())  # fmt: skip
 
 
 def _checked(loss: Any, particles: list[ParticleTerms]) -> float:
@@ -198,16 +248,33 @@ def _particle_terms(
     track = analysis is not None
     priors = _tracked(analysis, model_trace) if track else cached and cached.priors
     kl: Mapping[str, Any] = {}
+    enumerated = bool(enumerated_in_model(model_trace, guide_trace))
+    if enumerated:  # sites summed out: every log-density as Pyro computes it, no KL rows
+        kernels, fast_path = REFERENCE, False
     if fast_path:
         kl, plans = plan_kl(model_trace, guide_trace, plans, priors, kernels, measured or {})
     keep = track or may_need_costs(guide_trace, plans)
-    if cached is not None:  # element-level costs: their per-element terms, once
+    if cached is not None and not enumerated:  # element-level costs: per-element terms, once
         precompute(model_trace, guide_trace, _local(cached.footprints))
     skip = frozenset() if keep else frozenset().union(*kl_sites(kl, plans))
     kernels.log_densities(model_trace, guide_trace, skip, nesting)
     terms, footprints, found = _dependencies(
         analysis, cached, model_trace, guide_trace, plans, priors, untracked
     )
+    in_guide = [n for n, p in plans.items() if p.estimator.layout.pyro_enumerates]
+    marginals, in_model = None, {}
+    if enumerated or in_guide:  # summed exactly (:mod:`.enumeration`)
+        symbolize(model_trace, guide_trace)
+        if in_guide:
+            marginals = GuideMarginals(model_trace, guide_trace, in_guide)
+            plans = {n: p.decided(summed=marginals.summations[n]) if n in in_guide else p
+                     for n, p in plans.items()}  # fmt: skip
+        fns = {n: model_trace.nodes[n]["fn"] for n in enumerated_in_model(model_trace, guide_trace)}
+        terms, in_model = sum_out_model_sites(model_trace, guide_trace, terms)
+        if marginals is not None:
+            marginals.prepare(model_trace, guide_trace)
+            terms = marginals.dependencies(terms, model_trace, guide_trace)
+        footprints = {}  # the expectations span elements: site-level costs
     escapes = (found or cached).escapes if (found or cached) else ()
     plans = _decided(plans, footprints, escapes)
     if verify is not None:  # the guide's subsample sites (its plates' indices), to replay
@@ -215,7 +282,12 @@ def _particle_terms(
         problem = side_by_side_mismatch(*program, model_trace, guide_trace, dims, verify)
         if problem:
             raise SideBySideError(problem)
-    particle = particle_terms(model_trace, guide_trace, plans, kl, terms, _local(footprints))
+    particle = particle_terms(
+        model_trace, guide_trace, plans, kl, terms, _local(footprints), marginals
+    )
+    if in_model:  # the model's enumerated sites have routes too
+        routes = {n: model_route(n, fns[n], summed) for n, summed in in_model.items()}
+        particle = dataclasses.replace(particle, routes={**particle.routes, **routes})
     return particle, found
 
 
@@ -363,22 +435,36 @@ class RoutedELBO(ELBO):
     def _particle(self, model, guide, args, kwargs) -> ParticleTerms:
         """One particle. A site that evaluates several values before ``max_plate_nesting``
         is known makes the ELBO guess it (as Pyro's ``TraceEnum_ELBO`` does) and retry; a
+        model runs under Pyro's enumeration until a step shows it has no site to sum out
+        (``Learned.model_plain``), and a site marked for enumeration that then runs without
+        it makes the model run under it again, the particle again from the same torch random
+        state (:class:`~.enumeration.ModelEnumerates`); a
         failure that a change of what the ELBO learned can fix
         (:meth:`~.learned.Learned.remedy`: fold convolutions, then avoid side by side) is
         retried, each change at most once; when the retries fail too, the changes are undone
         and the last error raised."""
         tried: dict = {}
         while True:
+            state = torch.get_rng_state()
             try:
                 return self._attempt(model, guide, args, kwargs)
-            except PlateNestingNeeded:  # a site evaluates several values: dims left of plates
+            except ModelEnumerates as retry_error:  # under Pyro's enumeration now, same draws
+                if "enumerates" in tried:
+                    raise
+                _release(retry_error)
+                tried["enumerates"] = None
+                self._learned.model_plain = False
+                torch.set_rng_state(state)
+            except PlateNestingNeeded as retry_error:  # several values: dims left of plates
                 if "nesting" in tried:
                     raise
+                _release(retry_error)
                 tried["nesting"] = None
                 self._guess_plate_nesting(model, guide, args, kwargs)
             except _AttemptFailed as failed:
                 if isinstance(failed.error, WeightUse):  # its layers stay plain from now on
                     self._learned.weight_used(failed.error, failed.plans)
+                    _release(failed)
                     continue
                 try:
                     retry = self._learned.remedy(failed.error, failed.plans, tried)
@@ -388,6 +474,7 @@ class RoutedELBO(ELBO):
                 if not retry:
                     self._learned.undo(tried)
                     raise failed.error from None
+                _release(failed)
 
     def _attempt(self, model, guide, args, kwargs) -> ParticleTerms:
         learned = self._learned
@@ -406,7 +493,12 @@ class RoutedELBO(ELBO):
             verify=lambda name: always or arguments not in proven.get(name, ()),
             batched=self.vectorize_particles, units=learned.units, parents=learned.parents,
         )
-        traced_model, traced_guide = weights(model), weights.guide()(router(guide))
+        routed = router(guide) if first_dim is None else EnumMessenger(first_dim)(router(guide))
+        traced_model, traced_guide = weights(model), weights.guide()(routed)
+
+        def needs_enum():  # the model under Pyro's enumeration (dims of every model site)
+            return bool(router.dims) or not learned.model_plain
+
         analysis = Analysis() if track else None
         if track:
 
@@ -418,9 +510,12 @@ class RoutedELBO(ELBO):
         try:
             fold = FoldLeadingDims() if learned.fold else contextlib.nullcontext()
             with analysis if track else contextlib.nullcontext(), fold:
+                enumerate_model = EnumerateModel(first_dim is not None, needs_enum)
                 model_trace, guide_trace, subsamples = _traces(
-                    traced_model, traced_guide, args, kwargs, nesting
+                    traced_model, traced_guide, args, kwargs, nesting, enumerate_model
                 )
+            if enumerate_model.wrapped and not enumerated_in_model(model_trace, guide_trace):
+                learned.model_plain = True  # later steps run it without the enumeration
             key = (signature(model_trace, guide_trace, router.routes), arguments)
             cached = None if track else learned.dependencies.lookup(key)
             verify = bool(router.dims) and (track or key not in learned.verified)
@@ -432,7 +527,7 @@ class RoutedELBO(ELBO):
                 fast_path=self.fast_path, nesting=nesting, verify=subsamples if verify else None,
                 untracked=learned.dependencies.why_unknown, measured=learned.kl_measured.get(key),
             )  # fmt: skip
-        except PlateNestingNeeded:
+        except (PlateNestingNeeded, ModelEnumerates):
             raise
         except Exception as error:
             raise _AttemptFailed(error, router.plans) from error
@@ -468,10 +563,12 @@ class RoutedELBO(ELBO):
         """The analytic-KL sites of ``particle`` whose Monte Carlo terms give the ELBO less
         variance, measured on a separate vectorized draw of all particles."""
         options = self._learned.routing_options(self.options.max_enumerate)
-        router = RouteMessenger(self.default_baseline, options, -1 - int(self.max_plate_nesting))
+        first_dim = -1 - int(self.max_plate_nesting)
+        router = RouteMessenger(self.default_baseline, options, first_dim)
         nesting = self.max_plate_nesting
         with torch.no_grad(), BatchedLayers():  # weights with a particle dim: plain draws
-            model_trace, guide_trace, _ = _traces(model, router(guide), args, kwargs, nesting)
+            routed = EnumMessenger(first_dim)(router(guide))
+            model_trace, guide_trace, _ = _traces(model, routed, args, kwargs, nesting)
             model_trace.compute_log_prob()
             guide_trace.compute_log_prob()
         sites = {name: r.kl.through for name, r in particle.routes.items() if r.analytic_kl}
@@ -484,6 +581,40 @@ class RoutedELBO(ELBO):
         model and guide traces, log-densities computed."""
         particle = self._particle(model, guide, args, kwargs)
         return particle.model_trace, particle.guide_trace
+
+    # ------------------------------------------------------- enumerated sites
+    def _enumerated_traces(self, model, guide, args, kwargs, what: str):
+        """One particle's traces with the model's enumerated sites side by side (not summed),
+        log-densities computed (``TraceEnum_ELBO``'s ``compute_marginals`` and
+        ``sample_posterior`` start from these): the guide drawn as Pyro draws it, only its
+        sites with Pyro's markup enumerated (which these methods refuse, as Pyro's)."""
+        if self.num_particles != 1:
+            raise NotImplementedError(
+                f"RoutedELBO.{what}() is not compatible with multiple particles (as "
+                f"TraceEnum_ELBO.{what}()); use num_particles=1"
+            )
+        if self.max_plate_nesting == float("inf"):
+            self._guess_plate_nesting(model, guide, args, kwargs)
+        guide = EnumMessenger(-1 - int(self.max_plate_nesting))(guide)
+        model_trace, guide_trace, _ = _traces(
+            model, guide, args, kwargs, self.max_plate_nesting, EnumerateModel(True)
+        )
+        REFERENCE.log_densities(model_trace, guide_trace, frozenset(), self.max_plate_nesting)
+        return model_trace, guide_trace
+
+    def compute_marginals(self, model, guide, *args, **kwargs):
+        """The marginal posterior distribution of each enumerated model site, given one draw
+        of the guide: ``{site: Distribution}``, as ``TraceEnum_ELBO.compute_marginals``."""
+        traces = self._enumerated_traces(model, guide, args, kwargs, "compute_marginals")
+        return marginals(*traces)
+
+    def sample_posterior(self, model, guide, *args, **kwargs):
+        """Run the model once with its enumerated sites drawn jointly from their posterior
+        given one draw of the guide, as ``TraceEnum_ELBO.sample_posterior``; its return value."""
+        with poutine.block(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Found vars in model but not guide")
+            traces = self._enumerated_traces(model, guide, args, kwargs, "sample_posterior")
+        return posterior_sample(model, args, kwargs, *traces)
 
     # ------------------------------------------------------------------ losses
     def loss_and_surrogate(self, particles: list[ParticleTerms]) -> tuple[Any, Any]:

@@ -66,7 +66,7 @@ def evaluations_of(guide_trace: Trace, plans) -> list[Evaluation]:
     """The evaluations of a guide trace: its sites whose plan has an evaluation dim."""
     found = []
     for name, plan in plans.items():
-        if plan.dim is None:
+        if plan.dim is None or plan.estimator.layout.pyro_enumerates:  # marginals weigh those
             continue
         site, estimator, dim = guide_trace.nodes[name], plan.estimator, plan.dim
         plates = frozenset(f.dim for f in site["cond_indep_stack"] if f.vectorized)
@@ -155,15 +155,28 @@ def expectation_per_element(
     return events_last(moved, event_dims)
 
 
-def weighted_terms(elbo_t, surrogate_t, evaluations, label: str) -> tuple[Any, Any]:
+def _where_possible(weight, t):
+    """``t`` with 0 where ``weight`` is 0: values of probability zero contribute nothing
+    (``0 * -inf`` would be NaN), as in Pyro's ``Dice``."""
+    if isinstance(weight, torch.Tensor) and isinstance(t, torch.Tensor):
+        impossible = weight == 0
+        if bool(impossible.any()):
+            return torch.where(impossible, t.new_zeros(()), t)
+    return t
+
+
+def weighted_terms(elbo_t, surrogate_t, evaluations, label: str, marginal=1.0) -> tuple[Any, Any]:
     """The row's ELBO term and differentiable surrogate term, summed, with its evaluations
     averaged: ``sum W elbo`` and ``sum (W - stop W) stop(elbo) + stop(W) surrogate`` (the
     product rule: weights that depend on parameters, an enumerated site's ``q(k)``, get the
-    gradient of their expectation, the terms their own)."""
+    gradient of their expectation, the terms their own). ``marginal``: the probability of
+    the guide's enumerated values the term carries (a factor of ``W``)."""
     found = present(elbo_t, evaluations)
-    if not found:
+    no_marginal = isinstance(marginal, float) and marginal == 1.0
+    if not found and no_marginal:
         return elbo_t.sum(), (surrogate_t.sum() if isinstance(surrogate_t, torch.Tensor) else 0.0)
-    weight = weight_of(elbo_t, found, label)
+    weight = weight_of(elbo_t, found, label) * marginal
+    elbo_t, surrogate_t = _where_possible(weight, elbo_t), _where_possible(weight, surrogate_t)
     elbo = (weight * elbo_t).sum()
     surrogate: Any = 0.0
     if isinstance(weight, torch.Tensor) and weight.requires_grad:
@@ -279,14 +292,17 @@ def avoid_after_failure(plans, error: Exception):
     routes = {name: plans[name].route for name in dims}
     sites = [name for name in dims if not routes[name].forced]
     if not sites:
-        if isinstance(error, SideBySideError):
-            name = next(iter(dims))
+        if isinstance(error, SideBySideError) or any(routes[n].markup for n in dims):
+            named = ", ".join(
+                f"site {n!r}: infer['enumerate']={routes[n].markup!r}" if routes[n].markup
+                else f"site {n!r}: infer['estimator']={routes[n].estimator!r}" for n in dims
+            )  # fmt: skip
+            verb = "evaluates its values" if len(dims) == 1 else "evaluate their values"
             raise ValueError(
-                f"site {name!r}: infer['estimator']={routes[name].estimator!r} evaluates its "
-                f"values side by side, but {problem}; write the model and guide to broadcast "
-                "over extra leading dims (as Pyro's parallel enumeration needs) or route the "
-                "site to 'score'"
-            ) from None
+                f"{named} {verb} side by side, but {problem}; write the model and guide to "
+                "broadcast over extra leading dims (as Pyro's parallel enumeration needs) or "
+                "route the site to 'score'"
+            ) from error
         return None
     return {
         name: {routes[name].estimator: f"{routes[name].estimator} needs values side by side, "

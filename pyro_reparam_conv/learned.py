@@ -9,6 +9,8 @@
   (:mod:`.folding`);
 - ``kl_measured``: per structure key, the analytic-KL sites measured to give the ELBO more
   variance than their Monte Carlo terms (:func:`~.analytic_kl.measure_kl`);
+- ``model_plain``: whether a step found the model without sites to sum out
+  (:mod:`.enumeration`): later steps run it without Pyro's enumeration;
 - ``layers``: per weight site routed to flipout or local reparameterization and seen by a
   step, ``None`` when its value was used only as one layer call's weight whose examples
   reach the model's terms separately (:mod:`.per_example`) and no other guide site depends
@@ -66,6 +68,9 @@ class Learned:
         #: (``RoutedELBO(layer_estimators="auto")``, once their first step shows them used
         #: as one layer's weight whose examples reach the terms separately)
         self.auto_layers = auto_layers
+        #: whether a step found the model without sites to sum out: later steps run it
+        #: without Pyro's enumeration (a step that then meets one runs again with it)
+        self.model_plain = False
 
     def candidate(self, name: str, fn, plan) -> bool:
         """Whether a plain draw's site is to be watched: a factorized Normal routed to

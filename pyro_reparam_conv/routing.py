@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _ENUM_ALLOCATOR
 from pyro.poutine.subsample_messenger import _Subsample
 
 from .estimators import ESTIMATORS, base
@@ -45,6 +46,7 @@ __all__ = [
     "RouteMessenger",
     "RoutingOptions",
     "SitePlan",
+    "Summation",
     "choose_estimator",
     "force_estimator",
     "is_latent",
@@ -84,16 +86,36 @@ class CostLevel:
 
 
 @dataclass(frozen=True)
-class Route:
-    """The estimator a guide site gets and why, for users (``elbo.routes``).
+class Summation:
+    """How an enumerated site is summed: in the ``guide`` (its values weighed by their
+    marginal probability) or the ``model`` (summed out of the likelihood), ``jointly`` with
+    the other enumerated sites that share a factor with it, directly or through others
+    (empty: on its own), and the number of entries of the largest factor (log-density
+    tensor) that the variable elimination of its group takes in."""
 
-    ``because``: why the estimator (routing's choice); ``kl``, ``costs``: the decisions
-    made after routing (:class:`KLDecision`, :class:`CostLevel`; ``layers``: for a weight
-    site routed to flipout or local reparameterization, whether its layers were rewritten
-    this step or why it was a plain draw); ``escaped``: how the
-    site's value left the tensor graph, if it did (its cost then counts every term after
-    that point in sampling order). ``reason`` renders them all; ``baseline`` describes its
-    baseline, if it has one."""
+    side: str
+    jointly: tuple = ()
+    largest_factor: int = 1
+
+    def __str__(self) -> str:
+        how = (f"jointly with {len(self.jointly)} other sites ({', '.join(self.jointly[:4])}"
+               f"{', ...' if len(self.jointly) > 4 else ''})" if self.jointly else "on its own")
+        return (f"summed in the {self.side} by variable elimination, {how}; largest factor "
+                f"{self.largest_factor} entries")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Route:
+    """The estimator a guide site (or a model site enumerated in the model) gets and why,
+    for users (``elbo.routes``).
+
+    ``because``: why the estimator (routing's choice); ``kl``, ``costs``, ``summed``: the
+    decisions made after routing (:class:`KLDecision`, :class:`CostLevel`,
+    :class:`Summation`; ``layers``: for a weight site routed to flipout or local
+    reparameterization, whether its layers were rewritten this step or why it was a plain
+    draw); ``escaped``: how the site's value left the tensor graph, if it did (its cost
+    then counts every term after that point in sampling order). ``reason`` renders them
+    all; ``baseline`` describes its baseline, if it has one."""
 
     site: str
     estimator: str
@@ -101,10 +123,12 @@ class Route:
     distribution: str
     baseline: Optional[str] = None
     forced: bool = False  # set by infer={"estimator": ...}, not chosen automatically
+    markup: Optional[str] = None  # Pyro's enumeration markup that asked for it, if any
     kl: Optional[KLDecision] = None
     costs: Optional[CostLevel] = None
     escaped: Optional[str] = None
     layers: Optional[str] = None  # a weight site's layers: rewritten, or why a plain draw
+    summed: Optional[Summation] = None  # an enumerated site: with which others, at what cost
 
     @property
     def analytic_kl(self) -> bool:
@@ -112,7 +136,8 @@ class Route:
 
     @property
     def reason(self) -> str:
-        parts = [self.because, *(str(d) for d in (self.kl, self.costs) if d is not None)]
+        decisions = (self.kl, self.costs, self.summed)
+        parts = [self.because, *(str(d) for d in decisions if d is not None)]
         if self.layers is not None:
             parts.append(self.layers)
         if self.escaped is not None:
@@ -139,7 +164,8 @@ class SitePlan:
     baseline: Optional[BaselineSpec] = None
 
     def decided(self, **changes) -> "SitePlan":
-        """The plan with its route's decisions (``kl``, ``costs``, ``escaped``, ``layers``) set."""
+        """The plan with its route's decisions (``kl``, ``costs``, ``escaped``, ``layers``,
+        ``summed``) set."""
         return _copy(self, route=_copy(self.route, **changes))
 
 
@@ -177,10 +203,26 @@ def choose_estimator(
     return estimator, f"{reason}; {note}" if note else reason
 
 
+def _markup(infer: dict) -> Optional[str]:
+    """The estimator Pyro's enumeration markup asks for: ``"enumerate"`` for
+    ``infer={"enumerate": "parallel"}`` (with ``num_samples``: that many draws side by side,
+    as Pyro's multiple sampling) and for ``"sequential"`` (``TraceEnum_ELBO`` sums both
+    exactly; here the values are side by side, checked one at a time on tracked steps, and
+    a model that does not broadcast over them is an error naming the site)."""
+    return "enumerate" if infer.get("enumerate") in ("parallel", "sequential") else None
+
+
 def _choose(name: str, fn, infer: dict, options: RoutingOptions) -> tuple[base.Estimator, str]:
     requested = infer.get("estimator")
     if infer.get("evaluations") is not None:  # what the site may spend: part of the choice
         options = _copy(options, evaluations=infer["evaluations"])
+    if requested is None and _markup(infer) is not None:
+        estimator = base.get("enumerate")
+        if estimator.why_not(fn) is None:
+            how = f"infer['enumerate']={infer['enumerate']!r}"
+            if infer.get("num_samples") is not None:
+                how += f", num_samples={infer['num_samples']} (Monte Carlo, 1/n each)"
+            return estimator, f"{how} (Pyro's markup) set on the site"
     chosen = options.layers.get(name) if requested is None else None
     if chosen is not None and base.get(chosen[0]).why_not(fn) is None:  # a weight, found so
         return base.get(chosen[0]), chosen[1]
@@ -238,6 +280,12 @@ class RouteMessenger(Messenger):
         self.options = options
         self.first_available_dim = first_available_dim
         self.plans: dict[str, SitePlan] = {}
+        self._marked: dict[str, Optional[str]] = {}  # the markup the user gave, per site
+
+    def __enter__(self):
+        if self.first_available_dim is not None:  # the dims are Pyro's enumeration dims
+            _ENUM_ALLOCATOR.set_first_available_dim(self.first_available_dim)
+        return super().__enter__()
 
     @property
     def routes(self) -> dict[str, Route]:
@@ -256,6 +304,9 @@ class RouteMessenger(Messenger):
                 infer = base.get(avoided).one_draw(msg["infer"]) if avoided in ESTIMATORS else None
                 msg["infer"] = msg["infer"] if infer is None else infer
         estimator, reason = choose_estimator(name, fn, msg["infer"], self.options)
+        markup = None  # the enumeration Pyro's markup asked for and got
+        if msg["infer"].get("estimator") is None and _markup(msg["infer"]) == estimator.name:
+            markup = msg["infer"]["enumerate"]
         spec = None
         if estimator.uses_baseline:
             spec = parse_baseline(name, msg["infer"], self.default_baseline)
@@ -265,15 +316,48 @@ class RouteMessenger(Messenger):
             because=reason,
             distribution=distribution_name(fn),
             baseline=spec.describe() if spec is not None else None,
-            forced=msg["infer"].get("estimator") is not None,
+            forced=msg["infer"].get("estimator") is not None or markup is not None,
+            markup=markup,
         )
         dim = None
-        if estimator.layout.site_evaluations(msg) > 1:
-            if self.first_available_dim is None:
-                raise PlateNestingNeeded(name)
-            dim = self.first_available_dim - len(self.dims)
-        self.plans[name] = SitePlan(route, estimator, dim, spec)
-        estimator.layout.draw(msg, dim)
+        layout = estimator.layout
+        evaluations = layout.site_evaluations(msg)
+        if evaluations > 1 and self.first_available_dim is None:
+            raise PlateNestingNeeded(name)
+        self.plans[name] = SitePlan(route, estimator, None, spec)
+        # Pyro's EnumMessenger around the guide enumerates by the markup: for the draw only,
+        # it says "parallel" where routing enumerates and nothing elsewhere
+        self._marked[name] = msg["infer"].pop("enumerate", None)
+        if layout.pyro_enumerates:  # Pyro's enumeration draws it
+            msg["infer"]["enumerate"] = "parallel"
+            return
+        if evaluations > 1:
+            dim, _ = _ENUM_ALLOCATOR.allocate()  # Pyro's allocator: the model's dims follow
+            self.plans[name] = SitePlan(route, estimator, dim, spec)
+        layout.draw(msg, dim)
+        if dim is not None:  # Pyro's enumeration reads the dims as its own (packed tensors)
+            msg["infer"]["_dim_to_id"] = dict(_ENUM_ALLOCATOR.dim_to_id)
+        if msg["value"] is not None:
+            msg["done"] = True  # drawn here: no other handler (Pyro's enumeration) draws it
+
+    def _pyro_post_sample(self, msg: dict) -> None:
+        name = msg["name"]
+        if name not in self._marked:
+            return
+        markup = self._marked.pop(name)  # the trace shows the user's markup
+        msg["infer"].pop("enumerate", None)
+        if markup is not None:
+            msg["infer"]["enumerate"] = markup
+        plan = self.plans[name]
+        if not plan.estimator.layout.pyro_enumerates:
+            return
+        dim = msg["infer"].get("_enumerate_dim")
+        if dim is None:
+            raise RuntimeError(
+                f"site {name!r} is routed to 'enumerate' but was not enumerated: the guide "
+                "must run under pyro.poutine.enum (RoutedELBO does this)"
+            )
+        self.plans[name] = _copy(plan, dim=dim)
 
 
 class ForceEstimatorMessenger(Messenger):

@@ -19,6 +19,11 @@ no independence is assumed where none is declared); and baselines (:mod:`.baseli
 are subtracted from it. A score-function part whose dependencies are not tracked (a guide
 factor with ``has_rsample=False``) is charged with every term, as ``Trace_ELBO`` does.
 
+Terms that carry values of the guide's enumerated sites are weighed by the marginal
+probability of those values (:class:`~.enumeration.GuideMarginals`); a score-function
+site drawn per enumerated value gets the conditional expectation of its costs given the
+values its own density carries.
+
 :func:`particle_terms` builds a :class:`ParticleTerms`; the ELBO's loss, its surrogate, the
 non-finite scan and :func:`~.diagnostics.audit_gradients`' per-site attribution all read it.
 """
@@ -164,16 +169,22 @@ def _costs(
     targets: Mapping[str, dict],
     dependencies: Optional[Mapping[SiteKey, frozenset]],
     evaluations,
+    marginals=None,
 ) -> dict[str, Any]:
     """Each target guide site's cost: the ``log p - log q`` terms that depend on it (all
     terms where ``dependencies`` is ``None`` or does not know the site), summed to its plates,
-    per evaluation of the site and of those it depends on (other evaluations averaged)."""
+    per evaluation of the site and of those it depends on (other evaluations averaged; the
+    guide's enumerated values by their conditional probability, ``marginals``)."""
     known = set() if dependencies is None else {s for deps in dependencies.values() for s in deps}
     costs = {name: MultiFrameTensor() for name in targets}
     kept = {
         name: {e.site for e in present(site["log_prob"], evaluations)}
         for name, site in targets.items()
     }  # the cost of a site keeps the evaluations its own terms have
+    given = {
+        name: marginals.symbols(site["log_prob"], site) if marginals else frozenset()
+        for name, site in targets.items()
+    }  # and the enumerated values they carry
     for role, sign, trace in (("model", 1.0, model_trace), ("guide", -1.0, guide_trace)):
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or "log_prob" not in site:
@@ -186,8 +197,10 @@ def _costs(
                         term = site["log_prob"] if sign > 0 else -site["log_prob"]
                     label = f"{name!r} ({role})"
                     value = expectation(term, evaluations, label, kept[target], detach=True)
+                    if marginals is not None:
+                        value = marginals.expect(value, site, given[target], label=label)
                     costs[target].add((site["cond_indep_stack"], value))
-    eval_dims = {e.dim for e in evaluations}
+    eval_dims = {e.dim for e in evaluations} | (marginals.dims if marginals else set())
     return {
         name: _sum_to_site(costs[name], site["cond_indep_stack"], eval_dims)
         for name, site in targets.items()
@@ -216,12 +229,11 @@ def _fit_to(cost: Any, like: torch.Tensor, detach: bool = True) -> torch.Tensor:
     return cost.expand(like.shape)
 
 
-def _score_weight(t: torch.Tensor, evaluations, label: str) -> Any:
-    """The (detached) weights of the evaluations ``t`` has, or ``1.0`` if it has none."""
+def _score_weight(t: torch.Tensor, evaluations, label: str, marginal=1.0) -> Any:
+    """The (detached) weights of the evaluations ``t`` has (times ``marginal``, the
+    probability of the guide's enumerated values it carries), or ``1.0`` if it has none."""
     found = present(t, evaluations)
-    if not found:
-        return 1.0
-    weight = weight_of(t, found, label)
+    weight = weight_of(t, found, label) * marginal if found else marginal
     return weight.detach() if isinstance(weight, torch.Tensor) else weight
 
 
@@ -265,33 +277,43 @@ def _per_element(footprint: Footprint, model_trace: Trace, site: dict, evaluatio
     return score, _fit_to(cost, score), weight
 
 
-def _model_row(site: dict, evaluations) -> SiteTerm:
+def _marginal(marginals, t, site: dict, role: str) -> Any:
+    """The probability of the guide's enumerated values that ``t`` carries (``1.0``: none)."""
+    label = f"{site['name']!r} ({role})"
+    return 1.0 if marginals is None else marginals.weight(t, site, label=label)
+
+
+def _model_row(site: dict, evaluations, marginals=None) -> SiteTerm:
     """A model site's row: ``log p``, averaged over the evaluations it has."""
     name = site["name"]
-    if evaluations:
+    if evaluations or marginals is not None:
         lp = site["log_prob"]
-        elbo, surrogate = weighted_terms(lp, lp, evaluations, f"{name!r} (model)")
+        marginal = _marginal(marginals, lp, site, "model")
+        elbo, surrogate = weighted_terms(lp, lp, evaluations, f"{name!r} (model)", marginal)
     else:
         elbo = surrogate = site["log_prob_sum"]
     return SiteTerm(name, "model", None, elbo, surrogate)
 
 
-def _guide_terms(site: dict, parts, evaluations) -> tuple[Any, Any]:
+def _guide_terms(site: dict, parts, evaluations, marginals=None) -> tuple[Any, Any]:
     """A guide site's ELBO term ``-log q`` and surrogate term ``-entropy_term``."""
     entropy = parts.entropy_term
     surrogate_t = 0.0 if is_identically_zero(entropy) else -entropy
-    if evaluations:
+    if evaluations or marginals is not None:
         label = f"{site['name']!r} (guide)"
-        return weighted_terms(-site["log_prob"], surrogate_t, evaluations, label)
+        marginal = _marginal(marginals, site["log_prob"], site, "guide")
+        return weighted_terms(-site["log_prob"], surrogate_t, evaluations, label, marginal)
     surrogate = surrogate_t.sum() if isinstance(surrogate_t, torch.Tensor) else 0.0
     return -site["log_prob_sum"], surrogate
 
 
-def _guide_row(site, plan, parts, cost, evaluations, footprint, model_trace) -> SiteTerm:
+def _guide_row(
+    site, plan, parts, cost, evaluations, footprint, model_trace, marginals=None
+) -> SiteTerm:
     """A guide site's row: its terms, and where it has a score function, the score with its
     cost (per element of its map with a ``footprint``) and weights."""
     name = site["name"]
-    elbo, surrogate = _guide_terms(site, parts, evaluations)
+    elbo, surrogate = _guide_terms(site, parts, evaluations, marginals)
     score, score_weight, event_dims = None, 1.0, 0
     has_score = not is_identically_zero(parts.score_function)
     if footprint is not None and has_score:
@@ -300,13 +322,16 @@ def _guide_row(site, plan, parts, cost, evaluations, footprint, model_trace) -> 
     elif cost is not None:
         if has_score:
             score = parts.score_function
-            score_weight = _score_weight(score, evaluations, f"{name!r} (guide)")
+            marginal = _marginal(marginals, score, site, "guide")
+            score_weight = _score_weight(score, evaluations, f"{name!r} (guide)", marginal)
         like = site["log_prob"] if score is None else score
         if plan is not None:
             live = _fit_to(cost, like, detach=not plan.estimator.cost_graph)
             own = plan.estimator.surrogate(site, live, plan.dim)
             if isinstance(own, torch.Tensor):
                 own = expectation(own, evaluations, f"{name!r}", {name}, detach=True)
+                if marginals is not None:
+                    own = marginals.expect(own, site)
                 surrogate = surrogate + own.sum()
         cost = _fit_to(cost, like)
     return SiteTerm(
@@ -323,6 +348,7 @@ def particle_terms(
     kl: Mapping[str, torch.Tensor],
     dependencies: Optional[Mapping[SiteKey, frozenset]],
     footprints: Mapping[str, Footprint] = {},
+    marginals=None,
 ) -> ParticleTerms:
     """The table of one particle whose traces hold their log-densities and score parts, in
     one walk: model rows, guide rows (with the costs of the sites that need them,
@@ -332,12 +358,15 @@ def particle_terms(
     analytic-KL sites and their ``KL(q || p)``; ``dependencies``: which latent sites each
     ``(role, name)`` term depends on (``None``: unknown, then the sampling order stands in
     for latent sites); ``footprints``: the score-function sites whose costs are per element
-    of their map (:mod:`.locality`).
+    of their map (:mod:`.locality`); ``marginals``: the guide's enumerated sites'
+    :class:`~.enumeration.GuideMarginals` (``None``: none).
     """
     evaluations = evaluations_of(guide_trace, plans)
     sample = [(n, s) for n, s in model_trace.nodes.items() if s["type"] == "sample"]
     in_model, in_guide = kl_sites(kl, plans)
-    rows = [_model_row(site, evaluations) for name, site in sample if name not in in_model]
+    rows = [
+        _model_row(site, evaluations, marginals) for name, site in sample if name not in in_model
+    ]
     guide = []
     for name, site in guide_trace.nodes.items():
         if site["type"] == "sample" and name not in in_guide:
@@ -347,11 +376,15 @@ def particle_terms(
     targets = {s["name"]: s for s, plan, _ in guide if needs_cost(s["fn"], plan)}
     if dependencies is None and targets:
         dependencies = ordered_dependencies(model_trace, guide_trace, set(targets) & set(plans))
-    costs = _costs(model_trace, guide_trace, targets, dependencies, evaluations) if targets else {}
+    costs = {}
+    if targets:
+        costs = _costs(model_trace, guide_trace, targets, dependencies, evaluations, marginals)
     for site, plan, parts in guide:
         footprint = footprints.get(site["name"])
         cost = costs.get(site["name"])
-        rows.append(_guide_row(site, plan, parts, cost, evaluations, footprint, model_trace))
+        rows.append(
+            _guide_row(site, plan, parts, cost, evaluations, footprint, model_trace, marginals)
+        )
     rows += [SiteTerm(name, "kl", plans[name].estimator.name, -v, -v) for name, v in kl.items()]
     routes = {name: plan.route for name, plan in plans.items()}
     return ParticleTerms(model_trace, guide_trace, routes, tuple(rows), dependencies or {})

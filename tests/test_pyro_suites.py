@@ -52,3 +52,13 @@ def test_compare_reports_failures_of_the_substituted_run_only():
     assert unexpected == ["m::a"]  # b fails plainly too
     assert expected == ["m::test_particle_gradient[Trace_ELBO-nonreparam]"]  # in EXPECTED
     assert row == "| `tests/m.py` | 3 / 1 | 1 / 3 | 1 (+1 by design) |"
+
+
+def test_traceenum_substitution_names_and_usage_row(tmp_path):
+    report = tmp_path / "junit.xml"
+    report.write_text(JUNIT.replace("test_a[1]", "test_a[RoutedAsTraceEnum_ELBO]"))
+    assert "tests.infer.test_x::test_a[TraceEnum_ELBO]" in suites.outcomes(report)
+    assert suites.SUBSTITUTE["tests/infer/test_enum.py"] == ("TraceEnum_ELBO",)
+    row = suites.usage_row("tests/m.py", (100.0, 500.0), (150.0, 400.0))
+    assert row == "| `tests/m.py` | 100 | 150 | 1.50x | 500 | 400 | 0.80x |"
+    assert suites.usage_row("m", (1.0, None), (2.0, None)).endswith("| n/a | n/a | n/a |")

@@ -72,6 +72,11 @@ class Layout:
     #: whether :meth:`weights` are per element of the site's plates (enumeration): then
     #: every term that depends on the site must lie inside the site's plates
     local_weights: ClassVar[bool] = False
+    #: whether Pyro's parallel enumeration (``pyro.poutine.enum`` around the guide) lays out
+    #: the values: then :meth:`draw` is not called, the dims are Pyro's (``pyro.markov``
+    #: reuses them) and the ELBO weighs each term by the marginal probability of the values
+    #: it carries (:class:`~pyro_reparam_conv.enumeration.GuideMarginals`)
+    pyro_enumerates: ClassVar[bool] = False
 
     def evaluations(self, fn) -> int:
         """How many values of the site one particle evaluates side by side (1: one draw)."""

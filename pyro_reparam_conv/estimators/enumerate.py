@@ -1,20 +1,24 @@
-"""Exact enumeration of a finite support, per plate element.
+"""Exact enumeration of a finite support, by Pyro's parallel enumeration.
 
 For a site ``y ~ q_phi`` with a finite support ``{0, ..., K - 1}`` (Bernoulli, Categorical,
 OneHotCategorical), the ELBO's expectation over ``y`` is a sum,
 ``E_q[f(y)] = sum_k q_phi(k) f(k)``, and so is its gradient: ``sum_k grad q_phi(k) f(k) +
-q_phi(k) grad f(k)``. The site's ``K`` values are laid out along an evaluation dim left of
-every plate (Pyro's parallel enumeration, as in ``TraceEnum_ELBO``), so the model and the
-rest of the guide run once on all of them side by side; every term that depends on ``y``
-has the dim and is averaged with the (differentiable) weights ``q_phi(k)``. The site's own
-gradient has no variance at all.
+q_phi(k) grad f(k)``. Routing marks the site for Pyro's parallel enumeration and the
+:class:`~pyro.poutine.enum_messenger.EnumMessenger` around the guide lays its ``K`` values
+out along a dim left of every plate (as in ``TraceEnum_ELBO``; ``pyro.markov`` reuses dims),
+so the model and the rest of the guide run once on all of them side by side. Every term
+that carries enumerated values is weighed by their marginal probability under the guide,
+computed by variable elimination (:class:`~pyro_reparam_conv.enumeration.GuideMarginals`;
+differentiable, so the site's gradient has no variance at all), which for a chain of such
+sites is polynomial in its length rather than ``K^T``.
 
 Per plate element: inside ``pyro.plate("N", n)`` the values are ``y_i = k`` for every ``i``
 at once, so ``n`` Bernoullis cost 2 evaluations, not ``2^n``; this is exact when each
 element's terms depend on its own ``y_i`` only (the usual case: a latent per data point).
-A term outside the site's plates that depends on it is an error naming both (route the
-site to ``"disarm"`` or ``"score"`` then). Downstream pathwise and score-function sites
-keep their own estimators within each of the ``K`` evaluations.
+Automatically routed sites are checked one value at a time on tracked steps
+(:func:`~pyro_reparam_conv.evaluations.side_by_side_mismatch`) and routed elsewhere when a
+term outside the site's plates depends on them. Downstream pathwise and score-function
+sites keep their own estimators within each of the ``K`` evaluations.
 """
 
 from __future__ import annotations
@@ -44,22 +48,14 @@ def support_size(fn) -> int:
 
 
 class Support(Layout):
-    """Every value of the finite support side by side, weighted by ``q(k)`` per element of
-    the site's plates."""
+    """Every value of the finite support side by side, laid out by Pyro's enumeration and
+    weighed by the marginal probability of the values each term carries."""
 
     local_weights = True
+    pyro_enumerates = True
 
     def evaluations(self, fn) -> int:
         return support_size(fn)
-
-    def draw(self, msg: dict, dim: Optional[int] = None) -> None:
-        fn = msg["fn"]
-        support = fn.enumerate_support(expand=False)
-        shape = (support.shape[0],) + (1,) * (-1 - dim) + tuple(fn.event_shape)
-        msg["value"] = support.reshape(shape)
-
-    def weights(self, site: dict, dim: int):
-        return site["unscaled_log_prob"].exp()  # q(k), per element, differentiable
 
 
 class EnumerateEstimator(Estimator):
