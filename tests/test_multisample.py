@@ -265,3 +265,120 @@ def test_finite_at_extreme_logits(estimator):
         loss = RoutedELBO().differentiable_loss(vector_model, guide, data)
         (grad,) = torch.autograd.grad(loss, theta)
         assert bool(torch.isfinite(grad).all()), grad
+
+
+# ---------------------------------------------------------------- adversarial models
+# Models the estimators were not built for: a gate and an in-place write on the values, a
+# Python branch on them, vectorized particles, arguments that change between steps, and a
+# subsampled plate; each mean gradient against brute-force enumeration.
+
+ADVERSARIAL = [("disarm", 4), ("arms", 4), ("loo", 3), ("double_cv", 3)]
+
+
+def gated_model(data):
+    b = pyro.sample("b", dist.Bernoulli(torch.full((4,), 0.4)).to_event(1))
+    buf = torch.zeros(b.shape)
+    buf.copy_(b * WEIGHTS)  # an in-place write of the values
+    loc = torch.where(b[..., 0] > 0.5, buf.sum(-1), -3.0 * b[..., 3])  # a gate
+    pyro.sample("x", dist.Normal(loc, 1.0), obs=data)
+
+
+def branching_model(data):
+    b = pyro.sample("b", dist.Bernoulli(torch.full((4,), 0.4)).to_event(1))
+    if b.sum() > 1.5:  # Python control flow on the values
+        loc = (b * WEIGHTS).sum(-1)
+    else:
+        loc = -2.0 * b[..., 1]
+    pyro.sample("x", dist.Normal(loc, 1.0), obs=data)
+
+
+def gradient_draws(elbo, model, guide, data_of_step, n):
+    theta = pyro.param("logits").unconstrained()
+    out = []
+    for step in range(n):
+        loss = elbo.differentiable_loss(model, guide, data_of_step(step))
+        out.append(torch.autograd.grad(loss, theta)[0])
+    return torch.stack(out)
+
+
+def _with(infer):
+    return lambda d: vector_guide(d, infer)
+
+
+@pytest.mark.parametrize("estimator, k", ADVERSARIAL)
+def test_unbiased_through_a_gate_and_an_in_place_write(estimator, k):
+    data = torch.tensor(0.7)
+    exact = exact_gradient(gated_model, vector_guide, data, (4,), "b")
+    pyro.set_rng_seed(21)
+    samples, _ = draws(gated_model, vector_guide, data, {"estimator": estimator, "evaluations": k},
+                       700)  # fmt: skip
+    assert_mean_close(samples, exact)
+
+
+@pytest.mark.parametrize("estimator, k", ADVERSARIAL)
+def test_python_control_flow_on_the_values_is_refused_when_forced_and_avoided_when_automatic(
+    estimator, k
+):
+    """A branch on the values cannot see them side by side: asked for, the estimator is an
+    error naming the site; chosen automatically (given k evaluations), the site falls back
+    to an estimator of one value at a time, and the gradient stays unbiased."""
+    data = torch.tensor(0.7)
+    exact = exact_gradient(branching_model, vector_guide, data, (4,), "b")
+    with pytest.raises(Exception, match="'b'"):
+        infer = {"estimator": estimator, "evaluations": k}
+        gradient_draws(RoutedELBO(), branching_model, _with(infer), lambda s: data, 3)
+    pyro.set_rng_seed(22)
+    elbo = RoutedELBO(num_particles=2)
+    samples = gradient_draws(elbo, branching_model, _with({"evaluations": k}), lambda s: data, 800)
+    assert elbo.routes["b"].estimator not in ("disarm", "arms", "loo", "double_cv")
+    assert_mean_close(samples, exact)
+
+
+@pytest.mark.parametrize("estimator, k", ADVERSARIAL)
+def test_unbiased_with_vectorized_particles_and_arguments_that_change(estimator, k):
+    """4 vectorized particles; the observation alternates between two values from step to
+    step (the mean gradient is the mean of the two exact ones)."""
+    values = [torch.tensor(0.7), torch.tensor(-1.3)]
+    exact = sum(exact_gradient(vector_model, vector_guide, v, (4,), "b") for v in values) / 2
+    if estimator == "double_cv":
+        pyro.param("b$double_cv", torch.tensor(0.7))
+    pyro.set_rng_seed(23)
+    elbo = RoutedELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=0)
+    guide = _with({"estimator": estimator, "evaluations": k})
+    samples = gradient_draws(elbo, vector_model, guide, lambda s: values[s % 2], 600)
+    assert elbo.routes["b"].estimator == estimator
+    assert_mean_close(samples, exact)
+
+
+@pytest.mark.parametrize("estimator, k", ADVERSARIAL)
+def test_unbiased_under_a_subsampled_plate(estimator, k):
+    """2 of 3 data points a step: the scaled estimate's mean is the full ELBO's gradient."""
+    data = torch.tensor([0.3, 1.8, 2.4])
+
+    def model(data):
+        with pyro.plate("N", len(data), subsample_size=2) as i:
+            c = pyro.sample("c", dist.Bernoulli(0.4))
+            pyro.sample("x", dist.Normal(2 * c - 1, 1.0), obs=data[i])
+
+    def guide(data, infer=None):
+        logits = param("logits", [0.3, -0.4, 0.8])
+        with pyro.plate("N", len(data), subsample_size=2) as i:
+            pyro.sample("c", dist.Bernoulli(logits=logits[i]), infer=infer or {})
+
+    exact = exact_gradient(plate_model_without_count, full_guide, data, (3,), "c")
+    if estimator == "double_cv":
+        pyro.param("c$double_cv", torch.tensor(0.7))
+    pyro.set_rng_seed(24)
+    infer = {"estimator": estimator, "evaluations": k}
+    samples = gradient_draws(RoutedELBO(), model, lambda d: guide(d, infer), lambda s: data, 1500)
+    assert_mean_close(samples, exact)
+
+
+def plate_model_without_count(data):
+    with pyro.plate("N", len(data)):
+        c = pyro.sample("c", dist.Bernoulli(0.4))
+        pyro.sample("x", dist.Normal(2 * c - 1, 1.0), obs=data)
+
+
+def full_guide(data):
+    plate_guide(data)
