@@ -68,6 +68,7 @@ from .dependencies import (
 from .analytic_kl import MEASURE_PARTICLES, kl_sites, measure_kl, plan_kl
 from .baselines import DecayingAverages, normalize_kind, score_surrogate
 from .enumeration import (
+    EnumerationRefused,
     EnumerateModel,
     GuideMarginals,
     ModelEnumerates,
@@ -126,7 +127,7 @@ def _traces(
         marked = [n for n, site in model_trace.nodes.items() if n not in guide_trace
                   and site["type"] == "sample" and site["infer"].get("enumerate")]  # fmt: skip
         if marked:
-            raise NotImplementedError(
+            raise EnumerationRefused(
                 f"model sites {marked} are marked for enumeration, but an effect-based guide "
                 f"({type(messenger).__name__}) runs the model itself: RoutedELBO sums model "
                 "sites out with function guides only (as TraceEnum_ELBO)"
@@ -486,11 +487,9 @@ class RoutedELBO(ELBO):
         router = RouteMessenger(self.default_baseline, options, first_dim)
         layers = learned.layers
         skip = {name: why for name, why in layers.items() if why is not None}
-        proven = learned.proven  # a site is checked again under arguments of a new fingerprint
-        always = learned.dependencies.mode == "always"  # or on every step, as dependencies are
         weights = WeightLayers(
             lambda: router.plans, lambda name: name not in layers, skip, learned.candidate,
-            verify=lambda name: always or arguments not in proven.get(name, ()),
+            verify=lambda name: learned.to_check(name, arguments),
             batched=self.vectorize_particles, units=learned.units, parents=learned.parents,
         )
         routed = router(guide) if first_dim is None else EnumMessenger(first_dim)(router(guide))
@@ -534,11 +533,7 @@ class RoutedELBO(ELBO):
         if weights.watched:
             known = found or cached
             learned.guide_uses(weights, known.terms if known else None, router.plans)
-        for name in weights.watched | weights.verifying:
-            if name in layers and layers[name] is None:  # shown for these arguments
-                shown = proven.setdefault(name, [])
-                if arguments not in shown:  # the last DependencyCache.SIZE, as the cache keeps
-                    shown[:] = [*shown, arguments][-learned.dependencies.SIZE:]
+        learned.shown(weights, arguments)
         if found is not None:
             self.last_footprints = dict(found.footprints)
             learned.dependencies.store(key, found if analysis.reusable else None)
@@ -589,7 +584,7 @@ class RoutedELBO(ELBO):
         ``sample_posterior`` start from these): the guide drawn as Pyro draws it, only its
         sites with Pyro's markup enumerated (which these methods refuse, as Pyro's)."""
         if self.num_particles != 1:
-            raise NotImplementedError(
+            raise EnumerationRefused(
                 f"RoutedELBO.{what}() is not compatible with multiple particles (as "
                 f"TraceEnum_ELBO.{what}()); use num_particles=1"
             )

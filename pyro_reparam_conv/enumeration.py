@@ -65,6 +65,7 @@ from .routing import PlateNestingNeeded, Route, Summation
 
 __all__ = [
     "EnumerateModel",
+    "EnumerationRefused",
     "GuideMarginals",
     "ModelEnumerates",
     "enumerated_in_model",
@@ -245,11 +246,20 @@ def sum_out_model_sites(
     return found, summed
 
 
+class EnumerationRefused(NotImplementedError):
+    """A combination that ``TraceEnum_ELBO`` refuses too, refused with the same exception
+    type so that code (and Pyro's own tests) catching Pyro's error catch this one:
+    ``compute_marginals`` / ``sample_posterior`` with several particles or with an
+    enumerating guide, and model sites marked for enumeration under an effect-based guide
+    (``GuideMessenger``), which runs the model itself. The message says which and how to
+    avoid it."""
+
+
 def _no_guide_enumeration(guide_trace: Trace, what: str) -> None:
     names = [name for name, site in guide_trace.nodes.items() if site["type"] == "sample"
              and ("_enumerate_dim" in site["infer"] or site["infer"].get("enumerate"))]  # fmt: skip
     if names:
-        raise NotImplementedError(
+        raise EnumerationRefused(
             f"RoutedELBO.{what}() is not compatible with guide enumeration (as "
             f"TraceEnum_ELBO.{what}()): the guide enumerates {names}"
         )

@@ -72,6 +72,22 @@ class Learned:
         #: without Pyro's enumeration (a step that then meets one runs again with it)
         self.model_plain = False
 
+    def to_check(self, name: str, arguments) -> bool:
+        """Whether weight site ``name``'s examples are to be followed again on a step with
+        argument fingerprint ``arguments``: on every step under ``dependency_tracking=
+        "always"`` (as dependencies are), else under a fingerprint not yet shown."""
+        return self.dependencies.mode == "always" or arguments not in self.proven.get(name, ())
+
+    def shown(self, weights, arguments) -> None:
+        """Record the fingerprint under which ``weights``' checked sites were shown to keep
+        their examples apart (the last ``DependencyCache.SIZE``, as the cache keeps)."""
+        for name in weights.watched | weights.verifying:
+            if self.layers.get(name, "") is None:
+                fingerprints = self.proven.setdefault(name, [])
+                if arguments not in fingerprints:
+                    size = self.dependencies.SIZE
+                    fingerprints[:] = [*fingerprints, arguments][-size:]
+
     def candidate(self, name: str, fn, plan) -> bool:
         """Whether a plain draw's site is to be watched: a factorized Normal routed to
         ``pathwise`` automatically, not watched before."""
