@@ -10,8 +10,9 @@ initialization on the same batches:
 
 - ``auto``: :class:`~pyro_reparam_conv.RoutedELBO`'s own choice (``infer={"evaluations": K}``
   only says how many evaluations the site may use);
-- ``disarm`` (K/2 antithetic pairs), ``arms``, ``double_cv``, ``loo`` (leave-one-out
-  REINFORCE): the site's ``infer={"estimator": name, "evaluations": K}`` (``arms`` with
+- ``disarm`` (K/2 antithetic pairs), ``arms``, ``double_cv``, ``rodeo`` (discrete Stein
+  control variates), ``loo`` (leave-one-out REINFORCE): the site's
+  ``infer={"estimator": name, "evaluations": K}`` (``arms`` with
   K = 2 is DisARM, so it is run at K >= 3 only);
 - ``gumbel_st``: straight-through Gumbel-softmax, K vectorized particles (BIASED);
 - ``pyro TraceGraph_ELBO``: Pyro's own, K vectorized particles, its decaying-average baseline.
@@ -24,17 +25,19 @@ fixed batch, after ``var_draws / 2`` draws that warm up the decaying-average bas
 fixed parameters (those the ``auto`` row reached at the end, the same for every row), and
 the median seconds per step measured round-robin after training (``--timing-rounds``
 rounds of one step of every row of one K, so that a shared machine's load falls on all rows
-alike; ratios to DisARM's at the same K). storchastic has no rows yet (it imports in a
-venv of its own, ``pip install --no-deps storchastic entmax`` over the project's torch, but
-its script is not written); it has no ARMS or double control variates, so its rows would
-be DisARM and score-function ones.
+alike; ratios to DisARM's at the same K). storchastic's rows come from
+``_storchastic_vae.py``, run in a venv of its own (``pip install --no-deps storchastic
+entmax`` over the project's torch), and join the table with ``--render ... --peers``.
 
 Fashion-MNIST comes from Debian's package: ``apt-get install dataset-fashion-mnist``.
 Usage (one torch thread)::
 
     OMP_NUM_THREADS=1 python benchmarks/bernoulli_vae.py --steps 100 --eval-every 50 \\
         --train-eval 200 --test-size 200 --var-draws 10 --out /tmp/smoke   # ~2 minutes
-    OMP_NUM_THREADS=1 python benchmarks/bernoulli_vae.py   # 8000 steps: about 50 minutes
+    OMP_NUM_THREADS=1 python benchmarks/bernoulli_vae.py --arch linear --out /tmp/linear &
+    OMP_NUM_THREADS=1 python benchmarks/bernoulli_vae.py --arch nonlinear --out /tmp/nonlinear
+    # 8000 steps: about 19 and 26 minutes side by side on two cores; join the two JSON
+    # lists into one file and --render it
 
 writes ``OUT.md`` (the table), ``OUT.png`` (the curves) and ``OUT.json``.
 """
@@ -58,7 +61,7 @@ from pyro_reparam_conv import RoutedELBO  # noqa: E402
 from pyro_reparam_conv.data import binarize, binarized_batches, load_fashion_mnist  # noqa: E402
 from pyro_reparam_conv.models import BernoulliVAE  # noqa: E402
 
-ESTIMATORS = ("auto", "disarm", "arms", "double_cv", "loo", "gumbel_st", "tracegraph")
+ESTIMATORS = ("auto", "disarm", "arms", "double_cv", "rodeo", "loo", "gumbel_st", "tracegraph")
 BIASED = {"gumbel_st"}
 
 
@@ -98,8 +101,18 @@ def make_elbo(estimator: str, k: int):
 
 
 def learning_rate(name: str, param) -> dict:
-    # double_cv's control-variate coefficient moves faster than the networks
-    return {"lr": 1e-2 if name.endswith("$double_cv") else 1e-4}
+    """The networks' 1e-4; the estimators' own params (double_cv's coefficient, rodeo's a, b
+    and network) 1e-1: they have to follow a model that changes. In 2000-step pilots on the
+    linear VAE at K = 2, rodeo's ELBO at 1e-1 led those at 3e-2, 1e-2 and the paper's 1e-3
+    at every reported step (-306.9, -307.7, -308.8, -311.9 at step 2000), double_cv's at
+    1e-1 led 1e-2 (-305.6 against -307.8)."""
+    return {"lr": 1e-1 if estimator_param(name) else 1e-4}
+
+
+def estimator_param(name: str) -> bool:
+    """Whether param ``name`` is an estimator's own (not the networks': PyroModule's names
+    have ``$$$`` in them)."""
+    return name.endswith("$double_cv") or "$rodeo." in name
 
 
 def encoder_gradients(vae, elbo, x) -> torch.Tensor:
@@ -136,17 +149,17 @@ def train(run: Run, args, data, init_state) -> dict:
           f"  test bound {run.test_bound:9.2f}  {1e3 * run.seconds_per_step:6.1f} ms/step",
           flush=True)  # fmt: skip
     store = pyro.get_param_store()
-    own = {k: v.detach().clone() for k, v in store.items() if k.endswith("$double_cv")}
+    own = {k: v.detach().clone() for k, v in store.items() if estimator_param(k)}
     if own:
-        print("   the estimator's own params at the end:",
-              {k: round(float(v), 4) for k, v in own.items()})  # fmt: skip
+        print("   the estimator's own coefficients at the end:",
+              {k: round(float(v), 4) for k, v in own.items() if v.dim() == 0})  # fmt: skip
     return {k: v.detach().clone() for k, v in vae.state_dict().items()}, own
 
 
 def variance_at(run: Run, args, state, own, x) -> None:
     """The encoder's gradient variance at the parameters ``state`` (the estimator's own
-    params, double_cv's coefficient, as its run left them); the first ``var_draws // 2``
-    draws only warm up decaying-average baselines."""
+    params, the control variates' coefficients and networks, as its run left them); the
+    first ``var_draws // 2`` draws only warm up decaying-average baselines."""
     pyro.clear_param_store()
     for name, value in own.items():
         pyro.param(name, value.clone())

@@ -60,7 +60,7 @@ COMPARE_ESTIMATORS: tuple[str, ...] = (
 #: of the bias check and of :func:`compare_estimators`' ``agrees`` column.
 UNBIASED_ESTIMATORS: tuple[str, ...] = (
     "score", "score+avg", "score+loo", "measure_valued", "enumerate", "disarm", "loo", "arms",
-    "double_cv",
+    "double_cv", "rodeo",
 )  # fmt: skip
 
 
@@ -695,8 +695,8 @@ def compare_estimators(
     - the score variants run with ``fast_path=False`` too (it only concerns pathwise sites);
     - any other name in ``routing.ESTIMATORS`` (``"enumerate"``, ``"disarm"``,
       ``"gumbel_st"``, ``"measure_valued"``, ``"implicit"``, ``"arms"``, ``"double_cv"``,
-      ``"loo"``, registered plug-ins): forced like ``"pathwise"``, on the sites it applies
-      to (``"measure_valued"`` is refused on a site of more than its ``max_evaluations``:
+      ``"rodeo"``, ``"loo"``, registered plug-ins): forced like ``"pathwise"``, on the sites it
+      applies to (``"measure_valued"`` is refused on a site of more than its ``max_evaluations``:
       that is an error, not a skip);
     - ``"name@K"`` (``"arms@4"``, ``"disarm@4"``): that estimator with
       ``infer["evaluations"] = K`` on the sites it applies to, to compare the multi-sample
@@ -721,7 +721,7 @@ def compare_estimators(
       ``m_ref``, ``se_ref`` the inverse-variance pooled mean of the *other* estimators in the
       table that are unbiased for any cost (:data:`UNBIASED_ESTIMATORS`: the score-function
       variants, ``measure_valued``, ``enumerate``, ``disarm``, ``loo``, ``arms``,
-      ``double_cv``, with any ``@K``; not the pathwise gradient,
+      ``double_cv``, ``rodeo``, with any ``@K``; not the pathwise gradient,
       which needs a cost differentiable in the site, nor ``implicit`` (likewise), nor
       ``gumbel_st``); the largest over
       the parameter's elements. ``nan`` when no other such estimator is in the table;

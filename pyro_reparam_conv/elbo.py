@@ -48,7 +48,7 @@ from typing import Any, ClassVar, Mapping, Optional
 import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO
-from pyro.infer.util import is_validation_enabled, torch_backward, torch_item
+from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
@@ -66,6 +66,7 @@ from .dependencies import (
     with_escapes,
 )
 from .analytic_kl import MEASURE_PARTICLES, kl_sites, measure_kl, plan_kl
+from .backward import backward
 from .baselines import DecayingAverages, normalize_kind, score_surrogate
 from .enumeration import (
     EnumerationRefused,
@@ -79,6 +80,8 @@ from .enumeration import (
     sum_out_model_sites,
     symbolize,
 )
+from .estimators import ESTIMATORS
+from .estimators import get as get_estimator
 from .evaluations import SideBySideError, side_by_side_mismatch
 from .kernels import FAST, REFERENCE, Kernels
 from .folding import FoldLeadingDims
@@ -168,6 +171,20 @@ def _marked(trace: Trace) -> bool:
     """Whether a sample site carries Pyro's enumeration markup (the user's)."""
     return any(site["type"] == "sample" and site["infer"].get("enumerate")
                for site in trace.nodes.values())  # fmt: skip
+
+
+def _drawn_leaves(particles: list[ParticleTerms]) -> list[torch.Tensor]:
+    """The values drawn as leaves for an estimator that differentiates its cost in them
+    (``cost_graph``): it took that gradient already, the backward pass need not."""
+    return [
+        site["value"]
+        for p in particles
+        for name, site in p.guide_trace.nodes.items()
+        if site["type"] == "sample" and name in p.routes
+        and isinstance(site["value"], torch.Tensor) and site["value"].is_leaf
+        and p.routes[name].estimator in ESTIMATORS
+        and get_estimator(p.routes[name].estimator).cost_graph
+    ]  # fmt: skip
 
 
 def _checked(loss: Any, particles: list[ParticleTerms]) -> float:
@@ -638,7 +655,7 @@ class RoutedELBO(ELBO):
         particles = self.site_terms(model, guide, *args, **kwargs)
         loss, surrogate_loss = self.loss_and_surrogate(particles)
         loss = _checked(loss, particles)
-        torch_backward(surrogate_loss, retain_graph=self.retain_graph)
+        backward(surrogate_loss, _drawn_leaves(particles), retain_graph=self.retain_graph)
         return loss
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> Any:

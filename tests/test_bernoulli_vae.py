@@ -48,7 +48,9 @@ def test_pyro_and_routed_elbos_train_it_unchanged(elbo):
 
 @pytest.mark.parametrize("infer, estimator", [({}, "disarm"), ({"evaluations": 4}, "arms"),
                                               ({"estimator": "double_cv", "evaluations": 3},
-                                               "double_cv")])  # fmt: skip
+                                               "double_cv"),
+                                              ({"estimator": "rodeo", "evaluations": 3},
+                                               "rodeo")])  # fmt: skip
 def test_routes_and_values_side_by_side(infer, estimator):
     vae = BernoulliVAE(num_latents=8, b_infer=infer)
     elbo = RoutedELBO()

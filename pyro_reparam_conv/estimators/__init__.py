@@ -6,6 +6,8 @@
 - :mod:`.disarm`: an antithetic pair for Bernoulli sites (DisARM).
 - :mod:`.multisample`: K values side by side for Bernoulli sites: ARMS, double control
   variates on leave-one-out, and leave-one-out REINFORCE for any site (opt-in).
+- :mod:`.stein`: RODEO, leave-one-out with discrete Stein control variates for Bernoulli
+  sites (opt-in).
 - :mod:`.gumbel`: straight-through Gumbel-softmax (biased; opt-in only).
 - :mod:`.score`: score-function (REINFORCE) terms.
 - :mod:`.measure_valued`: Weibull / double-sided Maxwell differences for Normal sites
@@ -36,7 +38,7 @@ from . import flipout, measure_valued  # noqa: F401
 from . import implicit  # noqa: F401
 
 # isort: split
-from . import multisample  # noqa: F401
+from . import multisample, stein  # noqa: F401
 from .base import ESTIMATORS, Estimator, get, register, unregister
 
 __all__ = ["ESTIMATORS", "Estimator", "get", "register", "unregister"]

@@ -102,8 +102,9 @@ class DisarmEstimator(Estimator):
 
     def because(self, fn) -> str:
         return (
-            "Bernoulli: an antithetic pair (the lowest encoder-gradient variance at 2 "
-            "evaluations on both Bernoulli VAEs of benchmarks/bernoulli_vae.py)"
+            "Bernoulli: an antithetic pair (at 2 evaluations the best training ELBO of the "
+            "estimators that do not differentiate the model on both Bernoulli VAEs of "
+            "benchmarks/bernoulli_vae.py)"
         )
 
     def note(self, fn, infer: dict) -> str:

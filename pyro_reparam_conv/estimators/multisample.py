@@ -51,12 +51,13 @@ Routing: a Bernoulli site given ``infer={"evaluations": K}`` with ``K > 2`` gets
 by itself, any other site given it (without ``rsample`` or a small support) ``"loo"``;
 ``"double_cv"`` is opt-in (it differentiates the model and costs a backward pass more).
 ``benchmarks/bernoulli_vae.py`` measured the choice (README, "Bernoulli VAEs"). The discrete
-Stein control variates (RODEO, Shi et al. 2022) are not implemented.
+Stein control variates (RODEO, Shi et al. 2022), which build on the same draws and the same
+gradient in the value, are :mod:`.stein`.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import pyro
 import torch
@@ -66,7 +67,13 @@ from ..distributions import distribution_name
 from .base import Estimator, Layout, RoutingOptions, register
 from .disarm import _bernoulli, bernoulli_logits, evaluations_requested, lay_out
 
-__all__ = ["ArmsEstimator", "DoubleCVEstimator", "LeaveOneOutEstimator", "dirichlet_copula"]
+__all__ = [
+    "ArmsEstimator",
+    "DoubleCVEstimator",
+    "LeaveOneOutEstimator",
+    "dirichlet_copula",
+    "value_gradient",
+]
 
 
 class Independent(Layout):
@@ -77,7 +84,13 @@ class Independent(Layout):
 
     def draw(self, msg: dict, dim: Optional[int] = None) -> None:
         fn, count = msg["fn"], evaluations_requested(msg["infer"])
-        msg["value"] = lay_out(fn.sample((count,)), fn, dim)
+        if _bernoulli(fn) is None:
+            values = fn.sample((count,))
+        else:  # as DisARM draws: uniforms below p (torch.bernoulli is slower)
+            logits = bernoulli_logits(fn).detach()
+            u = torch.rand((count,) + logits.shape, dtype=logits.dtype, device=logits.device)
+            values = (u < torch.sigmoid(logits)).to(logits.dtype)
+        msg["value"] = lay_out(values, fn, dim)
 
 
 def dirichlet_copula(count: int, shape, like: torch.Tensor) -> torch.Tensor:
@@ -110,14 +123,30 @@ class Differentiable(Independent):
         msg["value"] = msg["value"].detach().requires_grad_(True)
 
 
+def value_gradient(cost: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``d sum(cost) / d value`` (one more backward pass through the cost's graph); zeros
+    where the cost is not differentiable in the value (``torch.no_grad``, an index). Entry
+    ``k`` along the evaluation dim is a function of value ``k``'s branch alone (the values
+    side by side are evaluated independently), which is what the control variates built
+    from it need to stay unbiased."""
+    grad = None
+    if cost.requires_grad and value.requires_grad:
+        (grad,) = torch.autograd.grad(cost.sum(), value, retain_graph=True, allow_unused=True)
+    return torch.zeros_like(value) if grad is None else grad
+
+
 def _event_sum(t: torch.Tensor, event: int) -> torch.Tensor:
     return t.sum(list(range(-event, 0))) if event else t
 
 
+def _others(t: torch.Tensor, d: int) -> torch.Tensor:
+    """Entry ``k``: the mean of the other entries along ``d``."""
+    return (t.sum(d, keepdim=True) - t) / (t.shape[d] - 1)
+
+
 def _leave_one_out(f: torch.Tensor, d: int) -> torch.Tensor:
     """``f_k`` less the mean of the other values along ``d``."""
-    k = f.shape[d]
-    return f - (f.sum(d, keepdim=True) - f) / (k - 1)
+    return f - _others(f, d)
 
 
 class _MultiSample(Estimator):
@@ -205,27 +234,44 @@ class ArmsEstimator(_MultiSample):
         return _event_sum(g.detach() * logits, event)
 
 
-class DoubleCVEstimator(_MultiSample):
+class Differentiated(_MultiSample):
+    """What the estimators that differentiate the cost in the value share: ``K``
+    independent draws as leaves, and ``G = df/db`` taken in the surrogate."""
+
+    layout = Differentiable()
+    cost_graph = True
+
+    def _differentiated(self, site: dict, cost, dim: int) -> "Differentiation":
+        """The draws, their costs and ``G``, detached, with the logits (live) and ``p``."""
+        value, cost, d, event = self._parts(site, cost, dim)
+        grad = value_gradient(cost, value)
+        logits = bernoulli_logits(site["fn"])
+        p = torch.sigmoid(logits.detach())
+        return Differentiation(value.detach(), cost.detach(), grad, logits, p, d, event)
+
+
+class Differentiation(NamedTuple):
+    """What :meth:`Differentiated._differentiated` hands the estimator."""
+
+    values: torch.Tensor  # K draws along ``dim``
+    costs: torch.Tensor  # with singleton event dims
+    grads: torch.Tensor  # G = df/db at each draw
+    logits: torch.Tensor  # live: the surrogate's term multiplies them
+    probs: torch.Tensor  # sigmoid(logits), detached
+    dim: int  # the evaluation dim, counted with the event dims
+    event: int  # the site's event dims
+
+
+class DoubleCVEstimator(Differentiated):
     """Leave-one-out with a second, Taylor-expansion control variate (its coefficient trained
     to minimize the variance)."""
 
     name = "double_cv"
-    layout = Differentiable()
     family = "independent draws, leave-one-out and Taylor control variates"
-    cost_graph = True
 
     def surrogate(self, site: dict, cost, dim: Optional[int]):
-        value, cost, d, event = self._parts(site, cost, dim)
-        k = value.shape[d]
-        grad = None
-        if cost.requires_grad and value.requires_grad:
-            (grad,) = torch.autograd.grad(cost.sum(), value, retain_graph=True, allow_unused=True)
-        if grad is None:  # the cost is not differentiable in the value: leave-one-out alone
-            grad = torch.zeros_like(value)
-        value, cost = value.detach(), cost.detach()
-        logits = bernoulli_logits(site["fn"])
-        p = torch.sigmoid(logits.detach())
-        others = (grad.sum(d, keepdim=True) - grad) / (k - 1)  # Gbar_{-k}
+        value, cost, grad, logits, p, d, event = self._differentiated(site, cost, dim)
+        others = _others(grad, d)  # Gbar_{-k}
         t = _event_sum((value - p) * others, event)  # the Taylor terms t_k
         t = t.reshape(t.shape + (1,) * event)
         a = (_leave_one_out(cost, d) * (value - p)).mean(d, keepdim=True)  # leave-one-out
