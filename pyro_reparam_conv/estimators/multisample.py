@@ -45,7 +45,9 @@ per element of the site's plates.
   linear in ``c`` and its mean does not depend on ``c``, so this step lowers the variance).
   The gradient in the value costs one more backward pass through the model's terms of the
   site. Where the cost has no gradient in the value (``torch.no_grad``, or a model that
-  uses the value as an index), ``G = 0``: plain leave-one-out, still unbiased.
+  uses the value as an index), ``G = 0``: plain leave-one-out, still unbiased. ``c`` has to
+  follow a model that changes: give it a fast learning rate (``benchmarks/bernoulli_vae.py``
+  uses 1e-1 for it, 1e-4 for the networks, through ``pyro.optim.Adam(callable)``).
 
 Routing: a Bernoulli site given ``infer={"evaluations": K}`` with ``K > 2`` gets ``"arms"``
 by itself, any other site given it (without ``rsample`` or a small support) ``"loo"``;

@@ -32,6 +32,10 @@ paper. Its neighbour sums cost ``O(K D)`` per element, not ``O(K D^2)``: ``l_k(N
 l_k(x) + Gbar_{-k,i} (1 - 2 x_i)``, and the vector term's coordinate ``m`` is
 ``(x_m - p_m) (A h1_k)(x) + w_m h1_k(N_m x) (1 - 2 x_m) / D``.
 
+The control variates have to follow a model that changes: give their params a fast learning
+rate, e.g. ``pyro.optim.Adam(lambda name, p: {"lr": 1e-1 if "$rodeo." in name else 1e-4})``
+(``benchmarks/bernoulli_vae.py``: at 1e-1 RODEO led 3e-2, 1e-2 and the paper's 1e-3).
+
 ``H``: inputs ``(l, fbar)``, one hidden layer of :data:`HIDDEN` LeakyReLU(0.3) units (the
 paper's network has 100; 16 keep its cost small beside the model's), two outputs; drawn from
 a generator of its own (the user's random stream is left alone). Like ``double_cv`` it
