@@ -35,7 +35,14 @@ from pyro.distributions.score_parts import ScoreParts
 from ..distributions import distribution_name, unwrap_independent
 from .base import Estimator, Layout, RoutingOptions, register
 
-__all__ = ["DisarmEstimator", "bernoulli_logits", "evaluations_requested", "lay_out"]
+__all__ = [
+    "DisarmEstimator",
+    "bernoulli_logits",
+    "evaluations_requested",
+    "event_sum",
+    "lay_out",
+    "uniforms",
+]
 
 
 def _bernoulli(fn) -> Optional[Bernoulli]:
@@ -46,6 +53,17 @@ def _bernoulli(fn) -> Optional[Bernoulli]:
 def bernoulli_logits(fn) -> torch.Tensor:
     """The logits of a (possibly ``Independent``) Bernoulli, expanded to its full shape."""
     return _bernoulli(fn).logits.expand(fn.batch_shape + fn.event_shape)
+
+
+def uniforms(count: int, logits: torch.Tensor) -> torch.Tensor:
+    """``count`` uniforms per element of ``logits`` (``(count, *logits.shape)``), the draws
+    ``1[u < p]`` of the Bernoulli estimators are made from."""
+    return torch.rand((count,) + logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def event_sum(t: torch.Tensor, event: int, keepdim: bool = False) -> torch.Tensor:
+    """``t`` summed over its last ``event`` dims (kept as singletons where ``keepdim``)."""
+    return t.sum(list(range(-event, 0)), keepdim=keepdim) if event else t
 
 
 def evaluations_requested(infer: dict, even: bool = False, default: int = 2) -> int:
@@ -76,7 +94,7 @@ class AntitheticPair(Layout):
         fn = msg["fn"]
         pairs = evaluations_requested(msg["infer"], even=True) // 2
         logits = bernoulli_logits(fn)
-        u = torch.rand((pairs,) + logits.shape, dtype=logits.dtype, device=logits.device)
+        u = uniforms(pairs, logits)
         p = torch.sigmoid(logits.detach())
         values = torch.cat([(u < p), (1 - u < p)]).to(logits.dtype)
         msg["value"] = lay_out(values, fn, dim)
@@ -126,8 +144,7 @@ class DisarmEstimator(Estimator):
         diff = cost.narrow(d, 0, pairs) - cost.narrow(d, pairs, pairs)  # f(b) - f(b~)
         g = 0.5 * diff * (1 - 2 * b_anti) * (b != b_anti) * torch.sigmoid(logits.abs())
         g = g.mean(d, keepdim=True)  # the mean of the K pairs' estimates
-        term = g.detach() * logits
-        return term.sum(list(range(-event, 0))) if event else term
+        return event_sum(g.detach() * logits, event)
 
 
 register(DisarmEstimator())

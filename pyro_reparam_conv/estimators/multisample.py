@@ -67,7 +67,14 @@ from pyro.distributions.score_parts import ScoreParts
 
 from ..distributions import distribution_name
 from .base import Estimator, Layout, RoutingOptions, register
-from .disarm import _bernoulli, bernoulli_logits, evaluations_requested, lay_out
+from .disarm import (
+    _bernoulli,
+    bernoulli_logits,
+    evaluations_requested,
+    event_sum,
+    lay_out,
+    uniforms,
+)
 
 __all__ = [
     "ArmsEstimator",
@@ -90,8 +97,7 @@ class Independent(Layout):
             values = fn.sample((count,))
         else:  # as DisARM draws: uniforms below p (torch.bernoulli is slower)
             logits = bernoulli_logits(fn).detach()
-            u = torch.rand((count,) + logits.shape, dtype=logits.dtype, device=logits.device)
-            values = (u < torch.sigmoid(logits)).to(logits.dtype)
+            values = (uniforms(count, logits) < torch.sigmoid(logits)).to(logits.dtype)
         msg["value"] = lay_out(values, fn, dim)
 
 
@@ -135,10 +141,6 @@ def value_gradient(cost: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     if cost.requires_grad and value.requires_grad:
         (grad,) = torch.autograd.grad(cost.sum(), value, retain_graph=True, allow_unused=True)
     return torch.zeros_like(value) if grad is None else grad
-
-
-def _event_sum(t: torch.Tensor, event: int) -> torch.Tensor:
-    return t.sum(list(range(-event, 0))) if event else t
 
 
 def _others(t: torch.Tensor, d: int) -> torch.Tensor:
@@ -233,7 +235,7 @@ class ArmsEstimator(_MultiSample):
         centred = cost - cost.mean(d, keepdim=True)
         p = torch.sigmoid(logits.detach())
         g = (centred * (value - p)).sum(d, keepdim=True) * debias / (k - 1)
-        return _event_sum(g.detach() * logits, event)
+        return event_sum(g.detach() * logits, event)
 
 
 class Differentiated(_MultiSample):
@@ -274,15 +276,14 @@ class DoubleCVEstimator(Differentiated):
     def surrogate(self, site: dict, cost, dim: Optional[int]):
         value, cost, grad, logits, p, d, event = self._differentiated(site, cost, dim)
         others = _others(grad, d)  # Gbar_{-k}
-        t = _event_sum((value - p) * others, event)  # the Taylor terms t_k
-        t = t.reshape(t.shape + (1,) * event)
+        t = event_sum((value - p) * others, event, keepdim=True)  # the Taylor terms t_k
         a = (_leave_one_out(cost, d) * (value - p)).mean(d, keepdim=True)  # leave-one-out
         b = p * (1 - p) * grad.mean(d, keepdim=True)
         b = b - (_leave_one_out(t, d) * (value - p)).mean(d, keepdim=True)  # g = a + c b
         c = pyro.param(f"{site['name']}$double_cv", lambda: torch.zeros((), dtype=p.dtype))
         g = a + c.detach() * b
         fit = -0.5 * (a + c * b) ** 2  # only c is live: its variance-minimizing step
-        return _event_sum(g * logits + fit, event)
+        return event_sum(g * logits + fit, event)
 
 
 for _estimator in (LeaveOneOutEstimator(), ArmsEstimator(), DoubleCVEstimator()):

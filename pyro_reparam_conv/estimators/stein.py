@@ -53,7 +53,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import register
-from .multisample import Differentiated, _event_sum, _others
+from .disarm import event_sum
+from .multisample import Differentiated, _others
 
 __all__ = ["HIDDEN", "RodeoEstimator"]
 
@@ -66,26 +67,25 @@ def _event_mean(t: torch.Tensor, event: int) -> torch.Tensor:
     return t.mean(list(range(-event, 0)), keepdim=True) if event else t
 
 
-def _event_total(t: torch.Tensor, event: int) -> torch.Tensor:
-    """``t`` summed over its last ``event`` dims, kept as singletons."""
-    return t.sum(list(range(-event, 0)), keepdim=True) if event else t
-
-
 def _control_network(site: str, like: torch.Tensor):
     """``H``: ``(l, fbar) -> (h0, h1)`` with the site's params (Glorot-uniform at first)."""
-    gen = torch.Generator().manual_seed(0)
 
-    def init(fan_in: int, fan_out: int):
-        bound = (6.0 / (fan_in + fan_out)) ** 0.5
-        w = (2 * torch.rand(fan_in, fan_out, generator=gen) - 1) * bound
-        return lambda: w.to(dtype=like.dtype, device=like.device)
+    def init(layer: int):  # drawn only when the param is created, from a generator of its own
+        def draw():
+            gen, shapes = torch.Generator().manual_seed(0), [(2, HIDDEN), (HIDDEN, 2)]
+            for fan_in, fan_out in shapes[: layer + 1]:  # layer 1: the second draw
+                w = 2 * torch.rand(fan_in, fan_out, generator=gen) - 1
+            bound = (6.0 / (fan_in + fan_out)) ** 0.5
+            return (w * bound).to(dtype=like.dtype, device=like.device)
+
+        return draw
 
     def zeros(n: int):
         return lambda: torch.zeros(n, dtype=like.dtype, device=like.device)
 
-    w1 = pyro.param(f"{site}$rodeo.H.w1", init(2, HIDDEN))
+    w1 = pyro.param(f"{site}$rodeo.H.w1", init(0))
     b1 = pyro.param(f"{site}$rodeo.H.b1", zeros(HIDDEN))
-    w2 = pyro.param(f"{site}$rodeo.H.w2", init(HIDDEN, 2))
+    w2 = pyro.param(f"{site}$rodeo.H.w2", init(1))
     b2 = pyro.param(f"{site}$rodeo.H.b2", zeros(2))
 
     def network(ell: torch.Tensor, fbar: torch.Tensor):
@@ -108,8 +108,8 @@ class RodeoEstimator(Differentiated):
         x, f, grad, logits, p, d, event = self._differentiated(site, cost, dim)
         size = float(x.shape[x.dim() - event :].numel()) if event else 1.0
         others_g = _others(grad, d)  # Gbar_{-k}
-        offset = _others(_event_total(grad * x, event), d)  # mean_{j != k} G_j . x_j
-        ell_x = _event_total(others_g * x, event) - offset  # l_k(x_k)
+        offset = _others(event_sum(grad * x, event, keepdim=True), d)  # mean_{j != k} G_j . x_j
+        ell_x = event_sum(others_g * x, event, keepdim=True) - offset  # l_k(x_k)
         ell_n = ell_x + others_g * (1 - 2 * x)  # l_k(N_i x_k), per coordinate i
         fbar = _others(f, d)
         network = _control_network(site["name"], p)
@@ -124,7 +124,7 @@ class RodeoEstimator(Differentiated):
         advantage = f - _others(f + a * stein0, d)  # f_k - mean_{j != k} (f_j + a A h0_j)
         g = (advantage * (x - p) + b * cv).mean(d, keepdim=True)
         fit = -0.5 * g**2  # only a, b and H are live: their variance-lowering step
-        return _event_sum(g.detach() * logits + fit, event)
+        return event_sum(g.detach() * logits + fit, event)
 
 
 register(RodeoEstimator())
